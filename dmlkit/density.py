@@ -9,10 +9,13 @@ neighbouring class.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 class ClassStatistics(NamedTuple):
@@ -75,3 +78,132 @@ def _nearest_other_centroid(centroids: Tensor, block_size: int) -> Tensor:
     if not parts:
         return centroids.new_zeros(0)
     return torch.cat(parts)
+
+
+TARGETS = ("ema", "batch", "fixed", "learned")
+
+
+def density_regularizer(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    tau: float | Tensor,
+    detach_separation: bool = True,
+    eps: float = 1e-8,
+) -> Tensor:
+    """DML-DA density regularizer (reconstruction): R = mean_c [τ − r_c]_+.
+
+    The mean runs over the classes with n_c ≥ 2 samples in the batch (0 if none), so only
+    classes packed more tightly than τ relative to their nearest neighbour are penalised.
+
+    Args:
+        embeddings: (B, D). labels: (B,) integer class ids (any values).
+        tau: the target relative density (float or 0-dim tensor, may carry a gradient).
+        detach_separation: stop the gradient through δ_c, so R spreads an over-dense class
+            out instead of also pulling its nearest neighbour closer (False: through both).
+    Returns: 0-dim tensor. O(B·D + C²·D) time, O(B·D + C²) memory (C classes in batch).
+    """
+    stats = class_statistics(embeddings, labels, eps=eps)
+    return _hinge_mean(_relative_density(stats, detach_separation, eps), stats.valid, tau)
+
+
+def _relative_density(stats: ClassStatistics, detach_separation: bool, eps: float) -> Tensor:
+    if not detach_separation:
+        return stats.relative_density
+    relative = stats.spread / (stats.separation.detach() + eps)
+    return torch.where(stats.valid, relative, torch.zeros_like(relative))
+
+
+def _hinge_mean(relative: Tensor, valid: Tensor, tau: float | Tensor) -> Tensor:
+    hinge = (tau - relative).clamp_min(0)  # (C,)
+    hinge = torch.where(valid, hinge, torch.zeros_like(hinge))
+    return hinge.sum() / valid.sum().clamp_min(1)
+
+
+class DensityAdaptive(nn.Module):
+    """L = L_base + weight·R: the density-adaptive regularizer around any loss.
+
+    ``target`` sets τ (docs/methods.md, "Density-adaptive regularizer"):
+    "ema" τ = alpha·r̄ with r̄ an EMA (``momentum``, detached) of the batch mean of r_c,
+    first batch taken as is, updated in training mode only before τ is read; "batch"
+    τ = alpha·(batch mean of r_c, detached); "fixed" τ = ``tau``; "learned" τ =
+    softplus(θ) with θ trained (initialised so τ = ``tau``), plus −beta·log τ in the total.
+    ``detach_separation`` (default) stops R's gradient through δ_c, so the regularizer
+    only spreads over-dense classes out and never pulls a neighbouring class closer;
+    False differentiates r_c = s_c/(δ_c + ε) as a whole.
+
+    ``base_loss``: a function ``(embeddings, labels) -> loss`` or a module (its
+    ``last_terms``, ``high_lr_parameters`` and ``init_from_embeddings`` pass through).
+    ``last_terms``: detached ``base``, ``R``, ``mean_r`` (batch mean r_c), ``tau``.
+    """
+
+    def __init__(
+        self,
+        base_loss: Callable[[Tensor, Tensor], Tensor],
+        *,
+        weight: float = 1.0,
+        target: str = "ema",
+        tau: float = 0.3,
+        alpha: float = 1.0,
+        momentum: float = 0.9,
+        beta: float = 0.01,
+        detach_separation: bool = True,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown density target {target!r}; valid: {', '.join(TARGETS)}")
+        self.base_loss = base_loss
+        self.weight, self.target, self.tau, self.alpha = weight, target, tau, alpha
+        self.momentum, self.beta, self.eps = momentum, beta, eps
+        self.detach_separation = detach_separation
+        if target == "ema":
+            self.register_buffer("running_r", torch.zeros(()))
+            self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        if target == "learned":
+            # Inverse softplus, so training starts from τ = tau.
+            self.theta = nn.Parameter(torch.tensor(math.log(math.expm1(tau))))
+        if hasattr(base_loss, "init_from_embeddings"):
+            self.init_from_embeddings = base_loss.init_from_embeddings
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        base = self.base_loss(embeddings, labels)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            stats = class_statistics(embeddings, labels, eps=self.eps)
+            relative = _relative_density(stats, self.detach_separation, self.eps)  # (C,)
+            valid_count = stats.valid.sum()
+            mean_r = relative.detach().sum() / valid_count.clamp_min(1)
+            tau = self._tau(mean_r, valid_count > 0)
+            reg = _hinge_mean(relative, stats.valid, tau)
+            total = base + self.weight * reg
+            if self.target == "learned":
+                total = total - self.beta * torch.log(tau)
+        self.last_terms = {
+            **getattr(self.base_loss, "last_terms", {}),
+            "base": base.detach(),
+            "R": reg.detach(),
+            "mean_r": mean_r,
+            "tau": tau.detach(),
+        }
+        return total
+
+    def _tau(self, mean_r: Tensor, has_classes: Tensor) -> Tensor:
+        """τ for this batch; updates the EMA (without a host sync) when training."""
+        if self.target == "fixed":
+            return torch.full_like(mean_r, self.tau)
+        if self.target == "batch":
+            return self.alpha * mean_r
+        if self.target == "learned":
+            return F.softplus(self.theta).to(mean_r.dtype)
+        if self.training:
+            first = self.num_batches_tracked == 0
+            blended = self.momentum * self.running_r + (1 - self.momentum) * mean_r
+            updated = torch.where(first, mean_r.to(self.running_r.dtype), blended)
+            self.running_r.copy_(torch.where(has_classes, updated, self.running_r))
+            self.num_batches_tracked.add_(has_classes.long())
+        return self.alpha * self.running_r.to(mean_r.dtype)
+
+    def high_lr_parameters(self) -> list[nn.Parameter]:
+        """The base loss's (proxies, vertices); θ of the learned τ takes the head rate."""
+        return list(getattr(self.base_loss, "high_lr_parameters", list)())

@@ -1,0 +1,285 @@
+"""DAAL: density-aware adaptive line-margin loss (a reconstruction from the abstract).
+
+Each class c owns a segment [a_c, b_c] (learnable vertices). A sample is pulled towards
+its class's segment only while it lies outside a tube of radius ρ_c around it — ρ_c
+follows the class's own spread (EMA of the median distance), so dense classes get thin
+tubes and spread ones wide tubes — and pushed out of the tubes of every other class.
+Formulas, defaults and the design choices: docs/methods.md, "DAAL (reconstruction)".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dmlkit.losses import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
+
+__all__ = ["DAALLoss", "class_medians", "daal_terms", "segment_geometry", "two_means"]
+
+
+def segment_geometry(embeddings: Tensor, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
+    """Distance D_ic from every sample to every segment, and the clamped projection t_ic.
+
+    t = clamp(<z − a, b − a> / ||b − a||², 0, 1), D = ||z − a − t(b − a)||, both expanded
+    into inner products (z·a, z·b, a·b, norms) so that no (B, C, D) tensor is ever built.
+
+    Args:
+        embeddings: (B, D). start, end: (C, D) the vertices a_c, b_c.
+    Returns: (distance (B, C), t (B, C)). O(B·C·D) time (one matmul), O(B·C) memory.
+    """
+    count = len(start)
+    products = embeddings @ torch.cat([start, end]).T  # (B, 2C)
+    z_a, z_b = products[:, :count], products[:, count:]  # (B, C) each
+    a_a, a_b = start.pow(2).sum(1), (start * end).sum(1)  # (C,) each
+    e_e = (end - start).pow(2).sum(1)  # (C,) ||b − a||², direct for accuracy
+    z_z = embeddings.pow(2).sum(1, keepdim=True)  # (B, 1)
+    along = z_b - z_a - a_b + a_a  # (B, C) <z − a, b − a>
+    t = (along / e_e.clamp_min(1e-12)).clamp(0, 1)  # (B, C)
+    to_start = z_z - 2 * z_a + a_a  # (B, C) ||z − a||²
+    squared = (to_start - 2 * t * along + t.pow(2) * e_e).clamp_min(0)
+    return safe_sqrt(squared), t
+
+
+def class_medians(values: Tensor, rows: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Median of ``values`` (B,) per class row (mean of the two middle values when even).
+
+    Returns (medians (C,), present (C,) bool); absent classes get 0. No host sync.
+    """
+    order = torch.argsort(values)
+    order = order[torch.argsort(rows[order], stable=True)]  # by class, then by value
+    ordered = values[order]  # (B,)
+    counts = torch.bincount(rows, minlength=num_classes)  # (C,)
+    starts = torch.cumsum(counts, 0) - counts
+    last = max(len(values) - 1, 0)
+    low = (starts + (counts - 1).clamp_min(0) // 2).clamp_max(last)
+    high = (starts + counts // 2).clamp_max(last)
+    present = counts > 0
+    if len(values) == 0:
+        return torch.zeros(num_classes, dtype=values.dtype, device=values.device), present
+    medians = (ordered[low] + ordered[high]) / 2
+    return torch.where(present, medians, torch.zeros_like(medians)), present
+
+
+def daal_terms(
+    dist: Tensor,
+    t: Tensor,
+    rows: Tensor,
+    radii: Tensor,
+    lengths: Tensor,
+    *,
+    margin: float = 0.1,
+    gamma: float = 16.0,
+    min_spread: float = 1 / 24,
+    max_length: float = 1.0,
+) -> dict[str, Tensor]:
+    """The four DAAL terms (pull, push, spread, length) from the segment geometry.
+
+    Args:
+        dist, t: (B, C) from ``segment_geometry``. rows: (B,) class row of each sample.
+        radii: (C,) tube radii ρ_c (no gradient). lengths: (C,) ||b_c − a_c||.
+    Returns: dict of 0-dim tensors: pull and push are means over the B samples, spread a
+        mean over the classes with ≥ 2 samples (0 if none), length a mean over all C
+        segments. O(B·C) time and memory.
+    """
+    count = len(radii)
+    own = rows[:, None] == torch.arange(count, device=rows.device)  # (B, C)
+    own_dist = dist.gather(1, rows[:, None]).squeeze(1)  # (B,)
+    pull = (own_dist - radii[rows]).clamp_min(0).mean()
+    logits = gamma * (radii[None, :] + margin - dist)  # (B, C)
+    push = (masked_logsumexp(logits, ~own, dim=1, add_one=True) / gamma).mean()
+    own_t = t.gather(1, rows[:, None]).squeeze(1)  # (B,)
+    counts = torch.bincount(rows, minlength=count).to(own_t.dtype)  # (C,)
+    mean_t = own_t.new_zeros(count).index_add_(0, rows, own_t) / counts.clamp_min(1)
+    squares = (own_t - mean_t[rows]).pow(2)  # two-pass population variance
+    variance = own_t.new_zeros(count).index_add_(0, rows, squares) / counts.clamp_min(1)
+    several = counts >= 2
+    shortfall = (min_spread - variance).clamp_min(0)
+    spread = torch.where(several, shortfall, torch.zeros_like(shortfall)).sum()
+    return {
+        "pull": pull,
+        "push": push,
+        "spread": spread / several.sum().clamp_min(1),
+        "length": (lengths - max_length).clamp_min(0).mean(),
+    }
+
+
+def two_means(
+    embeddings: Tensor, rows: Tensor, num_classes: int, *, iterations: int = 20
+) -> tuple[Tensor, Tensor]:
+    """2-means of each class's embeddings, all classes at once (no per-class loop).
+
+    Deterministic: centre 1 is the sample farthest from the class mean, centre 2 the
+    sample farthest from centre 1 (ties → lowest index), then Lloyd iterations.
+    Returns (centres (C, 2, D), present (C,) bool). O(iterations·N·D) time, O(N·D) memory.
+    """
+    count, dim = num_classes, embeddings.shape[1]
+    sizes = torch.bincount(rows, minlength=count)  # (C,)
+    means = embeddings.new_zeros(count, dim).index_add_(0, rows, embeddings)
+    means = means / sizes.clamp_min(1)[:, None]
+    first = embeddings[_farthest(embeddings, means[rows], rows, count)]  # (C, D)
+    second = embeddings[_farthest(embeddings, first[rows], rows, count)]  # (C, D)
+    centres = torch.stack([first, second], 1)  # (C, 2, D)
+    for _ in range(iterations):
+        near_second = (embeddings - centres[rows, 1]).pow(2).sum(1) < (
+            embeddings - centres[rows, 0]
+        ).pow(2).sum(1)
+        groups = rows * 2 + near_second.long()  # (N,) cluster id in 0..2C−1
+        sums = embeddings.new_zeros(2 * count, dim).index_add_(0, groups, embeddings)
+        members = torch.bincount(groups, minlength=2 * count)[:, None]
+        flat = centres.reshape(2 * count, dim)
+        flat = torch.where(members > 0, sums / members.clamp_min(1), flat)
+        centres = flat.reshape(count, 2, dim)
+    return centres, sizes > 0
+
+
+def _farthest(embeddings: Tensor, reference: Tensor, rows: Tensor, count: int) -> Tensor:
+    """Per class, the index of the sample farthest from its ``reference`` row (N, D)."""
+    gap = (embeddings - reference).pow(2).sum(1)  # (N,)
+    best = gap.new_full((count,), -1.0).scatter_reduce(0, rows, gap, "amax")
+    index = torch.arange(len(rows), device=rows.device)
+    candidates = torch.where(gap == best[rows], index, len(rows))
+    chosen = torch.full((count,), len(rows), device=rows.device).scatter_reduce(
+        0, rows, candidates, "amin"
+    )
+    return chosen.clamp_max(max(len(rows) - 1, 0))
+
+
+class DAALLoss(nn.Module):
+    """DAAL loss: L = pull + push + spread_weight·spread + length_weight·length (+ base).
+
+    Args:
+        num_classes: C (may be None when ``classes`` is given). embedding_dim: D.
+        classes: the label values (any integers), default 0..C−1.
+        margin: δ, the extra clearance from other classes' tubes. gamma: push sharpness.
+        rho_min, rho_max: clip of the tube radii. momentum: their EMA momentum.
+        spread_weight, min_spread: weight and floor v_min of the variance of t along a
+            segment. length_weight, max_length: weight and ℓ_max of the length hinge.
+        base: optional pair loss added on top — a callable (embeddings, labels) or a
+            name among contrastive/triplet/npair/ms (default hyper-parameters).
+        init_offset: half-length of the random initial segment along v_c.
+        seed: seeds the random vertex initialisation.
+    ``vertices`` (C, 2, D) is a parameter (``high_lr_parameters``); ``radii`` (C,) and
+    ``radius_seen`` (C,) are buffers. The radii of the classes in a batch are updated
+    (training mode only) *before* the loss is computed, a class's first median taken as
+    is. ``last_terms``: pull, push, spread, length, mean_rho (mean ρ over classes seen),
+    and ``pair`` with a base loss.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None,
+        embedding_dim: int,
+        *,
+        classes: Sequence[int] | np.ndarray | Tensor | None = None,
+        margin: float = 0.1,
+        gamma: float = 16.0,
+        rho_min: float = 0.05,
+        rho_max: float = 0.5,
+        momentum: float = 0.9,
+        spread_weight: float = 0.1,
+        length_weight: float = 0.1,
+        max_length: float = 1.0,
+        min_spread: float = 1 / 24,
+        base: str | Callable[[Tensor, Tensor], Tensor] | None = None,
+        init_offset: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("classes", resolve_classes(num_classes, classes))
+        self.margin, self.gamma, self.momentum = margin, gamma, momentum
+        self.rho_min, self.rho_max = rho_min, rho_max
+        self.spread_weight, self.length_weight = spread_weight, length_weight
+        self.max_length, self.min_spread, self.init_offset = max_length, min_spread, init_offset
+        self.base = _resolve_base(base)
+        count = len(self.classes)
+        generator = torch.Generator().manual_seed(seed)
+        centre = _unit(torch.randn(count, embedding_dim, generator=generator))
+        direction = _unit(torch.randn(count, embedding_dim, generator=generator))
+        offset = init_offset * direction
+        self.vertices = nn.Parameter(torch.stack([centre - offset, centre + offset], 1))
+        self.register_buffer("radii", torch.full((count,), float(rho_max)))
+        self.register_buffer("radius_seen", torch.zeros(count, dtype=torch.bool))
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        rows = class_rows(self.classes, labels)  # (B,)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            z = upcast(embeddings)
+            vertices = self.vertices.to(z.dtype)
+            start, end = vertices[:, 0], vertices[:, 1]  # (C, D) each
+            dist, t = segment_geometry(z, start, end)  # (B, C) each
+            if self.training:
+                self._update_radii(dist.detach().gather(1, rows[:, None]).squeeze(1), rows)
+            lengths = safe_sqrt((end - start).pow(2).sum(1))  # (C,)
+            terms = daal_terms(
+                dist,
+                t,
+                rows,
+                self.radii.to(z.dtype),
+                lengths,
+                margin=self.margin,
+                gamma=self.gamma,
+                min_spread=self.min_spread,
+                max_length=self.max_length,
+            )
+        total = terms["pull"] + terms["push"]
+        total = total + self.spread_weight * terms["spread"] + self.length_weight * terms["length"]
+        if self.base is not None:
+            terms["pair"] = self.base(embeddings, labels)
+            total = total + terms["pair"]
+        seen = self.radius_seen
+        mean_rho = torch.where(seen, self.radii, 0).sum() / seen.sum().clamp_min(1)
+        self.last_terms = {**{k: v.detach() for k, v in terms.items()}, "mean_rho": mean_rho}
+        return total
+
+    def _update_radii(self, own_dist: Tensor, rows: Tensor) -> None:
+        """ρ_c ← clip(m·ρ_c + (1−m)·median_c, ρ_min, ρ_max); first sight: clip(median_c)."""
+        medians, present = class_medians(own_dist, rows, len(self.classes))
+        medians = medians.to(self.radii.dtype)
+        blended = self.momentum * self.radii + (1 - self.momentum) * medians
+        updated = torch.where(self.radius_seen, blended, medians).clamp(self.rho_min, self.rho_max)
+        self.radii.copy_(torch.where(present, updated, self.radii))
+        self.radius_seen |= present
+
+    @torch.no_grad()
+    def init_from_embeddings(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Set a_c, b_c to the 2-means centres of each class present in ``labels``.
+
+        Embeddings from the untrained model, (N, D); classes absent keep their random
+        init; a class whose two centres coincide (one sample, duplicates) gets a short
+        segment through its centre along its current direction (±``init_offset``).
+        """
+        device = self.vertices.device
+        z = embeddings.to(device, self.vertices.dtype)
+        rows = class_rows(self.classes, labels.to(device))
+        centres, present = two_means(z, rows, len(self.classes))  # (C, 2, D), (C,)
+        old_direction = _unit(self.vertices[:, 1] - self.vertices[:, 0])  # (C, D)
+        middle = centres.mean(1)
+        short = self.init_offset * old_direction
+        fallback = torch.stack([middle - short, middle + short], 1)
+        gap = (centres[:, 1] - centres[:, 0]).norm(dim=1)
+        degenerate = (gap < 1e-6)[:, None, None]
+        chosen = torch.where(degenerate, fallback, centres)
+        self.vertices.copy_(torch.where(present[:, None, None], chosen, self.vertices))
+
+    def high_lr_parameters(self) -> list[nn.Parameter]:
+        return [self.vertices]
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _resolve_base(base: Any) -> Callable[[Tensor, Tensor], Tensor] | None:
+    if base is None or callable(base):
+        return base
+    from dmlkit.losses import LOSSES  # the registry is built lazily (it names DAALLoss)
+
+    pair_losses = [name for name, loss in LOSSES.items() if not isinstance(loss, type)]
+    if base not in pair_losses:
+        raise ValueError(f"unknown base loss {base!r} for DAAL; valid: {', '.join(pair_losses)}")
+    return LOSSES[base]

@@ -1,0 +1,453 @@
+"""Metric-learning losses: pure functions, the stateful modules around them, a registry.
+
+Every loss takes L2-normalized ``embeddings`` (B, D) and integer ``labels`` (B,) of any
+values and returns a 0-dim tensor. Formulas, defaults and sources: docs/methods.md.
+Numerics shared by all of them: distances and exponentials are computed in fp32 even
+under autocast (half inputs are cast up; float64 stays float64), ``sqrt`` only sees
+clamped arguments, exponentials go through a log-sum-exp, and a batch without a valid
+pair/triplet gives a graph-connected 0 with zero gradients — never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmlkit.density import DensityAdaptive
+
+DISTANCES = ("euclidean", "squared", "cosine")
+MINING = ("all", "semihard", "hard")
+_SQRT_EPS = 1e-12  # below this a squared distance is treated as exactly 0
+
+
+def full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``loss_fn`` with autocast off and fp16/bf16 ``embeddings`` cast to fp32."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(embeddings: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # Autocast would send the Gram matmul back to half precision, where d ≈ 0.5
+        # has ~3 significant digits and exp(50·s) overflows.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return loss_fn(upcast(embeddings), *args, **kwargs)
+
+    return wrapper
+
+
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 → fp32; other dtypes unchanged (float64 tests stay float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def masked_logsumexp(x: Tensor, mask: Tensor, dim: int, *, add_one: bool = False) -> Tensor:
+    """log Σ_{mask} exp(x) along ``dim`` (with ``add_one``: log(1 + Σ_{mask} exp(x))).
+
+    Stable (max subtracted) and NaN-free: masked-out entries are filled with -inf
+    *before* ``exp`` so their (possibly overflowing) values never reach the backward
+    pass; a row with nothing selected gives a finite, gradient-free value (0 with
+    ``add_one``, a large negative number without) that callers mask out.
+    """
+    x = x.masked_fill(~mask, -math.inf)
+    peak = x.amax(dim, keepdim=True).detach()
+    if add_one:
+        peak = peak.clamp_min(0)  # the implicit term exp(0)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(x - peak).sum(dim, keepdim=True)
+    if add_one:
+        total = total + torch.exp(-peak)
+    tiny = torch.finfo(total.dtype).tiny
+    return (torch.log(total.clamp_min(tiny)) + peak).squeeze(dim)
+
+
+def pairwise_distance(
+    embeddings: Tensor, kind: str = "euclidean", other: Tensor | None = None
+) -> Tensor:
+    """All distances between rows of ``embeddings`` (B, D) and ``other`` (M, D) or itself.
+
+    ``kind``: "euclidean" ||x−y||, "squared" ||x−y||², "cosine" 1 − cos(x, y); smaller is
+    closer for every kind. Computed from the Gram matrix in fp32 (float64 kept): O(B·M·D)
+    time, O(B·M) memory. The self-distance diagonal is exactly 0.
+    """
+    if kind not in DISTANCES:
+        raise ValueError(f"unknown distance kind {kind!r}; valid: {', '.join(DISTANCES)}")
+    x = upcast(embeddings)
+    y = x if other is None else upcast(other)
+    with torch.autocast(x.device.type, enabled=False):
+        if kind == "cosine":
+            return 1 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+        squared = x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :] - 2 * x @ y.T  # (B, M)
+        squared = squared.clamp_min(0)  # rounding can make the Gram form slightly negative
+        if other is None:
+            self_pairs = torch.eye(len(x), dtype=torch.bool, device=x.device)
+            squared = squared.masked_fill(self_pairs, 0)
+        if kind == "squared":
+            return squared
+        return safe_sqrt(squared)
+
+
+def safe_sqrt(squared: Tensor) -> Tensor:
+    """sqrt with a zero (not infinite) gradient at 0."""
+    # Clamp before sqrt: d sqrt(x)/dx is infinite at x = 0 (the diagonal, duplicate
+    # samples), and 0·inf = NaN would poison every gradient that touches it.
+    root = squared.clamp_min(_SQRT_EPS).sqrt()
+    return torch.where(squared > _SQRT_EPS, root, torch.zeros_like(root))
+
+
+def _active_mean(terms: Tensor, valid: Tensor) -> Tensor:
+    """Mean over the valid terms that are > 0; a graph-connected 0 when there are none."""
+    active = valid & (terms > 0)
+    return torch.where(active, terms, torch.zeros_like(terms)).sum() / active.sum().clamp_min(1)
+
+
+def _masked_mean(terms: Tensor, valid: Tensor) -> Tensor:
+    return torch.where(valid, terms, torch.zeros_like(terms)).sum() / valid.sum().clamp_min(1)
+
+
+def _pair_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(positives, negatives) as (B, B) bool masks; a sample is not its own positive."""
+    same = labels[:, None] == labels[None, :]  # (B, B)
+    not_self = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & not_self, ~same
+
+
+@full_precision
+def contrastive_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 0.5,
+    pos_margin: float = 0.0,
+    squared: bool = True,
+) -> Tensor:
+    """Contrastive loss (Hadsell, Chopra, LeCun 2006, eq. 4) over all pairs i < j.
+
+    L = active_mean_pos([d_ij − pos_margin]_+^p) + active_mean_neg([margin − d_ij]_+^p),
+    p = 2 if ``squared`` else 1; d is the Euclidean distance.
+
+    Args:
+        embeddings: (B, D). labels: (B,) int class ids.
+    Returns: 0-dim tensor, the two active means summed (each 0 when it has no active
+        pair). O(B²·D) time, O(B²) memory.
+    """
+    dist = pairwise_distance(embeddings)  # (B, B)
+    positive, negative = _pair_masks(labels)
+    power = 2 if squared else 1
+    pos_terms = (dist - pos_margin).clamp_min(0).pow(power)  # (B, B)
+    neg_terms = (margin - dist).clamp_min(0).pow(power)  # (B, B)
+    # Each unordered pair appears twice (i, j) and (j, i): the active means are unchanged.
+    return _active_mean(pos_terms, positive) + _active_mean(neg_terms, negative)
+
+
+@full_precision
+def triplet_margin_loss(
+    embeddings: Tensor, labels: Tensor, *, margin: float = 0.2, mining: str = "all"
+) -> Tensor:
+    """Triplet loss [d(a,p) − d(a,n) + margin]_+ (Schroff et al. 2015, eq. 1).
+
+    Args:
+        embeddings: (B, D). labels: (B,) int class ids.
+        mining: "all" every valid triplet (a, p, n); "semihard" per (a, p) the closest
+            negative with d(a,n) > d(a,p), else the hardest (closest) one (Schroff et al.);
+            "hard" per anchor the farthest positive and closest negative (batch-hard,
+            Hermans et al. 2017).
+    Returns: 0-dim tensor, the active mean over the selected triplets (0 when none).
+        Euclidean distance. Memory: "all"/"semihard" hold a (P, B) matrix with P the
+        number of positive pairs — O(B²·K) for a P×K batch, O(B³) in the worst case (one
+        class); "hard" O(B²). Selecting positive pairs syncs with the host once.
+    """
+    if mining not in MINING:
+        raise ValueError(f"unknown mining {mining!r}; valid: {', '.join(MINING)}")
+    dist = pairwise_distance(embeddings)  # (B, B)
+    positive, negative = _pair_masks(labels)
+    if mining == "hard":
+        farthest_pos = torch.where(positive, dist, -math.inf).amax(1)  # (B,)
+        closest_neg = torch.where(negative, dist, math.inf).amin(1)  # (B,)
+        valid = positive.any(1) & negative.any(1)
+        terms = (farthest_pos - closest_neg + margin).clamp_min(0)
+        return _active_mean(torch.where(valid, terms, torch.zeros_like(terms)), valid)
+    anchor, pos = positive.nonzero(as_tuple=True)  # (P,) each
+    d_ap = dist[anchor, pos][:, None]  # (P, 1)
+    d_an = dist[anchor]  # (P, B)
+    neg = negative[anchor]  # (P, B)
+    if mining == "all":
+        return _active_mean(d_ap - d_an + margin, neg)
+    harder = neg & (d_an > d_ap)
+    semihard = torch.where(harder, d_an, math.inf).amin(1, keepdim=True)  # (P, 1)
+    hardest = torch.where(neg, d_an, math.inf).amin(1, keepdim=True)  # (P, 1)
+    chosen = torch.where(harder.any(1, keepdim=True), semihard, hardest)
+    valid = neg.any(1, keepdim=True)
+    terms = (d_ap - torch.where(valid, chosen, d_ap) + margin).clamp_min(0)
+    return _active_mean(terms, valid)
+
+
+@full_precision
+def npair_loss(
+    embeddings: Tensor, labels: Tensor, *, scale: float = 10.0, l2_reg: float = 0.0
+) -> Tensor:
+    """Multi-class N-pair loss (Sohn 2016, eq. 6), the cross-entropy form.
+
+    One (anchor, positive) pair per class: its first and second sample in batch order
+    (classes with one sample are skipped). With s_ij = scale·<anchor_i, positive_j>:
+    L = mean_i log(1 + Σ_{j≠i} exp(s_ij − s_ii)) + l2_reg · mean ||z||² over the pair
+    members.
+
+    Args:
+        embeddings: (B, D). labels: (B,) int class ids.
+    Returns: 0-dim tensor (plain mean over pairs; 0 with no pair). O(B²·D) time,
+        O(B²) memory, no host sync (the pairs are selected with masks).
+    """
+    same = labels[:, None] == labels[None, :]  # (B, B)
+    before = torch.ones_like(same).tril(-1)  # [i, j]: j comes before i
+    rank = (same & before).sum(1)  # (B,) position of each sample within its class
+    is_positive = rank == 1  # (B,)
+    partner = same & is_positive[None, :]  # (B, B) [anchor, its positive]
+    is_anchor = (rank == 0) & partner.any(1)  # (B,)
+    sim = scale * (embeddings @ embeddings.T)  # (B, B)
+    logits_mask = is_anchor[:, None] & is_positive[None, :]  # anchors × positives
+    log_normalizer = masked_logsumexp(sim, logits_mask, dim=1)  # (B,)
+    target = torch.where(partner, sim, torch.zeros_like(sim)).sum(1)  # s_ii
+    loss = _masked_mean(log_normalizer - target, is_anchor)
+    if l2_reg:
+        loss = loss + l2_reg * _masked_mean(embeddings.pow(2).sum(1), is_anchor | is_positive)
+    return loss
+
+
+@full_precision
+def multi_similarity_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    base: float = 0.5,
+    epsilon: float = 0.1,
+) -> Tensor:
+    """Multi-Similarity loss with its pair mining (Wang et al. 2019, eqs. 4 and 7).
+
+    With S = <z_i, z_j> (cosine for normalized inputs), keep positive pairs with
+    S_ij − ε < max_{negatives k} S_ik and negative pairs with S_ij + ε > min_{positives k}
+    S_ik; per anchor: (1/α) log(1 + Σ_P exp(−α(S − base))) + (1/β) log(1 + Σ_N exp(β(S −
+    base))).
+
+    Args:
+        embeddings: (B, D). labels: (B,) int class ids.
+    Returns: 0-dim tensor, the plain mean over all B anchors (an anchor with no kept
+        pair contributes 0, as in the authors' code). O(B²·D) time, O(B²) memory.
+    """
+    sim = embeddings @ embeddings.T  # (B, B)
+    positive, negative = _pair_masks(labels)
+    plain = sim.detach()  # mining thresholds carry no gradient
+    hardest_neg = torch.where(negative, plain, -math.inf).amax(1, keepdim=True)  # (B, 1)
+    hardest_pos = torch.where(positive, plain, math.inf).amin(1, keepdim=True)  # (B, 1)
+    keep_pos = positive & (plain - epsilon < hardest_neg)
+    keep_neg = negative & (plain + epsilon > hardest_pos)
+    pos_loss = masked_logsumexp(-alpha * (sim - base), keep_pos, dim=1, add_one=True) / alpha
+    neg_loss = masked_logsumexp(beta * (sim - base), keep_neg, dim=1, add_one=True) / beta
+    return (pos_loss + neg_loss).sum() / max(len(labels), 1)
+
+
+@full_precision
+def proxy_anchor_loss(
+    embeddings: Tensor,
+    targets: Tensor,
+    proxies: Tensor,
+    *,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+) -> Tensor:
+    """Proxy-Anchor loss (Kim et al. 2020, eq. 4).
+
+    With s = cos(z_i, p_c): (1/|P+|) Σ_{c∈P+} log(1 + Σ_{i: y_i=c} exp(−α(s − δ)))
+    + (1/C) Σ_c log(1 + Σ_{i: y_i≠c} exp(α(s + δ))), P+ the proxies with a sample in the
+    batch, δ = ``margin``.
+
+    Args:
+        embeddings: (B, D). targets: (B,) row of each sample's proxy in 0..C−1.
+        proxies: (C, D) (normalized here).
+    Returns: 0-dim tensor. O(B·C·D) time, O(B·C) memory.
+    """
+    proxies = upcast(proxies)
+    cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T  # (B, C)
+    own = targets[:, None] == torch.arange(len(proxies), device=targets.device)  # (B, C)
+    pos_term = masked_logsumexp(-alpha * (cos - margin), own, dim=0, add_one=True)  # (C,)
+    neg_term = masked_logsumexp(alpha * (cos + margin), ~own, dim=0, add_one=True)  # (C,)
+    with_positives = own.any(0).sum().clamp_min(1)
+    return pos_term.sum() / with_positives + neg_term.sum() / len(proxies)
+
+
+def resolve_classes(
+    num_classes: int | None, classes: Sequence[int] | np.ndarray | Tensor | None
+) -> Tensor:
+    """The sorted class labels (C,) long tensor; 0..num_classes−1 when ``classes`` is None."""
+    if classes is None:
+        if num_classes is None or num_classes < 1:
+            raise ValueError("give num_classes (≥ 1) or the list of classes")
+        return torch.arange(num_classes)
+    values = torch.as_tensor(np.asarray(classes)).long().flatten()
+    if len(values) == 0 or len(torch.unique(values)) != len(values):
+        raise ValueError("classes must be a non-empty list of distinct integer labels")
+    if num_classes is not None and num_classes != len(values):
+        raise ValueError(f"num_classes={num_classes} but {len(values)} classes were given")
+    return torch.sort(values).values
+
+
+def class_rows(classes: Tensor, labels: Tensor) -> Tensor:
+    """Row of each label in the sorted ``classes`` (C,); ValueError naming unknown labels.
+
+    The membership check reads one boolean back from the device (a host sync).
+    """
+    labels = labels.to(classes.device, torch.long)
+    rows = torch.searchsorted(classes, labels).clamp_max(len(classes) - 1)  # (B,)
+    unknown = classes[rows] != labels
+    if unknown.any():
+        missing = torch.unique(labels[unknown])[:10].tolist()
+        raise ValueError(f"labels not among this loss's classes: {missing}")
+    return rows
+
+
+class PairLoss(nn.Module):
+    """A pure pair/triplet loss function with fixed hyper-parameters, as a module."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor], **hyperparams: Any) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.hyperparams = hyperparams
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        loss = self.loss_fn(embeddings, labels, **self.hyperparams)
+        self.last_terms = {"base": loss.detach()}
+        return loss
+
+    def high_lr_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
+        return f"{getattr(self.loss_fn, '__name__', self.loss_fn)}({options})"
+
+
+class ProxyAnchorLoss(nn.Module):
+    """Proxy-Anchor loss with one learnable proxy per class (Kim et al. 2020).
+
+    Proxies: kaiming-normal (fan-out) from a generator seeded with ``seed``, as in the
+    authors' code; they want a learning rate ~100× the backbone's
+    (``high_lr_parameters``). ``classes``: the label values (any integers) in row order
+    after sorting; default 0..num_classes−1.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None,
+        embedding_dim: int,
+        *,
+        classes: Sequence[int] | np.ndarray | Tensor | None = None,
+        margin: float = 0.1,
+        alpha: float = 32.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("classes", resolve_classes(num_classes, classes))
+        self.margin, self.alpha = margin, alpha
+        generator = torch.Generator().manual_seed(seed)
+        count = len(self.classes)
+        scale = math.sqrt(2.0 / count)
+        self.proxies = nn.Parameter(torch.randn(count, embedding_dim, generator=generator) * scale)
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        targets = class_rows(self.classes, labels)
+        loss = proxy_anchor_loss(
+            embeddings, targets, self.proxies, margin=self.margin, alpha=self.alpha
+        )
+        self.last_terms = {"base": loss.detach()}
+        return loss
+
+    def high_lr_parameters(self) -> list[nn.Parameter]:
+        return [self.proxies]
+
+
+_LOSSES: dict[str, Callable[..., Any]] = {}
+
+
+def _registry() -> dict[str, Callable[..., Any]]:
+    """The loss registry, filled on first use (dmlkit.daal imports this module)."""
+    if not _LOSSES:
+        from dmlkit.daal import DAALLoss
+
+        _LOSSES.update(
+            contrastive=contrastive_loss,
+            triplet=triplet_margin_loss,
+            npair=npair_loss,
+            ms=multi_similarity_loss,
+            proxy_anchor=ProxyAnchorLoss,
+            daal=DAALLoss,
+        )
+    return _LOSSES
+
+
+def __getattr__(name: str) -> Any:
+    # ``LOSSES`` is a plain dict; it is built lazily only to break the import cycle
+    # losses → daal → losses (DAAL reuses the helpers above).
+    if name == "LOSSES":
+        return _registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_keywords(
+    target: Callable[..., Any], given: dict[str, Any], what: str, exclude: tuple[str, ...] = ()
+) -> None:
+    """TypeError naming every key of ``given`` that ``target`` does not accept by keyword."""
+    parameters = inspect.signature(target).parameters
+    accepted = {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY} - set(exclude)
+    unknown = sorted(set(given) - accepted)
+    if unknown:
+        raise TypeError(
+            f"unknown hyper-parameter(s) {unknown} for {what}; valid: {sorted(accepted)}"
+        )
+
+
+def build_loss(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    embedding_dim: int | None = None,
+    classes: Sequence[int] | np.ndarray | Tensor | None = None,
+    density: bool = False,
+    density_weight: float = 1.0,
+    density_target: str = "ema",
+    density_options: dict[str, Any] | None = None,
+    **hyperparams: Any,
+) -> nn.Module:
+    """The loss module named ``name`` (a key of ``LOSSES``), optionally density-adaptive.
+
+    ``num_classes``/``embedding_dim``/``classes`` are used by losses with per-class
+    parameters (proxy_anchor, daal) and ignored by the others. ``density=True`` wraps the
+    loss in ``DensityAdaptive(weight=density_weight, target=density_target,
+    **density_options)``. Raises ValueError for an unknown name, TypeError for an unknown
+    hyper-parameter.
+    """
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(registry)}")
+    factory = registry[name]
+    _check_keywords(factory, hyperparams, f"loss {name!r}", exclude=("classes",))
+    options = dict(density_options or {})
+    # weight and target have their own build_loss arguments (density_weight, density_target).
+    _check_keywords(DensityAdaptive, options, "density_options", exclude=("weight", "target"))
+    if isinstance(factory, type):
+        if embedding_dim is None:
+            raise ValueError(f"loss {name!r} has per-class parameters: give embedding_dim")
+        loss: nn.Module = factory(num_classes, embedding_dim, classes=classes, **hyperparams)
+    else:
+        loss = PairLoss(factory, **hyperparams)
+    if density:
+        loss = DensityAdaptive(loss, weight=density_weight, target=density_target, **options)
+    return loss
