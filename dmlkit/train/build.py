@@ -1,0 +1,164 @@
+"""The pieces ``fit`` assembles: datasets, P×K loader, loss, optimizer groups, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from dmlkit.models import EmbeddingModel
+from dmlkit.train import distributed
+from dmlkit.train.config import TrainConfig, loss_kwargs
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """(train with "train" transforms, test with "test" transforms); checks P×K fits."""
+    from dmlkit.data import get_dataset
+
+    try:
+        train_set, test_set = (
+            get_dataset(
+                cfg.dataset, split, root=cfg.data_root, transform=split, **cfg.dataset_options
+            )
+            for split in ("train", "test")
+        )
+    except TypeError as error:  # an unknown dataset option
+        raise ValueError(f"dataset_options for {cfg.dataset!r}: {error}") from error
+    num_classes = len(np.unique(train_set.labels))
+    if cfg.p > num_classes or cfg.p * cfg.k > len(train_set):
+        raise ValueError(
+            f"a batch of p={cfg.p} classes x k={cfg.k} images does not fit the training split "
+            f"of {cfg.dataset} ({num_classes} classes, {len(train_set)} images): choose "
+            f"p <= {num_classes} and p*k <= {len(train_set)}"
+        )
+    return train_set, test_set
+
+
+def build_loss_module(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
+    """``dmlkit.losses.build_loss`` for ``cfg``, with one class per training label value."""
+    from dmlkit.losses import build_loss
+
+    return build_loss(cfg.loss, **loss_kwargs(cfg, classes=np.unique(train_labels)))
+
+
+def build_loader(
+    cfg: TrainConfig,
+    train_set: Dataset,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``train_set`` with this rank's ``PKBatchSampler`` shard.
+
+    It owns a ``torch.Generator`` (``loader.generator``, re-seeded per epoch by ``fit``):
+    worker seeds never draw from the global RNG.
+    """
+    from dmlkit.samplers import PKBatchSampler
+
+    sampler = PKBatchSampler(
+        train_set.labels,
+        cfg.p,
+        cfg.k,
+        seed=cfg.seed,
+        num_batches=cfg.num_batches,
+        rank=rank,
+        world_size=world_size,
+    )
+    # No persistent workers: their RNG streams would outlive an epoch and its checkpoint.
+    return DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),
+    )
+
+
+def build_optimizer(
+    model: EmbeddingModel, loss_fn: nn.Module, cfg: TrainConfig
+) -> torch.optim.Optimizer:
+    """The optimizer with groups backbone (lr·lr_backbone_mult), head (lr), loss (lr·lr_loss_mult
+    for ``loss_fn.high_lr_parameters()``, lr for its other parameters, e.g. a learned τ).
+
+    Frozen parameters (``requires_grad=False``, e.g. with ``freeze_bn``) are left out; loss
+    parameters are not weight-decayed (proxies and line vertices live near the unit sphere).
+    """
+    high = getattr(loss_fn, "high_lr_parameters", list)()
+    high_ids = {id(p) for p in high}
+    groups = [
+        ("backbone", list(model.backbone.parameters()), cfg.lr * cfg.lr_backbone_mult, True),
+        ("head", list(model.head.parameters()), cfg.lr, True),
+        ("loss", list(high), cfg.lr * cfg.lr_loss_mult, False),
+        ("loss_other", [p for p in loss_fn.parameters() if id(p) not in high_ids], cfg.lr, False),
+    ]
+    param_groups = [
+        {"name": name, "params": trainable, "lr": lr, "weight_decay": cfg.weight_decay * decay}
+        for name, params, lr, decay in groups
+        if (trainable := [p for p in params if p.requires_grad])
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(param_groups, lr=cfg.lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate factor: 1 (constant) or cosine from 1 to 0 over all epochs."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def wrap_model(
+    model: EmbeddingModel, cfg: TrainConfig, ctx: distributed.DistributedContext
+) -> nn.Module:
+    """The module ``train_step`` calls: ``model`` under DDP (torchrun) and torch.compile."""
+    network: nn.Module = model
+    if ctx.enabled:
+        device = next(model.parameters()).device
+        device_ids = [device.index] if device.type == "cuda" else None
+        network = DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(network) if cfg.compile else network
+
+
+def initialise_loss(
+    loss_fn: nn.Module,
+    model: EmbeddingModel,
+    cfg: TrainConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    ctx: distributed.DistributedContext,
+) -> None:
+    """Data-dependent loss initialisation before epoch 0 (DAAL: 2-means line vertices).
+
+    Embeds the training images *without* augmentation with the untrained model, calls
+    ``loss_fn.init_from_embeddings`` and copies rank 0's result to every rank.
+    """
+    if not hasattr(loss_fn, "init_from_embeddings"):
+        return
+    from dmlkit.data import get_dataset
+    from dmlkit.evaluate import embed
+
+    clean = get_dataset(
+        cfg.dataset, "train", root=cfg.data_root, transform="test", **cfg.dataset_options
+    )
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        embeddings, labels = embed(
+            model,
+            clean,
+            batch_size=cfg.batch_size_eval,
+            device=device,
+            num_workers=cfg.num_workers,
+        )
+    loss_fn.init_from_embeddings(embeddings.to(device), labels.to(device))
+    distributed.broadcast_module_state(loss_fn, ctx)

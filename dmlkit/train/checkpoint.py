@@ -1,0 +1,118 @@
+"""Checkpoints that load with ``torch.load(weights_only=True)`` and resume bit-exactly.
+
+A checkpoint is a plain dict of tensors and Python scalars/containers (no pickled
+objects): model, loss module, optimizer, scheduler and gradient-scaler state, the number
+of finished epochs, every rank's RNG states, the history and the configuration. It is
+written atomically (``dmlkit.io.atomic_writer``: a kill mid-write keeps the old file).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmlkit.io import atomic_writer
+from dmlkit.train.config import RESUMABLE_CHANGES, TrainConfig
+
+FORMAT = "dmlkit-checkpoint"
+VERSION = 1
+_REQUIRED = ("format", "version", "config", "epoch", "model", "loss", "optimizer", "rng")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, foreign, or from another config."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Atomically write ``state`` (plus format tag and version) to ``path``."""
+    with atomic_writer(path, "wb") as handle:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a dmlkit checkpoint with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file is truncated or not a torch file, holds objects that
+            weights-only loading refuses, or is not a dmlkit checkpoint.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated, corrupted or not written by torch.save "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Delete it, or train with resume=False to start over."
+        ) from error
+    missing = [key for key in _REQUIRED if not isinstance(state, dict) or key not in state]
+    if missing or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a dmlkit checkpoint (missing {', '.join(missing) or 'format tag'})"
+        )
+    if state["version"] > VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {state['version']}; this dmlkit reads <= "
+            f"{VERSION}. Upgrade dmlkit."
+        )
+    return state
+
+
+def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Raise CheckpointError listing every field where ``cfg`` differs from the checkpoint's.
+
+    Fields in ``RESUMABLE_CHANGES`` (epochs, num_workers, device, ...) may differ.
+    """
+    saved, current = state["config"], cfg.to_dict()
+    differences = [
+        f"{name}: checkpoint {saved.get(name, '<absent>')!r}, config {value!r}"
+        for name, value in current.items()
+        if name not in RESUMABLE_CHANGES and _normal(saved.get(name, "<absent>")) != _normal(value)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different configuration:\n  "
+            + "\n  ".join(differences)
+            + "\nUse another out_dir, or resume=False to start over."
+        )
+
+
+def _normal(value: Any) -> Any:
+    # Tuples come back from torch.load as tuples, but lists/tuples must compare equal.
+    return list(value) if isinstance(value, tuple) else value
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Global RNG states (torch CPU/CUDA, NumPy legacy, Python) as weights-only-safe values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))  # noqa: NPY002
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _python_state_to_plain(state: tuple) -> tuple:
+    version, internal, gauss = state
+    return version, list(internal), gauss

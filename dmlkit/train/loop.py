@@ -1,0 +1,402 @@
+"""``fit`` and ``train_step``: the training loop, read top to bottom.
+
+fit: datasets → P×K sampler → model (+DDP/compile) → loss → optimizer → epochs of
+train_step → evaluation → checkpoint.pt every epoch → metrics.json + embeddings.npz.
+No host sync per step: losses and loss terms stay on the device in per-epoch buffers
+and are read back every ``_SYNC_EVERY`` steps (progress bar, NaN check) and at epoch end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dmlkit.models import EmbeddingModel, build_model
+from dmlkit.runtime import default_device, seed_everything
+from dmlkit.train import distributed
+from dmlkit.train.build import (
+    build_datasets,
+    build_loader,
+    build_loss_module,
+    build_optimizer,
+    build_scheduler,
+    initialise_loss,
+    wrap_model,
+)
+from dmlkit.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    check_compatible,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from dmlkit.train.config import TrainConfig
+from dmlkit.train.outputs import evaluate_retrieval, final_evaluation, write_outputs
+
+logger = logging.getLogger("dmlkit.train")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_SYNC_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
+_AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the epoch, step and loss terms."""
+
+
+@dataclass
+class RunResult:
+    """What ``fit`` returns. ``metrics`` and files exist on rank 0 only under DDP."""
+
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    """One dict per epoch: epoch, loss, loss/<term>, lr, seconds, images_per_s and, when
+    evaluated, the retrieval metrics."""
+    metrics: dict[str, Any]
+    """Final test metrics: retrieval, density diagnostics, sub-cluster preservation."""
+    model: EmbeddingModel
+    loss: nn.Module
+    out_dir: Path | None
+
+
+@dataclass
+class _Run:
+    """Everything ``fit``'s helpers share (a plain record, not a trainer object)."""
+
+    cfg: TrainConfig
+    ctx: distributed.DistributedContext
+    device: torch.device
+    log: Callable[[str], None]
+    train_set: Dataset
+    test_set: Dataset
+    loader: DataLoader
+    model: EmbeddingModel
+    network: nn.Module  # what train_step calls: the model, wrapped by DDP / torch.compile
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # finished epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # of earlier sessions of a resumed run
+    images_seen: int = 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return _AMP_DTYPES[self.cfg.amp]
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return Path(self.cfg.out_dir) / CHECKPOINT_NAME if self.cfg.out_dir else None
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+    grad_clip: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One optimizer step on a batch; returns the detached loss and the loss's terms.
+
+    Args:
+        model: images (B, 3, H, W) → embeddings (B, D); autocast (``amp_dtype``) wraps it.
+        loss_fn: (embeddings, labels) → 0-dim loss, computed in fp32.
+        images, labels: (B, 3, H, W) and (B,) on the model's device.
+        gather: under DDP, ``distributed.gather``: the loss then sees every rank's batch.
+        grad_clip: clip the gradient norm of the optimized parameters (0: off).
+    Returns: (loss, terms) as device tensors; nothing is read back to the host. The loss
+        is NaN when any embedding is non-finite.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        embeddings = model(images)  # (B, D)
+    if gather is not None:
+        embeddings, labels = gather(embeddings), gather(labels)  # (W·B, D), (W·B,)
+    loss = loss_fn(embeddings.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler = scaler or torch.amp.GradScaler(images.device.type, enabled=False)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(parameters, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    terms = getattr(loss_fn, "last_terms", {})
+    # Some losses mask non-finite terms out (an active mean skips NaN), so NaN embeddings
+    # could pass as a finite loss: report them as a NaN loss (no host sync).
+    reported = torch.where(torch.isfinite(embeddings).all(), loss.detach(), torch.nan)
+    return reported, {name: value.detach() for name, value in terms.items()}
+
+
+def fit(
+    cfg: TrainConfig,
+    *,
+    log: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Train and evaluate as ``cfg`` says; write the run folder (see the module docstring).
+
+    Args:
+        cfg: the run's configuration.
+        log: called with one line per epoch and event (default: the ``dmlkit.train`` logger).
+        on_step: called as ``on_step(epoch, step)`` after every optimizer step (0-based);
+            for tests and fault injection (raise in it to simulate a crash).
+    Returns: RunResult. Under torchrun (WORLD_SIZE > 1) it trains with DDP; rank 0 alone
+        evaluates, logs and writes files.
+    Raises:
+        ValueError: a configuration the data cannot serve (e.g. p > number of classes).
+        CheckpointError: resume from an unreadable or differently configured checkpoint.
+        NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    started = time.perf_counter()
+    ctx = distributed.setup(cfg.device)
+    try:
+        run = _prepare(cfg, ctx, log)
+        final = None
+        for epoch in range(run.epoch, cfg.epochs):
+            record = _train_epoch(run, epoch, on_step)
+            if epoch + 1 == cfg.epochs:
+                final = final_evaluation(run) if ctx.is_main else None
+                record.update(final[2] if final else {})
+            elif cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and ctx.is_main:
+                record.update(evaluate_retrieval(run)[0])
+            run.history.append(record)
+            run.log(_epoch_line(record, cfg.epochs))
+            _save(run, epoch + 1, time.perf_counter() - started)
+        if final is None and ctx.is_main:
+            final = final_evaluation(run)
+        metrics = write_outputs(run, final, time.perf_counter() - started) if final else {}
+        distributed.barrier(ctx)
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        return RunResult(cfg, run.history, metrics, run.model, run.loss_fn, out_dir)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _prepare(
+    cfg: TrainConfig, ctx: distributed.DistributedContext, log: Callable[[str], None] | None
+) -> _Run:
+    log = (log if log is not None else logger.info) if ctx.is_main else _silent
+    checkpoint = _resume_state(cfg, log)  # read and checked before anything is built
+    device = distributed.rank_device(ctx, cfg.device) or default_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
+    train_set, test_set = build_datasets(cfg)
+    seed_everything(cfg.seed)  # identical model and loss initialisation on every rank
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(
+        cfg.backbone,
+        embedding_dim=cfg.embedding_dim,
+        pretrained=cfg.pretrained,
+        freeze_bn=cfg.freeze_bn,
+    ).to(device, memory_format=memory_format)
+    loss_fn = build_loss_module(cfg, train_set.labels).to(device)
+    optimizer = build_optimizer(model, loss_fn, cfg)
+    loader = build_loader(
+        cfg,
+        train_set,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pin_memory=device.type == "cuda",
+    )
+    run = _Run(
+        cfg,
+        ctx,
+        device,
+        log,
+        train_set,
+        test_set,
+        loader,
+        model,
+        wrap_model(model, cfg, ctx),
+        loss_fn,
+        optimizer,
+        build_scheduler(optimizer, cfg, len(loader)),
+        torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+    )
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    else:
+        initialise_loss(loss_fn, model, cfg, device, run.amp_dtype, ctx)
+        # Each rank's own augmentation/dropout stream, started from the seed.
+        seed_everything(int(np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]))
+    log(
+        f"training {cfg.backbone} + {cfg.loss}{' + density' if cfg.density else ''} on "
+        f"{cfg.dataset} ({len(train_set)} train / {len(test_set)} test images) on {device}"
+        f"{f' x {ctx.world_size} ranks' if ctx.enabled else ''}, from epoch {run.epoch}"
+    )
+    return run
+
+
+def _resume_state(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
+    if cfg.out_dir is None:
+        return None
+    path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        if cfg.resume:
+            log(f"resume: no checkpoint at {path}; starting from scratch")
+        return None
+    if not cfg.resume:
+        log(f"{path} exists and resume=False: starting over (it will be overwritten)")
+        return None
+    state = load_checkpoint(path)
+    check_compatible(state, cfg, path)
+    log(f"resuming from {path} after epoch {state['epoch']}")
+    return state
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    try:
+        run.model.load_state_dict(state["model"])
+        run.loss_fn.load_state_dict(state["loss"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{run.checkpoint_path} does not fit this model/loss: {error}"
+        ) from error
+    run.epoch, run.history = int(state["epoch"]), list(state["history"])
+    run.train_seconds, run.wall_seconds = state["train_seconds"], state["wall_seconds"]
+    run.images_seen = int(state["images_seen"])
+    rng = state["rng"]
+    if len(rng) != run.ctx.world_size:
+        run.log(
+            f"checkpoint has RNG states of {len(rng)} ranks, job has {run.ctx.world_size}: "
+            "the resumed run will not be bit-identical"
+        )
+    restore_rng_state(rng[run.ctx.rank % len(rng)])
+
+
+def _save(run: _Run, finished_epochs: int, session_seconds: float) -> None:
+    rng = distributed.gather_objects(capture_rng_state(), run.ctx)  # a collective: every rank
+    run.epoch = finished_epochs
+    if run.ctx.is_main and run.checkpoint_path is not None:
+        save_checkpoint(
+            run.checkpoint_path,
+            {
+                "config": run.cfg.to_dict(),
+                "epoch": finished_epochs,
+                "model": run.model.state_dict(),
+                "loss": run.loss_fn.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "sampler": {"epoch": finished_epochs, "seed": run.cfg.seed},
+                "rng": rng,
+                "history": run.history,
+                "train_seconds": run.train_seconds,
+                "wall_seconds": run.wall_seconds + session_seconds,
+                "images_seen": run.images_seen,
+            },
+        )
+    distributed.barrier(run.ctx)
+
+
+def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | None) -> dict:
+    cfg, device = run.cfg, run.device
+    run.loader.batch_sampler.set_epoch(epoch)
+    if hasattr(run.train_set, "set_epoch"):  # seeds the dataset's own augmentation stream
+        run.train_set.set_epoch(epoch)
+    run.loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+    run.network.train()
+    run.loss_fn.train()  # loss state (EMAs, tube radii) updates in training mode only
+    num_steps = len(run.loader)
+    losses = torch.zeros(num_steps, device=device)  # (steps,) filled on the device
+    terms: dict[str, Tensor] = {}
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    gather = distributed.gather if run.ctx.enabled else None
+    bar = tqdm(
+        total=num_steps,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not (cfg.progress and run.ctx.is_main),
+    )
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(run.loader):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        loss, step_terms = train_step(
+            run.network,
+            run.loss_fn,
+            run.optimizer,
+            images,
+            labels,
+            scaler=run.scaler,
+            amp_dtype=run.amp_dtype,
+            gather=gather,
+            grad_clip=cfg.grad_clip,
+        )
+        run.scheduler.step()
+        losses[step] = loss
+        for name, value in step_terms.items():
+            terms.setdefault(name, torch.zeros(num_steps, device=device))[step] = value
+        if on_step is not None:
+            on_step(epoch, step)
+        bar.update()
+        if (step + 1) % _SYNC_EVERY == 0:
+            _check_finite(run, epoch, losses[: step + 1], terms)
+            bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
+    bar.close()
+    _check_finite(run, epoch, losses, terms)  # also waits for the device: timing below is true
+    seconds = time.perf_counter() - start
+    images = num_steps * cfg.p * cfg.k * run.ctx.world_size
+    run.train_seconds += seconds
+    run.images_seen += images
+    record = {"epoch": epoch + 1, "loss": losses.mean().item()}
+    record.update({f"loss/{name}": values.mean().item() for name, values in terms.items()})
+    lr = run.optimizer.param_groups[0]["lr"]
+    return {**record, "lr": lr, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def _check_finite(run: _Run, epoch: int, losses: Tensor, terms: dict[str, Tensor]) -> None:
+    bad = ~torch.isfinite(losses)
+    if not bad.any():
+        return
+    step = int(bad.nonzero()[0])
+    values = ", ".join(f"{name}={float(v[step]):.6g}" for name, v in terms.items())
+    kept = (
+        f"{run.checkpoint_path} still holds epoch {run.epoch}"
+        if run.checkpoint_path is not None and run.epoch > 0
+        else "no checkpoint had been written yet"
+    )
+    raise NonFiniteLossError(
+        f"non-finite loss at epoch {epoch + 1}, step {step + 1}/{len(losses)}: "
+        f"loss={float(losses[step]):.6g}; terms: {values or 'none'}. Training stopped; {kept}."
+    )
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    terms = ", ".join(
+        f"{k.removeprefix('loss/')} {v:.4g}" for k, v in record.items() if k.startswith("loss/")
+    )
+    recall = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("recall@"))
+    return (
+        f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}"
+        f"{f' ({terms})' if terms else ''}, {record['images_per_s']:.0f} img/s"
+        f"{f', {recall}' if recall else ''}"
+    )
+
+
+def _silent(message: str) -> None:
+    return None

@@ -1,0 +1,137 @@
+"""Evaluation during and after training, and the run folder's metrics.json / embeddings.npz."""
+
+from __future__ import annotations
+
+import numbers
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dmlkit.io import atomic_writer, write_json
+from dmlkit.runtime import git_commit, library_versions
+from dmlkit.train.config import resolve_eval_ks
+
+if TYPE_CHECKING:
+    from dmlkit.train.loop import _Run
+
+_MODES = ("family", "style")  # glyph sub-cluster labels, in order of coarseness
+
+
+def evaluate_retrieval(run: _Run) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """Embed the test split with the current model; Recall@K, MAP@R, R-precision, NMI.
+
+    Returns: (metrics, embeddings (N, D) float32 CPU, labels (N,) int64 CPU).
+    """
+    from dmlkit.evaluate import embed, retrieval_metrics
+
+    cfg = run.cfg
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        embeddings, labels = embed(
+            run.model,
+            run.test_set,
+            batch_size=cfg.batch_size_eval,
+            device=run.device,
+            num_workers=cfg.num_workers,
+        )
+    metrics = retrieval_metrics(
+        embeddings, labels, ks=resolve_eval_ks(cfg), nmi=True, seed=cfg.seed
+    )
+    return dict(metrics), embeddings, labels
+
+
+def final_evaluation(run: _Run) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """Retrieval + density diagnostics (+ glyph sub-cluster preservation) of the final model.
+
+    Returns: (all scalar metrics, arrays for embeddings.npz, the retrieval metrics alone).
+    """
+    from dmlkit.evaluate import density_metrics, subcluster_preservation
+
+    retrieval, embeddings, labels = evaluate_retrieval(run)
+    metrics = dict(retrieval)
+    arrays: dict[str, np.ndarray] = {"embeddings": embeddings.numpy(), "labels": labels.numpy()}
+    for name, value in density_metrics(embeddings, labels).items():
+        if _is_scalar(value):
+            metrics[name] = _plain(value)
+        else:  # per-class values (r_c): arrays, kept in the npz rather than the JSON
+            arrays[f"density_{name}"] = _as_array(value)
+    for mode in _MODES:
+        values = getattr(run.test_set, mode, None)
+        if values is None:
+            continue
+        arrays[mode] = np.asarray(values).astype(str)
+        result = subcluster_preservation(embeddings, labels, np.asarray(values))
+        suffix = "" if mode == "family" else f"_{mode}"
+        metrics[f"subcluster_preservation{suffix}"] = _plain(result["preservation"])
+        metrics[f"subcluster_chance{suffix}"] = _plain(result["chance"])
+    return metrics, arrays, retrieval
+
+
+def write_outputs(
+    run: _Run,
+    final: tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]],
+    session_seconds: float,
+) -> dict[str, Any]:
+    """Write embeddings.npz and metrics.json (atomically) into ``out_dir``; return metrics."""
+    metrics, arrays, _ = final
+    cfg = run.cfg
+    wall = run.wall_seconds + session_seconds
+    run.log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if _is_float(v)))
+    if cfg.out_dir is None:
+        return metrics
+    out_dir = Path(cfg.out_dir)
+    with atomic_writer(out_dir / "embeddings.npz", "wb") as handle:
+        np.savez(handle, **arrays)
+    write_json(
+        out_dir / "metrics.json",
+        {
+            "config": cfg.to_dict(),
+            "metrics": metrics,
+            "history": run.history,
+            "git_commit": git_commit(),
+            "versions": library_versions(),
+            "device": _device_name(run.device),
+            "world_size": run.ctx.world_size,
+            "torch_threads": torch.get_num_threads(),
+            "wall_time_s": wall,
+            "train_time_s": run.train_seconds,
+            "images_per_s": run.images_seen / run.train_seconds if run.train_seconds else None,
+            "num_train_images": len(run.train_set),
+            "num_test_images": len(run.test_set),
+            "eval_ks": list(resolve_eval_ks(cfg)),
+        },
+    )
+    return metrics
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, numbers.Number) or (
+        isinstance(value, (np.ndarray, Tensor)) and value.ndim == 0
+    )
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, float)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, Tensor, np.generic)):
+        return value.item()
+    return value
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, dict):  # class → value
+        return np.asarray([[k, v] for k, v in value.items()], dtype=np.float64)
+    return np.asarray(value)
