@@ -38,7 +38,7 @@ def save_figure(
         path: target without extension (``figures/run_tsne``); a known image suffix
             (``.png``, ``.pdf``, ...) is dropped, other dots are kept (``lambda=0.3``).
         formats: file formats, each written to ``<path>.<format>``.
-        dpi: raster resolution (PNG); vector formats embed images at this resolution too.
+        dpi: resolution of raster formats (PNG); PDF/SVG keep vectors and images as drawn.
         tight: crop to the drawn content (``bbox_inches="tight"``), insets included.
     Returns: the written paths, in ``formats`` order.
 

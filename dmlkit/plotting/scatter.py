@@ -43,7 +43,7 @@ def scatter_by_class(
         coords: (N, 2) map coordinates. labels: (N,) class labels of any type.
         ax: draw into this Axes (else a new Figure).
         max_legend: classes above this get a shuffled cyclic (HLS) palette and no legend.
-        point_size: marker area; default shrinks with N (30 at 100 points, 2 at 15,000+).
+        point_size: marker area; default shrinks with N (30 up to 267 points, 3 from 2,667).
         seed: order of the shuffled palette (only used above 20 classes).
     Returns: the Figure. The points are one PathCollection with N offsets.
     """
@@ -53,7 +53,7 @@ def scatter_by_class(
     fig, ax = figure_and_axes(ax, figsize)
     names = [str(c) for c in classes]
     show_legend = len(classes) <= max_legend
-    size = point_size if point_size is not None else float(np.clip(3000 / len(xy), 2, 30))
+    size = point_size if point_size is not None else float(np.clip(8000 / len(xy), 3, 30))
     sns.scatterplot(
         x=xy[:, 0],
         y=xy[:, 1],
