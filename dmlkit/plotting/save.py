@@ -28,7 +28,7 @@ def save_figure(
     path: str | os.PathLike,
     *,
     formats: Sequence[str] = ("png", "pdf"),
-    dpi: int = 200,
+    dpi: int = 150,
     tight: bool = True,
 ) -> list[Path]:
     """Write ``fig`` once per format, byte-identical for the same figure and library versions.
