@@ -15,6 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# mkstemp creates 0600 files; give finished files the permissions open() would have given.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -31,6 +35,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

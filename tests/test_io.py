@@ -30,3 +30,12 @@ def test_write_json_accepts_numpy_values(tmp_path):
     np = pytest.importorskip("numpy")
     write_json(tmp_path / "m.json", {"x": np.float32(0.5), "v": np.arange(3)})
     assert json.loads((tmp_path / "m.json").read_text()) == {"x": 0.5, "v": [0, 1, 2]}
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    atomic_write_bytes(tmp_path / "f", b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~umask
