@@ -10,7 +10,7 @@ Formulas, defaults and the design choices: docs/methods.md, "DAAL (reconstructio
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,30 +18,50 @@ from torch import Tensor, nn
 
 from dmlkit.losses import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
 
-__all__ = ["DAALLoss", "class_medians", "daal_terms", "segment_geometry", "two_means"]
+__all__ = [
+    "DAALLoss",
+    "SegmentGeometry",
+    "class_medians",
+    "daal_terms",
+    "segment_geometry",
+    "two_means",
+]
 
 
-def segment_geometry(embeddings: Tensor, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
-    """Distance D_ic from every sample to every segment, and the clamped projection t_ic.
+class SegmentGeometry(NamedTuple):
+    """Every sample against every class segment."""
 
-    t = clamp(<z − a, b − a> / ||b − a||², 0, 1), D = ||z − a − t(b − a)||, both expanded
-    into inner products (z·a, z·b, a·b, norms) so that no (B, C, D) tensor is ever built.
+    distance: Tensor  # (B, C) D_ic, distance from z_i to segment c
+    position: Tensor  # (B, C) t_ic in [0, 1], the foot's position along the segment
+    length: Tensor  # (C,) ||b_c − a_c||
+
+
+def segment_geometry(embeddings: Tensor, vertices: Tensor) -> SegmentGeometry:
+    """Distances of all samples to all segments, from inner products only.
+
+    t = clamp(<z − a, b − a> / ||b − a||², 0, 1), D = ||z − a − t(b − a)||, expanded into
+    z·a, z·b and the per-class products a·a, a·b, b·b, so that no (B, C, D) tensor is
+    ever built (SOP: 128 × 11,318 × 512 floats would be 3 GB).
 
     Args:
-        embeddings: (B, D). start, end: (C, D) the vertices a_c, b_c.
-    Returns: (distance (B, C), t (B, C)). O(B·C·D) time (one matmul), O(B·C) memory.
+        embeddings: (B, D). vertices: (C, 2, D), a_c = vertices[:, 0], b_c = vertices[:, 1].
+    Returns: SegmentGeometry. O(B·C·D) time (one matmul), O(B·C) memory.
     """
-    count = len(start)
-    products = embeddings @ torch.cat([start, end]).T  # (B, 2C)
-    z_a, z_b = products[:, :count], products[:, count:]  # (B, C) each
-    a_a, a_b = start.pow(2).sum(1), (start * end).sum(1)  # (C,) each
-    e_e = (end - start).pow(2).sum(1)  # (C,) ||b − a||², direct for accuracy
+    count = len(vertices)
+    # unbind (not indexing): its backward stacks the pieces instead of zero-filling a
+    # full-size gradient per piece, which dominates at SOP scale.
+    start, end = vertices.unbind(1)  # (C, D) each
+    products = embeddings @ vertices.reshape(2 * count, -1).T  # (B, 2C), a_0 b_0 a_1 b_1 …
+    z_a, z_b = products.view(-1, count, 2).unbind(2)  # (B, C) each
+    a_a, b_b = vertices.pow(2).sum(2).unbind(1)  # (C,) each
+    a_b = (start * end).sum(1)  # (C,)
+    e_e = (a_a + b_b - 2 * a_b).clamp_min(0)  # (C,) ||b − a||²
     z_z = embeddings.pow(2).sum(1, keepdim=True)  # (B, 1)
     along = z_b - z_a - a_b + a_a  # (B, C) <z − a, b − a>
     t = (along / e_e.clamp_min(1e-12)).clamp(0, 1)  # (B, C)
     to_start = z_z - 2 * z_a + a_a  # (B, C) ||z − a||²
     squared = (to_start - 2 * t * along + t.pow(2) * e_e).clamp_min(0)
-    return safe_sqrt(squared), t
+    return SegmentGeometry(safe_sqrt(squared), t, safe_sqrt(e_e))
 
 
 def class_medians(values: Tensor, rows: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -209,12 +229,9 @@ class DAALLoss(nn.Module):
         rows = class_rows(self.classes, labels)  # (B,)
         with torch.autocast(embeddings.device.type, enabled=False):
             z = upcast(embeddings)
-            vertices = self.vertices.to(z.dtype)
-            start, end = vertices[:, 0], vertices[:, 1]  # (C, D) each
-            dist, t = segment_geometry(z, start, end)  # (B, C) each
+            dist, t, lengths = segment_geometry(z, self.vertices.to(z.dtype))
             if self.training:
                 self._update_radii(dist.detach().gather(1, rows[:, None]).squeeze(1), rows)
-            lengths = safe_sqrt((end - start).pow(2).sum(1))  # (C,)
             terms = daal_terms(
                 dist,
                 t,

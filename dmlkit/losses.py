@@ -49,19 +49,22 @@ def upcast(x: Tensor) -> Tensor:
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int, *, add_one: bool = False) -> Tensor:
     """log Σ_{mask} exp(x) along ``dim`` (with ``add_one``: log(1 + Σ_{mask} exp(x))).
 
-    Stable (max subtracted) and NaN-free: masked-out entries are filled with -inf
-    *before* ``exp`` so their (possibly overflowing) values never reach the backward
-    pass; a row with nothing selected gives a finite, gradient-free value (0 with
-    ``add_one``, a large negative number without) that callers mask out.
+    Stable (the row maximum is subtracted) and NaN-free: ``exp`` only ever sees
+    arguments in [−80, 0], so a masked-out entry can neither overflow nor leak into the
+    backward pass; a row with nothing selected gives a finite, gradient-free value (0
+    with ``add_one``, a large negative number without) that callers mask out.
     """
-    x = x.masked_fill(~mask, -math.inf)
-    peak = x.amax(dim, keepdim=True).detach()
+    peak = x.detach().masked_fill(~mask, -math.inf).amax(dim, keepdim=True)
     if add_one:
         peak = peak.clamp_min(0)  # the implicit term exp(0)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(x - peak).sum(dim, keepdim=True)
+    # A term below e^−80 times the largest changes nothing in fp32 or float64 sums, and
+    # CPU exp is tens of times slower on arguments whose result underflows: hence a floor.
+    shifted = (x - peak).masked_fill(~mask, -80.0).clamp_min(-80.0)  # selected: ≤ 0
+    total = torch.where(mask, torch.exp(shifted), torch.zeros_like(shifted))
+    total = total.sum(dim, keepdim=True)
     if add_one:
-        total = total + torch.exp(-peak)
+        total = total + torch.exp((-peak).clamp_min(-80.0))
     tiny = torch.finfo(total.dtype).tiny
     return (torch.log(total.clamp_min(tiny)) + peak).squeeze(dim)
 
@@ -104,10 +107,6 @@ def _active_mean(terms: Tensor, valid: Tensor) -> Tensor:
     """Mean over the valid terms that are > 0; a graph-connected 0 when there are none."""
     active = valid & (terms > 0)
     return torch.where(active, terms, torch.zeros_like(terms)).sum() / active.sum().clamp_min(1)
-
-
-def _masked_mean(terms: Tensor, valid: Tensor) -> Tensor:
-    return torch.where(valid, terms, torch.zeros_like(terms)).sum() / valid.sum().clamp_min(1)
 
 
 def _pair_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,22 +199,23 @@ def npair_loss(
 
     Args:
         embeddings: (B, D). labels: (B,) int class ids.
-    Returns: 0-dim tensor (plain mean over pairs; 0 with no pair). O(B²·D) time,
-        O(B²) memory, no host sync (the pairs are selected with masks).
+    Returns: 0-dim tensor (plain mean over pairs; 0 with no pair). O(B² + n²·D) time for
+        n pairs, O(B² + n·D) memory; selecting the pairs syncs with the host once.
     """
     same = labels[:, None] == labels[None, :]  # (B, B)
     before = torch.ones_like(same).tril(-1)  # [i, j]: j comes before i
     rank = (same & before).sum(1)  # (B,) position of each sample within its class
-    is_positive = rank == 1  # (B,)
-    partner = same & is_positive[None, :]  # (B, B) [anchor, its positive]
-    is_anchor = (rank == 0) & partner.any(1)  # (B,)
-    sim = scale * (embeddings @ embeddings.T)  # (B, B)
-    logits_mask = is_anchor[:, None] & is_positive[None, :]  # anchors × positives
-    log_normalizer = masked_logsumexp(sim, logits_mask, dim=1)  # (B,)
-    target = torch.where(partner, sim, torch.zeros_like(sim)).sum(1)  # s_ii
-    loss = _masked_mean(log_normalizer - target, is_anchor)
+    partner = same & (rank == 1)[None, :]  # (B, B) [i, second sample of i's class]
+    anchor = ((rank == 0) & partner.any(1)).nonzero(as_tuple=True)[0]  # (n,)
+    positive = partner[anchor].int().argmax(1)  # (n,) the one True per row
+    anchors, positives = embeddings[anchor], embeddings[positive]  # (n, D) each
+    logits = scale * (anchors @ positives.T)  # (n, n), targets on the diagonal
+    if len(anchor) == 0:
+        return logits.sum()  # graph-connected 0
+    target = torch.arange(len(anchor), device=logits.device)
+    loss = F.cross_entropy(logits, target)  # = mean log(1 + Σ_{j≠i} exp(s_ij − s_ii))
     if l2_reg:
-        loss = loss + l2_reg * _masked_mean(embeddings.pow(2).sum(1), is_anchor | is_positive)
+        loss = loss + l2_reg * torch.cat([anchors, positives]).pow(2).sum(1).mean()
     return loss
 
 

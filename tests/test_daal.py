@@ -74,12 +74,13 @@ def test_segment_geometry_matches_projection_loop(seed):
     z, _, vertices, _ = _setup(seed)
     z = z.clone().requires_grad_(True)
     vertices = vertices.clone().requires_grad_(True)
-    dist, t = segment_geometry(z, vertices[:, 0], vertices[:, 1])
+    dist, t, length = segment_geometry(z, vertices)
     ref = [[ref_project(z[i], v[0], v[1]) for v in vertices] for i in range(len(z))]
     ref_t = torch.stack([torch.stack([p[0] for p in row]) for row in ref])
     ref_d = torch.stack([torch.stack([p[1] for p in row]) for row in ref])
     assert_close(t, ref_t.detach())
     assert_close(dist, ref_d.detach())
+    assert_close(length, (vertices[:, 1] - vertices[:, 0]).norm(dim=1).detach())
     weights = torch.randn(dist.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
     grads = torch.autograd.grad((dist * weights).sum() + t.sum(), (z, vertices))
     ref_grads = torch.autograd.grad((ref_d * weights).sum() + ref_t.sum(), (z, vertices))
@@ -90,7 +91,8 @@ def test_segment_geometry_matches_projection_loop(seed):
 def test_projection_clamps_at_both_ends():
     start, end = torch.tensor([[0.0, 0.0]], dtype=F64), torch.tensor([[1.0, 0.0]], dtype=F64)
     points = torch.tensor([[-0.5, 0.3], [1.5, -0.2], [0.25, 0.1], [1.0, 0.0]], dtype=F64)
-    dist, t = segment_geometry(points, start, end)
+    dist, t, length = segment_geometry(points, torch.stack([start, end], 1))
+    assert length.tolist() == pytest.approx([1.0])
     assert t[:, 0].tolist() == pytest.approx([0.0, 1.0, 0.25, 1.0])
     expected = [math.hypot(0.5, 0.3), math.hypot(0.5, 0.2), 0.1, 0.0]
     assert dist[:, 0].tolist() == pytest.approx(expected, abs=1e-12)
@@ -147,8 +149,8 @@ def test_pull_is_exactly_zero_inside_the_tube():
         [[-0.2, 0.1, 0.0], [0.3, -0.29, 0.0], [0.8, 0.0, 0.1], [0.1, 0.0, 0.0]], dtype=F64
     ).requires_grad_(True)
     rows = torch.zeros(4, dtype=torch.long)
-    dist, t = segment_geometry(inside, start, end)
-    terms = daal_terms(dist, t, rows, radii, (end - start).norm(dim=1))
+    terms = daal_terms(*segment_geometry(inside, torch.stack([start, end], 1))[:2], rows, radii,
+                       (end - start).norm(dim=1))  # fmt: skip
     assert terms["pull"].item() == 0
     (grad,) = torch.autograd.grad(terms["pull"], inside)
     assert torch.equal(grad, torch.zeros_like(grad))  # inside, the distribution is left as is
