@@ -1,0 +1,38 @@
+"""Papermill sweeps: one notebook execution per grid point, resumable and interruptible.
+
+``python -m dmlkit.sweep notebooks/sweeps/quickstart.yaml --jobs 2`` — see docs/sweeps.md
+for the spec format, run naming, the manifest and what happens on failure or Ctrl-C.
+
+API: :func:`load_spec` (validate a spec), :func:`plan` (its grid jobs),
+:func:`run_sweep` (run or resume it), :func:`read_manifest` (the attempt log).
+"""
+
+from .manifest import ManifestLockedError, append_record, latest_records
+from .outcome import Outcome, SweepResult
+from .plan import Job, format_value, grid_points, parse_only, plan, plan_steps, run_name
+from .processes import threads_per_job
+from .runner import is_finished, read_manifest, run_sweep
+from .spec import SpecError, SweepSpec, ThenStep, load_spec
+
+__all__ = [
+    "Job",
+    "ManifestLockedError",
+    "Outcome",
+    "SpecError",
+    "SweepResult",
+    "SweepSpec",
+    "ThenStep",
+    "append_record",
+    "format_value",
+    "grid_points",
+    "is_finished",
+    "latest_records",
+    "load_spec",
+    "parse_only",
+    "plan",
+    "plan_steps",
+    "read_manifest",
+    "run_name",
+    "run_sweep",
+    "threads_per_job",
+]

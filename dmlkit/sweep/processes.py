@@ -1,0 +1,65 @@
+"""Process plumbing of the sweep runner: thread budget, signalling process groups."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "DMLKIT_NUM_THREADS",
+)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def threads_per_job(jobs: int) -> int:
+    """``max(1, cores // jobs)``: the thread budget of each of ``jobs`` parallel runs."""
+    return max(1, available_cores() // max(1, jobs))
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """The worker's result file as a dict; ``{}`` if it is missing or unreadable."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return result if isinstance(result, dict) else {}
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (started with a new session)."""
+    # Signalling the group reaches anything the worker started in it, too. The kernel has
+    # a session of its own (see kill_kernel).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, sig)
+        else:  # pragma: no cover - Windows
+            proc.kill() if sig != signal.SIGTERM else proc.terminate()
+
+
+def kill_kernel(pid_file: Path) -> None:
+    """SIGKILL the process group of the kernel whose pid the worker wrote to ``pid_file``."""
+    # jupyter_client starts each kernel as the leader of a new session: kill its group
+    # (the kernel and anything it spawned, e.g. DataLoader workers).
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(pid, signal.SIGKILL)
+        else:  # pragma: no cover - Windows
+            os.kill(pid, signal.SIGTERM)

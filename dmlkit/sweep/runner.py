@@ -1,0 +1,355 @@
+"""Run a sweep's jobs in worker subprocesses: parallel, resumable, interruptible.
+
+Each job is a ``python -m dmlkit.sweep.worker`` process in its own session (so a terminal
+Ctrl-C reaches only this runner, which then stops the workers deliberately). The runner
+polls its workers, appends one ``manifest.jsonl`` record per finished attempt, queues
+each finished run's ``then`` steps, and on SIGINT/SIGTERM stops every running job
+(worker group, then kernel group), records it ``interrupted`` and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+from .manifest import MANIFEST, append_record, latest_records, lock_manifest, now_iso
+from .manifest import read_manifest as _read_manifest
+from .outcome import Outcome, SweepResult
+from .plan import Job, OnlyFilter, plan, plan_steps, shown_path, sweep_folder
+from .processes import THREAD_VARIABLES, kill_kernel, read_result, signal_group, threads_per_job
+from .spec import SweepSpec, load_spec
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+
+
+def is_finished(job: Job, latest: dict[str, dict[str, Any]]) -> bool:
+    """Whether a job can be skipped: its latest record is ``ok`` and its outputs exist."""
+    record = latest.get(job.key)
+    return (
+        record is not None
+        and record.get("status") == "ok"
+        and all(path.is_file() for path in job.required_outputs)
+    )
+
+
+def run_sweep(
+    spec_path: str | Path | SweepSpec,
+    *,
+    jobs: int = 1,
+    smoke: bool = False,
+    only: OnlyFilter = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    grace_s: float = 10.0,
+) -> SweepResult:
+    """Run (or resume) a sweep; see docs/sweeps.md.
+
+    Args:
+        spec_path: a spec file or a spec from :func:`load_spec`.
+        jobs: parallel executions; each gets ``max(1, cores // jobs)`` threads.
+        smoke: inject ``smoke=True``.  only: restrict the grid (see ``parse_only``).
+        out: parent of the sweep folder (default ``<root>/papermill_runs``).
+        progress: show a tqdm bar.  grace_s: seconds a stopped job gets to exit cleanly.
+    Returns:
+        The outcome of every job; ``exit_code`` is 0 iff every job succeeded (or was
+        already done), 128 + signal number when interrupted, 1 otherwise.
+    Raises:
+        SpecError: before anything runs.  ManifestLockedError: a sweep already runs there.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
+    grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
+    folder = sweep_folder(spec, out)
+    with lock_manifest(folder / MANIFEST):
+        runner = _Runner(spec, folder, jobs=jobs, smoke=smoke, grace_s=grace_s)
+        return runner.run(grid_jobs, progress=progress)
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """Records of ``manifest.jsonl`` (a file, or a sweep folder holding one)."""
+    path = Path(path)
+    return _read_manifest(path / MANIFEST if path.is_dir() else path)
+
+
+@dataclass
+class _Active:
+    """A running worker and what is needed to judge and record its outcome."""
+
+    job: Job
+    proc: subprocess.Popen
+    log: IO[bytes]
+    started: str
+    t0: float
+    result_file: Path
+    pid_file: Path
+    metrics_mtime: int | None
+
+
+class _Runner:
+    """The scheduling loop of one ``run_sweep`` call."""
+
+    def __init__(
+        self, spec: SweepSpec, folder: Path, *, jobs: int, smoke: bool, grace_s: float
+    ) -> None:
+        self.spec, self.folder, self.jobs, self.smoke = spec, folder, jobs, smoke
+        self.grace_s = grace_s
+        self.env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads_per_job(jobs)))}
+        self.latest = latest_records(_read_manifest(folder / MANIFEST))
+        self.active: list[_Active] = []
+        self.outcomes: dict[str, Outcome] = {}
+        self.executed: set[str] = set()
+        self.stop_signal: int | None = None
+        self.force = False
+        self.bar: tqdm | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="dmlkit-sweep-"))
+        self.counter = 0
+
+    def run(self, grid_jobs: list[Job], *, progress: bool) -> SweepResult:
+        queue: deque[Job] = deque()
+        for job in grid_jobs:
+            if self._skip(job):
+                queue.extend(j for j in self._steps_of(job) if not self._skip(j))
+            else:
+                queue.append(job)
+        previous = self._install_handlers()
+        self.bar = tqdm(total=len(queue), desc=self.spec.name, unit="job", disable=not progress)
+        try:
+            self._loop(queue)
+            if self.stop_signal is None:
+                self._loop(deque(self._sweep_steps(grid_jobs)))
+        except BaseException:
+            # A bug or an unexpected error in the runner: leave no worker or kernel behind.
+            for active in self.active:
+                self._kill(active)
+            raise
+        finally:
+            self.bar.close()
+            self._restore_handlers(previous)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        rank = {job.key: i for i, job in enumerate(grid_jobs)}
+        outcomes = sorted(self.outcomes.values(), key=lambda o: _plan_order(o, rank))
+        return SweepResult(self.spec, self.folder, outcomes, self.stop_signal)
+
+    def _skip(self, job: Job) -> bool:
+        if not is_finished(job, self.latest):
+            return False
+        recorded = self.latest[job.key].get("params")
+        if recorded is not None and recorded != json.loads(json.dumps(job.parameters, default=str)):
+            logger.warning(
+                "%s finished earlier with other parameters (%s); delete %s to rerun it",
+                job.key,
+                recorded,
+                job.folder,
+            )
+        self.outcomes[job.key] = Outcome(job.key, job.kind, "skipped", None, None, job.output)
+        return True
+
+    def _steps_of(self, run: Job) -> list[Job]:
+        return plan_steps(self.spec, run, smoke=self.smoke, folder=self.folder)
+
+    def _sweep_steps(self, grid_jobs: list[Job]) -> list[Job]:
+        steps = plan_steps(self.spec, None, smoke=self.smoke, folder=self.folder)
+        done = [j for j in grid_jobs if self.outcomes[j.key].status in ("ok", "skipped")]
+        if steps and not done:
+            logger.warning("no run finished; per-sweep steps not run")
+            return []
+        if self.executed:
+            return steps
+        return [step for step in steps if not self._skip(step)]
+
+    def _loop(self, queue: deque[Job]) -> None:
+        if self.bar is not None:
+            self.bar.total = self.bar.n + len(queue) + len(self.active)
+            self.bar.refresh()
+        while (queue or self.active) and self.stop_signal is None:
+            while queue and len(self.active) < self.jobs:
+                self._launch(queue.popleft())
+            for active in list(self.active):
+                if active.proc.poll() is not None:
+                    self._finish(active, queue)
+                elif self._timed_out(active):
+                    self._kill(active)
+                    limit = self.spec.timeout_s
+                    self._finish(active, queue, "failed", f"TimeoutError: exceeded {limit:g} s")
+            time.sleep(_POLL_S)
+        if self.stop_signal is not None:
+            self._stop_all(queue)
+            for job in queue:
+                self.outcomes[job.key] = Outcome(
+                    job.key, job.kind, "pending", None, None, job.output
+                )
+
+    def _launch(self, job: Job) -> None:
+        self.counter += 1
+        started, t0 = now_iso(), time.monotonic()
+        result_file = self.tmp / f"{self.counter}.result.json"
+        pid_file = self.tmp / f"{self.counter}.kernel.pid"
+        description = {
+            "notebook": str(job.notebook), "output": str(job.output),
+            "parameters": job.parameters, "kernel": self.spec.kernel,
+            "cwd": str(self.spec.root), "result_file": str(result_file),
+            "pid_file": str(pid_file), "parent_pid": os.getpid(),
+        }  # fmt: skip
+        self.executed.add(job.key)
+        try:
+            job.folder.mkdir(parents=True, exist_ok=True)
+            metrics_mtime = _mtime(job.folder / "metrics.json") if job.kind == "run" else None
+            log = open(job.output.with_suffix(".log"), "wb")  # noqa: SIM115 - closed in _finish
+        except OSError as exc:  # e.g. a full disk or a read-only folder: this job fails
+            self._record(job, "failed", 0.0, started, f"{type(exc).__name__}: {exc}", None)
+            return
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dmlkit.sweep.worker", json.dumps(description, default=str)],
+            cwd=self.spec.root, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=os.name == "posix",
+        )  # fmt: skip
+        self.active.append(
+            _Active(job, proc, log, started, t0, result_file, pid_file, metrics_mtime)
+        )
+
+    def _timed_out(self, active: _Active) -> bool:
+        limit = self.spec.timeout_s
+        return limit is not None and time.monotonic() - active.t0 > limit
+
+    def _finish(
+        self,
+        active: _Active,
+        queue: deque[Job] | None,
+        status: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.active.remove(active)
+        job, seconds = active.job, round(time.monotonic() - active.t0, 3)
+        active.log.close()
+        result = read_result(active.result_file)
+        if status is None:
+            status, error = result.get("status", "failed"), result.get("error")
+            if not result:
+                error = (
+                    f"WorkerDied: exit status {active.proc.returncode} without a result; "
+                    f"see {job.output.with_suffix('.log')}"
+                )
+        if status == "ok" and job.kind == "run":
+            status, error = self._check_metrics(active)
+        if status != "ok":
+            kill_kernel(active.pid_file)
+        self._record(job, status, seconds, active.started, error, result.get("error_cell"))
+        if status == "ok" and job.kind == "run" and queue is not None:
+            steps = self._steps_of(job)
+            queue.extend(steps)
+            if self.bar is not None and steps:
+                self.bar.total += len(steps)
+                self.bar.refresh()
+
+    def _check_metrics(self, active: _Active) -> tuple[str, str | None]:
+        # A notebook that "succeeds" without (re)writing metrics.json did not do its job,
+        # and would otherwise be skipped forever by the resume rule.
+        metrics = active.job.folder / "metrics.json"
+        mtime = _mtime(metrics)
+        if mtime is None or mtime == active.metrics_mtime:
+            return "failed", f"MissingOutput: the notebook finished without writing {metrics}"
+        return "ok", None
+
+    def _record(
+        self,
+        job: Job,
+        status: str,
+        seconds: float,
+        started: str,
+        error: str | None,
+        error_cell: int | None,
+    ) -> None:
+        append_record(
+            self.folder / MANIFEST,
+            {
+                "run": job.key,
+                "kind": job.kind,
+                "status": status,
+                "params": job.parameters,
+                "seconds": seconds,
+                "started": started,
+                "ended": now_iso(),
+                "error": error,
+                "error_cell": error_cell,
+                "notebook": shown_path(job.notebook, self.spec.root),
+                "output": shown_path(job.output, self.spec.root),
+            },
+        )
+        self.outcomes[job.key] = Outcome(job.key, job.kind, status, seconds, error, job.output)
+        log = logger.info if status == "ok" else logger.warning
+        log("%s: %s in %.1f s%s", job.key, status, seconds, f" ({error})" if error else "")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _stop_all(self, queue: deque[Job]) -> None:
+        name = signal.Signals(self.stop_signal).name
+        logger.warning("%s: stopping %d running job(s)", name, len(self.active))
+        for active in self.active:
+            signal_group(active.proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        while (
+            any(a.proc.poll() is None for a in self.active)
+            and not self.force
+            and time.monotonic() < deadline
+        ):
+            time.sleep(_POLL_S)
+        for active in list(self.active):
+            self._kill(active)
+            # A job that completed before the signal reached it keeps its real outcome.
+            if read_result(active.result_file).get("status") == "ok":
+                self._finish(active, queue)
+            else:
+                self._finish(active, queue, "interrupted", f"Interrupted: stopped by {name}")
+
+    def _kill(self, active: _Active) -> None:
+        if active.proc.poll() is None:
+            signal_group(active.proc, signal.SIGKILL)
+        active.proc.wait()
+        kill_kernel(active.pid_file)
+
+    def _install_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_handlers(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only set flags: the loop notices within _POLL_S. A second signal skips the grace.
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        else:
+            self.force = True
+
+
+def _plan_order(outcome: Outcome, rank: dict[str, int]) -> tuple[int, bool, str]:
+    # Runs in grid order, each followed by its steps; per-sweep steps last. Run names
+    # escape "/", so a step key's run is everything before its first "/".
+    run = outcome.key.split("/", 1)[0] if outcome.kind == "then-run" else outcome.key
+    return rank.get(run, len(rank)), outcome.kind != "run", outcome.key
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None

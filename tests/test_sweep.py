@@ -1,0 +1,574 @@
+"""The papermill sweep runner: spec validation, naming, manifest, resume, faults, signals.
+
+Executions use the toy notebooks in tests/notebooks/ (a kernel start costs ~2 s each), copied
+into a throw-away project in tmp_path laid out like the repository (notebooks/,
+notebooks/sweeps/), so the runner has to find the root itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dmlkit.sweep import (
+    ManifestLockedError,
+    SpecError,
+    append_record,
+    format_value,
+    is_finished,
+    load_spec,
+    plan,
+    processes,
+    read_manifest,
+    run_name,
+    run_sweep,
+    threads_per_job,
+)
+from dmlkit.sweep.manifest import lock_manifest
+from dmlkit.sweep.outcome import Outcome, SweepResult
+
+NOTEBOOKS = Path(__file__).parent / "notebooks"
+BASE = {"name": "toy", "notebook": "notebooks/toy_run.ipynb", "grid": {"x": [1, 2]}}
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A repository-like folder with the toy notebooks under notebooks/."""
+    (tmp_path / "notebooks" / "sweeps").mkdir(parents=True)
+    for notebook in NOTEBOOKS.glob("*.ipynb"):
+        shutil.copy(notebook, tmp_path / "notebooks" / notebook.name)
+    return tmp_path
+
+
+def write_spec(project: Path, spec: dict, name: str = "toy.yaml") -> Path:
+    path = project / "notebooks" / "sweeps" / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def sweep_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dmlkit.sweep", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def statuses(folder: Path) -> list[tuple[str, str]]:
+    return [(r["run"], r["status"]) for r in read_manifest(folder / "manifest.jsonl")]
+
+
+def process_gone(pid: int, wait_s: float = 5.0) -> bool:
+    """True once ``pid`` no longer exists or is a zombie (dead, not yet reaped)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.kill(pid, 0)
+            stat = Path(f"/proc/{pid}/stat")
+            if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- run names
+
+
+@pytest.mark.parametrize(
+    ("point", "name"),
+    [
+        ({"loss": "triplet", "density": True, "seed": 0}, "loss=triplet,density=true,seed=0"),
+        ({"density": False, "weight": 0.5}, "density=false,weight=0.5"),
+        ({"lr": 1e-5, "target": None}, "lr=1.0e-05,target=null"),
+        ({"label": "true"}, "label=%27true%27"),  # the string, not the boolean
+        ({"label": "a/b c"}, "label=a%2Fb%20c"),
+        ({"label": "a,b=c"}, "label=a%2Cb%3Dc"),
+        ({"ks": [1, 2]}, "ks=%5B1%2C%202%5D"),
+        ({"label": "é"}, "label=%C3%A9"),
+        ({"label": ".."}, "label=.."),
+    ],
+)
+def test_run_name_formats_values_yaml_style_and_path_safe(point, name):
+    assert run_name(point) == name
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=20),
+            st.integers(),
+            st.booleans(),
+            st.none(),
+            st.floats(allow_nan=False),
+        ),
+        min_size=2,
+        max_size=2,
+        unique_by=repr,
+    )
+)
+def test_format_value_is_injective_and_never_contains_separators(values):
+    a, b = (format_value(v) for v in values)
+    if not (values[0] == values[1] and type(values[0]) is type(values[1])):
+        assert a != b
+    for text in (a, b):
+        assert text and not set(text) & set("/,= \\\0")
+
+
+def test_long_run_names_are_cut_and_stay_unique():
+    names = {run_name({"label": "x" * 300 + suffix}) for suffix in "ab"}
+    assert len(names) == 2
+    assert all(len(name.encode()) <= 200 for name in names)
+
+
+# ---------------------------------------------------------------- spec validation
+
+
+def test_load_spec_finds_root_and_reads_everything(project):
+    spec = load_spec(
+        write_spec(
+            project,
+            {
+                **BASE,
+                "fixed": {"label": "b"},
+                "timeout_s": 30,
+                "then": [
+                    {"notebook": "notebooks/toy_figure.ipynb", "where": {"x": 2}},
+                    {
+                        "notebook": "notebooks/toy_figure.ipynb",
+                        "per": "sweep",
+                        "name": "summary",
+                        "parameters": {"tag": "all"},
+                    },
+                ],
+            },
+        )
+    )
+    assert spec.root == project.resolve()
+    assert spec.notebook == project.resolve() / "notebooks" / "toy_run.ipynb"
+    assert (spec.name, spec.fixed, spec.grid, spec.timeout_s) == (
+        "toy",
+        {"label": "b"},
+        {"x": [1, 2]},
+        30.0,
+    )
+    assert [(s.name, s.per, s.where, s.parameters) for s in spec.then] == [
+        ("toy_figure", "run", {"x": [2]}, {}),
+        ("summary", "sweep", {}, {"tag": "all"}),
+    ]
+
+
+FIGURE = "notebooks/toy_figure.ipynb"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "message"),
+    [
+        ({"grdi": {}}, "grdi", "unknown key"),
+        ({"name": None}, "name", "missing"),
+        ({"notebook": None}, "notebook", "missing"),
+        ({"name": "../escape"}, "name", "folder name"),
+        ({"notebook": "notebooks/nope.ipynb"}, "notebook", "not found"),
+        ({"grid": {}}, "grid", "empty"),
+        ({"grid": None}, "grid", "empty"),
+        ({"grid": {"x": 3}}, "grid.x", "non-empty list"),
+        ({"grid": {"x": []}}, "grid.x", "non-empty list"),
+        ({"grid": {"x": [1, 1]}}, "grid.x", "listed twice"),
+        ({"grid": {"lr": [1]}}, "grid.lr", "unknown parameter"),
+        ({"fixed": {"lr": 0.1, "label": "b"}}, "fixed.lr", "unknown parameter"),
+        ({"fixed": {"x": 3}}, "grid.x", "also set in 'fixed'"),
+        ({"fixed": {"out_dir": "elsewhere"}}, "out_dir", "set by the runner"),
+        ({"fixed": {"label": datetime.date(2024, 1, 1)}}, "fixed.label", "plain YAML"),
+        ({"timeout_s": 0}, "timeout_s", "positive"),
+        (
+            {"then": [{"notebook": FIGURE, "parameters": {"dpi": 3}}]},
+            "then[0].parameters.dpi",
+            "unknown parameter",
+        ),
+        (
+            {"then": [{"notebook": FIGURE, "where": {"y": [1]}}]},
+            "then[0].where.y",
+            "not a grid key",
+        ),
+        ({"then": [{"notebook": FIGURE, "where": {"x": [7]}}]}, "then[0].where.x", "not one of"),
+        ({"then": [{"notebook": FIGURE, "per": "epoch"}]}, "then[0].per", "'run' or 'sweep'"),
+        ({"then": [{"notebook": FIGURE, "colour": 1}]}, "then[0].colour", "unknown key"),
+        ({"then": [{"notebook": "notebooks/toy_run.ipynb"}]}, "then[0].notebook", "'run_dir'"),
+        ({"then": [FIGURE, FIGURE]}, "then[1].name", "named"),
+    ],
+)
+def test_bad_specs_raise_one_clear_error_naming_file_and_key(project, change, key, message):
+    path = write_spec(project, {**BASE, **change})
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: {key}: ")
+    if message is not None:
+        assert message in text
+
+
+@pytest.mark.parametrize(
+    "text", ["name: [unclosed", "- just\n- a list\n", "!!python/object:os.system {}"]
+)
+def test_spec_that_is_not_a_safe_yaml_mapping_is_a_spec_error(project, text):
+    path = project / "notebooks" / "sweeps" / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=str(path)):
+        load_spec(path)
+
+
+def test_unknown_parameter_stops_the_cli_before_anything_runs(project):
+    spec = write_spec(project, {**BASE, "fixed": {"learning_rate": 0.1}})
+    out = project / "out"
+    done = sweep_cli(str(spec), "--out", str(out), cwd=project)
+    assert done.returncode == 2
+    assert f"{spec}: fixed.learning_rate: unknown parameter" in done.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- plan and --only
+
+
+def test_plan_injects_fixed_point_out_dir_and_smoke(project):
+    spec = load_spec(
+        write_spec(
+            project, {**BASE, "fixed": {"label": "b"}, "grid": {"x": [1, 2], "flag": [False, True]}}
+        )
+    )
+    jobs = plan(spec, smoke=True)
+    assert [j.key for j in jobs] == [
+        "x=1,flag=false",
+        "x=1,flag=true",
+        "x=2,flag=false",
+        "x=2,flag=true",
+    ]
+    assert jobs[1].parameters == {
+        "label": "b",
+        "x": 1,
+        "flag": True,
+        "out_dir": "papermill_runs/toy/x=1,flag=true",
+        "smoke": True,
+    }
+    assert jobs[1].output == project.resolve() / "papermill_runs/toy/x=1,flag=true/notebook.ipynb"
+    outside = plan(spec, out=project.parent / "elsewhere")[0]
+    assert outside.parameters["out_dir"] == str(
+        project.parent.resolve() / "elsewhere/toy/x=1,flag=false"
+    )
+
+
+@pytest.mark.parametrize(
+    ("only", "keys"),
+    [
+        (["x=2"], ["x=2,flag=false", "x=2,flag=true"]),
+        (["flag=true"], ["x=1,flag=true", "x=2,flag=true"]),
+        (["x=1", "x=2", "flag=false"], ["x=1,flag=false", "x=2,flag=false"]),
+        ({"x": [2], "flag": [True]}, ["x=2,flag=true"]),
+    ],
+)
+def test_only_selects_grid_points(project, only, keys):
+    spec = load_spec(write_spec(project, {**BASE, "grid": {"x": [1, 2], "flag": [False, True]}}))
+    assert [j.key for j in plan(spec, only=only)] == keys
+
+
+@pytest.mark.parametrize(
+    ("only", "message"),
+    [
+        (["seed=0"], "--only seed: not a grid key"),
+        (["x=3"], "--only x=3: not a value of grid.x"),
+        (["flag=1"], "--only flag=1: not a value of grid.flag"),  # 1 is not True
+        (["x"], "expected KEY=VALUE"),
+    ],
+)
+def test_only_with_unknown_key_or_value_is_an_error(project, only, message):
+    spec = load_spec(write_spec(project, {**BASE, "grid": {"x": [1, 2], "flag": [False, True]}}))
+    with pytest.raises(SpecError, match=message):
+        plan(spec, only=only)
+
+
+def test_smoke_requires_a_smoke_parameter(project):
+    notebook = nbformat.read(project / "notebooks" / "toy_run.ipynb", as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = "\n".join(line for line in cell.source.splitlines() if "smoke" not in line)
+    nbformat.write(notebook, project / "notebooks" / "toy_run.ipynb")
+    spec = load_spec(write_spec(project, BASE))
+    assert len(plan(spec)) == 2
+    with pytest.raises(SpecError, match="declares no 'smoke' parameter"):
+        plan(spec, smoke=True)
+
+
+@pytest.mark.parametrize(
+    ("cores", "jobs", "threads"), [(2, 1, 2), (2, 2, 1), (2, 4, 1), (16, 3, 5)]
+)
+def test_threads_per_job_divides_the_cores(monkeypatch, cores, jobs, threads):
+    monkeypatch.setattr(processes, "available_cores", lambda: cores)
+    assert threads_per_job(jobs) == threads
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def test_manifest_tolerates_a_torn_last_line_and_appends_after_it(tmp_path, caplog):
+    path = tmp_path / "manifest.jsonl"
+    append_record(path, {"run": "x=1", "status": "ok"})
+    with open(path, "ab") as handle:
+        handle.write(b'{"run": "x=2", "sta')  # a crash in the middle of a write
+    with caplog.at_level(logging.WARNING):
+        assert read_manifest(path) == [{"run": "x=1", "status": "ok"}]
+    assert f"{path}:2: unreadable manifest line ignored" in caplog.text
+    append_record(path, {"run": "x=2", "status": "failed"})
+    assert [r["run"] for r in read_manifest(path)] == ["x=1", "x=2"]
+    assert path.read_bytes().count(b"\n") == 3  # the torn line was closed, never rewritten
+
+
+def test_manifest_skips_garbage_lines_and_missing_file(tmp_path, caplog):
+    path = tmp_path / "manifest.jsonl"
+    assert read_manifest(path) == []
+    path.write_bytes(b'[1, 2]\n\xff\xfe\n{"status": "ok"}\n\n{"run": "a", "status": "ok"}\n')
+    with caplog.at_level(logging.WARNING):
+        assert read_manifest(path) == [{"run": "a", "status": "ok"}]
+    assert caplog.text.count("unreadable manifest line") == 3
+
+
+def test_is_finished_needs_an_ok_record_and_the_outputs(project):
+    job = plan(load_spec(write_spec(project, BASE)))[0]
+    job.folder.mkdir(parents=True)
+    job.output.write_text("{}")
+    ok = {job.key: {"run": job.key, "status": "ok"}}
+    assert not is_finished(job, ok)  # metrics.json missing
+    (job.folder / "metrics.json").write_text("{}")
+    assert is_finished(job, ok)
+    for status in ("failed", "interrupted"):
+        assert not is_finished(job, {job.key: {"run": job.key, "status": status}})
+    assert not is_finished(job, {})
+
+
+def test_sweep_result_exit_codes_and_table(project):
+    spec = load_spec(write_spec(project, BASE))
+    done = [
+        Outcome("x=1", "run", "ok", 1.25, None, Path()),
+        Outcome("x=2", "run", "skipped", None, None, Path()),
+    ]
+    assert SweepResult(spec, project, done).exit_code == 0
+    failed = [*done, Outcome("x=3", "run", "failed", 2.0, "ValueError: bad", Path())]
+    result = SweepResult(spec, project, failed)
+    assert result.exit_code == 1 and [o.key for o in result.failed] == ["x=3"]
+    rows = [line.split(maxsplit=3) for line in result.table().splitlines()]
+    assert rows[:4] == [
+        ["run", "status", "seconds", "error"],
+        ["x=1", "ok", "1.2"],
+        ["x=2", "skipped"],
+        ["x=3", "failed", "2.0", "ValueError: bad"],
+    ]
+    assert rows[-1] == ["toy:", "1", "ok,", "1 skipped, 1 failed"]
+    stopped = SweepResult(
+        spec, project, [Outcome("x=1", "run", "pending", None, None, Path())], signal.SIGINT
+    )
+    assert stopped.exit_code == 130 and [o.key for o in stopped.unfinished] == ["x=1"]
+    assert SweepResult(spec, project, [], signal.SIGTERM).exit_code == 143
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(project):
+    spec = write_spec(project, BASE)
+    with lock_manifest(project / "papermill_runs" / "toy" / "manifest.jsonl"):
+        with pytest.raises(ManifestLockedError, match="another `python -m dmlkit.sweep`"):
+            run_sweep(spec, progress=False)
+    assert not (project / "papermill_runs" / "toy" / "x=1").exists()
+
+
+def test_dry_run_lists_runs_and_steps_without_running(project):
+    spec = write_spec(
+        project,
+        {
+            **BASE,
+            "then": [{"notebook": FIGURE, "where": {"x": 2}}, {"notebook": FIGURE, "per": "sweep"}],
+        },
+    )
+    done = sweep_cli(str(spec), "--dry-run", "--only", "x=2", cwd=project)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert lines == [
+        ["run", "x=2"],
+        ["then", "x=2/toy_figure"],
+        ["then", "toy_figure", "(once,", "on", "the", "sweep)"],
+    ]
+    assert not (project / "papermill_runs").exists()
+
+
+# ---------------------------------------------------------------- executions
+
+
+def test_failure_is_isolated_recorded_and_retried_on_resume(project):
+    spec = write_spec(
+        project,
+        {
+            **BASE,
+            "grid": {"x": [2, -1, 1]},  # x=2 first: its step then overlaps x=1
+            "then": [
+                {"notebook": FIGURE, "where": {"x": [2]}, "parameters": {"tag": "fig"}},
+                {"notebook": FIGURE, "per": "sweep", "name": "summary"},
+            ],
+        },
+    )
+    folder = project / "papermill_runs" / "toy"
+    result = run_sweep(spec, jobs=2, progress=False)
+    assert result.exit_code == 1
+    assert {o.key: o.status for o in result.outcomes} == {
+        "x=1": "ok",
+        "x=-1": "failed",
+        "x=2": "ok",
+        "x=2/toy_figure": "ok",
+        "summary": "ok",
+    }
+    records = {r["run"]: r for r in read_manifest(folder)}
+    assert records["x=-1"]["error"] == "ValueError: x must be non-negative, got -1"
+    assert isinstance(records["x=-1"]["error_cell"], int)
+    assert records["x=1"]["params"] == {"x": 1, "out_dir": "papermill_runs/toy/x=1"}
+    for key in ("seconds", "started", "ended"):
+        assert records["x=1"][key]
+    error_notebook = nbformat.read(folder / "x=-1" / "notebook.ipynb", as_version=4)
+    assert error_notebook.metadata.papermill.exception is True
+    assert not (folder / "x=-1" / "metrics.json").exists()
+    metrics = json.loads((folder / "x=2" / "metrics.json").read_text())
+    assert metrics["environment"] == {
+        "threads": str(threads_per_job(2)),
+        "cwd": str(project.resolve()),
+    }
+    assert (folder / "x=2" / "fig.txt").read_text() == "smoke=False\n"
+    assert not (folder / "x=1" / "fig.txt").exists()  # filtered out by `where`
+    assert (folder / "figure.txt").read_text().split() == ["smoke=False", "x=1", "x=2"]
+
+    again = run_sweep(spec, jobs=2, progress=False)
+    assert again.exit_code == 1
+    assert [(o.key, o.status) for o in again.outcomes] == [
+        ("x=2", "skipped"),
+        ("x=2/toy_figure", "skipped"),
+        ("x=-1", "failed"),
+        ("x=1", "skipped"),
+        ("summary", "ok"),
+    ]
+    assert statuses(folder)[5:] == [("x=-1", "failed"), ("summary", "ok")]
+
+
+def test_cli_only_and_parallel_jobs(project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, 2, 3]}})
+    out = project / "elsewhere"
+    done = sweep_cli(
+        str(spec), "--jobs", "2", "--only", "x=1", "x=3", "--out", str(out), "--smoke", cwd=project
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x=1  ok" in done.stdout and "x=3  ok" in done.stdout and "x=2" not in done.stdout
+    first, second = read_manifest(out / "toy")
+    assert {first["run"], second["run"]} == {"x=1", "x=3"}
+    assert second["started"] < first["ended"]  # both ran at once
+    assert json.loads((out / "toy" / "x=3" / "metrics.json").read_text())["config"]["smoke"]
+
+
+def hold(project: Path, run: str, name: str = "toy") -> Path:
+    """Make the toy notebook of ``run`` wait until the returned file is deleted."""
+    path = project / "papermill_runs" / name / run / "hold"
+    path.parent.mkdir(parents=True)
+    path.touch()
+    return path
+
+
+def wait_for_kernel(project: Path, run: str, proc: subprocess.Popen | None = None) -> int:
+    """The pid of ``run``'s kernel, once the toy notebook has written it."""
+    pid_file = project / "papermill_runs" / "toy" / run / "kernel.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return int(pid_file.read_text())
+
+
+def test_crash_and_missing_metrics_fail_without_stopping_the_sweep(project):
+    spec = write_spec(project, {**BASE, "grid": {"mode": ["crash", "no-metrics"]}})
+    result = run_sweep(spec, jobs=2, progress=False)
+    errors = {o.key: (o.status, (o.error or "").split(":")[0]) for o in result.outcomes}
+    assert errors == {
+        "mode=crash": ("failed", "DeadKernelError"),
+        "mode=no-metrics": ("failed", "MissingOutput"),
+    }
+    assert result.exit_code == 1
+
+
+def test_a_hanging_run_is_stopped_at_the_timeout(project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1]}, "timeout_s": 3})
+    hold(project, "x=1")
+    (outcome,) = run_sweep(spec, progress=False).outcomes
+    assert (outcome.status, outcome.error) == ("failed", "TimeoutError: exceeded 3 s")
+    pid_file = project / "papermill_runs" / "toy" / "x=1" / "kernel.pid"
+    assert not pid_file.exists() or process_gone(int(pid_file.read_text()))
+
+
+def test_sigint_stops_the_kernel_records_interrupted_and_resumes_the_rest(project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, 2, 3]}})
+    gate = hold(project, "x=2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmlkit.sweep", str(spec)],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    kernel = wait_for_kernel(project, "x=2", proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Unfinished (2): x=2, x=3" in stdout
+    assert process_gone(kernel)
+    folder = project / "papermill_runs" / "toy"
+    assert statuses(folder) == [("x=1", "ok"), ("x=2", "interrupted")]
+
+    gate.unlink()
+    result = run_sweep(spec, progress=False)  # the same spec, run again
+    assert result.exit_code == 0
+    assert [(o.key, o.status) for o in result.outcomes] == [
+        ("x=1", "skipped"),
+        ("x=2", "ok"),
+        ("x=3", "ok"),
+    ]
+    assert statuses(folder)[2:] == [("x=2", "ok"), ("x=3", "ok")]
+
+
+def test_sigterm_is_handled_like_sigint_by_the_api(project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [2]}})
+    hold(project, "x=2")
+    kernels: list[int] = []
+
+    def terminate_once_running() -> None:
+        kernels.append(wait_for_kernel(project, "x=2"))
+        os.kill(os.getpid(), signal.SIGTERM)  # run_sweep's handler takes it, not pytest
+
+    sender = threading.Thread(target=terminate_once_running)
+    sender.start()
+    result = run_sweep(spec, progress=False)
+    sender.join()
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert [(o.key, o.status, o.error) for o in result.outcomes] == [
+        ("x=2", "interrupted", "Interrupted: stopped by SIGTERM")
+    ]
+    assert process_gone(kernels[0])
+    assert statuses(project / "papermill_runs" / "toy") == [("x=2", "interrupted")]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
