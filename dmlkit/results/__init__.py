@@ -1,0 +1,35 @@
+"""Results of sweeps as tables: read ``metrics.json`` files, summarize, compare, render.
+
+``load_runs("papermill_runs/quickstart")`` gives one row per run (config, metrics,
+provenance); :func:`summarize` gives mean ± std over seeds; :func:`density_gain` the
+with-minus-without density difference per loss; :func:`paper_comparison` puts ours beside
+:data:`PAPER_NUMBERS`; :func:`to_markdown` / :func:`write_markdown` / :func:`write_csv` write
+them out (Markdown without the ``tabulate`` package that ``DataFrame.to_markdown`` needs).
+"""
+
+from .markdown import to_markdown, write_csv, write_markdown
+from .papers import PAPER_NUMBERS, PaperNumber, paper_comparison, paper_numbers
+from .runs import (
+    DEFAULT_BY,
+    DEFAULT_METRICS,
+    density_gain,
+    load_runs,
+    mean_std_table,
+    summarize,
+)
+
+__all__ = [
+    "DEFAULT_BY",
+    "DEFAULT_METRICS",
+    "PAPER_NUMBERS",
+    "PaperNumber",
+    "density_gain",
+    "load_runs",
+    "mean_std_table",
+    "paper_comparison",
+    "paper_numbers",
+    "summarize",
+    "to_markdown",
+    "write_csv",
+    "write_markdown",
+]

@@ -1,0 +1,256 @@
+"""Read runs' ``metrics.json`` files into a table and summarize it over seeds.
+
+``metrics.json`` (written by ``dmlkit.train.fit``) holds ``config`` (TrainConfig fields),
+``metrics`` (final metric name -> float; retrieval metrics are fractions in [0, 1]),
+``history`` (per-epoch dicts) and provenance (``git_commit``, ``versions``, ``device``,
+``wall_time_s``, ``images_per_s``). Reading is tolerant: a missing metric is NaN, a file
+that is not valid JSON is skipped with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+METRICS_FILE = "metrics.json"
+DEFAULT_BY = ("dataset", "loss", "density")
+DEFAULT_METRICS = ("recall@1", "map@r", "nmi", "pi_ratio", "subcluster_preservation")
+PROVENANCE = ("wall_time_s", "images_per_s", "device", "git_commit")
+_BASE_COLUMNS = ("sweep", "run")
+
+
+def load_runs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per run folder holding a ``metrics.json``.
+
+    Args:
+        source: a sweep folder (searched recursively), a run folder, a ``metrics.json``,
+            a glob pattern (``"papermill_runs/*/*"``; ``**`` allowed), or several of these.
+    Returns:
+        Columns ``sweep``, ``run`` (folder names), the flattened ``config`` (nested dicts as
+        ``a.b``), the flattened scalar ``metrics`` as floats (a metric whose name clashes
+        with a config field becomes ``metrics.<name>``), ``epochs`` (history length),
+        provenance (``wall_time_s``, ``images_per_s``, ``device``, ``git_commit``) and
+        ``path`` (the run folder). Rows are sorted by path.
+    """
+    rows, problems = [], []
+    for path in _metrics_files(source):
+        row = _read_run(path, problems)
+        if row is not None:
+            rows.append(row)
+    for problem in problems:
+        warnings.warn(problem, stacklevel=2)
+    if not rows:
+        warnings.warn(f"no readable {METRICS_FILE} under {source!r}", stacklevel=2)
+        return pd.DataFrame(columns=[*_BASE_COLUMNS, "path"])
+    frame = pd.DataFrame(rows)
+    ordered = [*_BASE_COLUMNS, *(c for c in frame.columns if c not in (*_BASE_COLUMNS, "path"))]
+    return frame[[*ordered, "path"]].reset_index(drop=True)
+
+
+def _metrics_files(source: Any) -> list[Path]:
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    found: set[Path] = set()
+    for item in sources:
+        path = Path(item)
+        matches = (
+            [path] if path.exists() else [Path(p) for p in glob.glob(str(item), recursive=True)]
+        )
+        for match in matches:
+            if match.is_dir():
+                found.update(match.rglob(METRICS_FILE))
+            elif match.name == METRICS_FILE:
+                found.add(match)
+    return sorted(found)
+
+
+def _read_run(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """One table row from a metrics.json; None (and a line in ``problems``) if unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{path}: not valid JSON ({exc}); run skipped")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a JSON object, got {type(data).__name__}; skipped")
+        return None
+    row: dict[str, Any] = {"sweep": path.parent.parent.name, "run": path.parent.name}
+    row.update(_flatten(_dict(data, "config", path, problems), keep_lists=True))
+    for name, value in _flatten(_dict(data, "metrics", path, problems)).items():
+        row[f"metrics.{name}" if name in row else name] = _number(value)
+    history = data.get("history")
+    row["epochs"] = len(history) if isinstance(history, list) else math.nan
+    for key in PROVENANCE:
+        value = data.get(key)
+        row[key] = _number(value) if key.endswith("_s") else value
+    row["path"] = str(path.parent)
+    return row
+
+
+def _dict(data: dict[str, Any], key: str, path: Path, problems: list[str]) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{path}: '{key}' is not an object; ignored")
+        return {}
+    return value
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "", *, keep_lists: bool = False) -> dict:
+    # Config lists (eval_ks) become tuples so they can be grouped on; metric lists
+    # (per-class r_c) are not one number and are left out of the table.
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}.", keep_lists=keep_lists))
+        elif isinstance(value, list):
+            if keep_lists:
+                flat[name] = tuple(_hashable(v) for v in value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def summarize(
+    df: pd.DataFrame,
+    by: Sequence[str] = DEFAULT_BY,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> pd.DataFrame:
+    """Mean and sample std (ddof=1; NaN for one run) of each metric per group, and ``n``.
+
+    Args:
+        df: from :func:`load_runs`.  by: grouping columns (those absent are dropped with a
+            warning).  metrics: metric columns (absent ones give NaN).
+    Returns:
+        ``by`` columns, ``n`` (runs in the group), then ``<metric>_mean``, ``<metric>_std``.
+    """
+    by = _present(df, by)
+    groups = _numeric(df, metrics).groupby(by or ["_all"], dropna=False, sort=True)
+    out = groups.size().rename("n").to_frame()
+    for metric in metrics:
+        out[f"{metric}_mean"] = groups[metric].mean()
+        out[f"{metric}_std"] = groups[metric].std(ddof=1)
+    return out.reset_index().drop(columns="_all", errors="ignore")
+
+
+def _numeric(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    # A copy with each metric as float (NaN where absent or unreadable) and an "_all"
+    # column to group on when there are no grouping columns.
+    frame = df.assign(_all="all")
+    for metric in metrics:
+        column = frame[metric] if metric in frame else math.nan
+        frame[metric] = pd.to_numeric(column, errors="coerce") if metric in frame else column
+    return frame
+
+
+def mean_std_table(
+    summary: pd.DataFrame,
+    metrics: Sequence[str] | None = None,
+    *,
+    floatfmt: str = ".3f",
+    scale: float = 1.0,
+) -> pd.DataFrame:
+    """A :func:`summarize` table with one ``"mean ± std"`` text column per metric.
+
+    ``scale=100`` shows fractions as percentages; the std is left out when NaN (n = 1).
+    """
+    if metrics is None:
+        metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    stats = {f"{m}_{s}" for m in metrics for s in ("mean", "std")}
+    out = summary[
+        [c for c in summary.columns if c not in stats and not c.endswith(("_mean", "_std"))]
+    ]
+    out = out.copy()
+    for metric in metrics:
+        means, stds = summary[f"{metric}_mean"] * scale, summary[f"{metric}_std"] * scale
+        out[metric] = [_mean_std(m, s, floatfmt) for m, s in zip(means, stds, strict=True)]
+    return out
+
+
+def _mean_std(mean: float, std: float, floatfmt: str) -> str:
+    if pd.isna(mean):
+        return ""
+    return format(mean, floatfmt) if pd.isna(std) else f"{mean:{floatfmt}} ± {std:{floatfmt}}"
+
+
+def density_gain(
+    df: pd.DataFrame,
+    metric: str = "recall@1",
+    *,
+    by: Sequence[str] = ("dataset", "loss"),
+    density: str = "density",
+) -> pd.DataFrame:
+    """Per group (default: dataset × loss), mean ``metric`` with density minus without.
+
+    Args:
+        df: from :func:`load_runs`.  metric: the metric column.
+        by: grouping columns (absent ones dropped).  density: the on/off column (true/false,
+            1/0, "true"/"false", or a weight where > 0 means on).
+    Returns:
+        ``by`` columns, ``without``, ``with``, ``gain`` (NaN unless both exist),
+        ``gain_se`` (standard error of the difference of the two means; NaN with one run
+        per side), ``n_without``, ``n_with``.
+    """
+    by = _present(df, by)
+    frame = _numeric(df, [metric])
+    frame["_on"] = frame[density].map(_truthy).astype(bool) if density in frame else False
+    rows = []
+    for keys, group in frame.groupby(by or ["_all"], dropna=False, sort=True):
+        off = group.loc[~group["_on"], metric].dropna()
+        on = group.loc[group["_on"], metric].dropna()
+        rows.append({**dict(zip(by, keys, strict=False)), **_gain(off, on)})
+    return pd.DataFrame(rows)
+
+
+def _gain(off: pd.Series, on: pd.Series) -> dict[str, float | int]:
+    both_spread = len(on) > 1 and len(off) > 1
+    se = math.sqrt(on.var() / len(on) + off.var() / len(off)) if both_spread else math.nan
+    return {
+        "without": off.mean(),
+        "with": on.mean(),
+        "gain": on.mean() - off.mean(),
+        "gain_se": se,
+        "n_without": len(off),
+        "n_with": len(on),
+    }
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return bool(value > 0) if isinstance(value, (int, float)) else bool(value)
+
+
+def _present(df: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        warnings.warn(f"columns not in the table, not grouped on: {missing}", stacklevel=3)
+    return [c for c in columns if c in df.columns]
