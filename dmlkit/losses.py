@@ -61,7 +61,7 @@ def masked_logsumexp(x: Tensor, mask: Tensor, dim: int, *, add_one: bool = False
     # A term below e^−80 times the largest changes nothing in fp32 or float64 sums, and
     # CPU exp is tens of times slower on arguments whose result underflows: hence a floor.
     shifted = (x - peak).masked_fill(~mask, -80.0).clamp_min(-80.0)  # selected: ≤ 0
-    total = torch.where(mask, torch.exp(shifted), torch.zeros_like(shifted))
+    total = torch.where(mask, torch.exp(shifted), 0.0)
     total = total.sum(dim, keepdim=True)
     if add_one:
         total = total + torch.exp((-peak).clamp_min(-80.0))
@@ -85,11 +85,11 @@ def pairwise_distance(
     with torch.autocast(x.device.type, enabled=False):
         if kind == "cosine":
             return 1 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
-        squared = x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :] - 2 * x @ y.T  # (B, M)
+        norms = x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :]  # (B, M)
+        squared = torch.addmm(norms, x, y.T, alpha=-2)  # ||x||² + ||y||² − 2<x, y>, fused
         squared = squared.clamp_min(0)  # rounding can make the Gram form slightly negative
         if other is None:
-            self_pairs = torch.eye(len(x), dtype=torch.bool, device=x.device)
-            squared = squared.masked_fill(self_pairs, 0)
+            squared.diagonal().zero_()  # exactly 0, not rounding noise (clamp saved its input)
         if kind == "squared":
             return squared
         return safe_sqrt(squared)
@@ -100,13 +100,13 @@ def safe_sqrt(squared: Tensor) -> Tensor:
     # Clamp before sqrt: d sqrt(x)/dx is infinite at x = 0 (the diagonal, duplicate
     # samples), and 0·inf = NaN would poison every gradient that touches it.
     root = squared.clamp_min(_SQRT_EPS).sqrt()
-    return torch.where(squared > _SQRT_EPS, root, torch.zeros_like(root))
+    return torch.where(squared > _SQRT_EPS, root, 0.0)
 
 
 def _active_mean(terms: Tensor, valid: Tensor) -> Tensor:
     """Mean over the valid terms that are > 0; a graph-connected 0 when there are none."""
     active = valid & (terms > 0)
-    return torch.where(active, terms, torch.zeros_like(terms)).sum() / active.sum().clamp_min(1)
+    return torch.where(active, terms, 0.0).sum() / active.sum().clamp_min(1)
 
 
 def _pair_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,7 +170,7 @@ def triplet_margin_loss(
         closest_neg = torch.where(negative, dist, math.inf).amin(1)  # (B,)
         valid = positive.any(1) & negative.any(1)
         terms = (farthest_pos - closest_neg + margin).clamp_min(0)
-        return _active_mean(torch.where(valid, terms, torch.zeros_like(terms)), valid)
+        return _active_mean(torch.where(valid, terms, 0.0), valid)
     anchor, pos = positive.nonzero(as_tuple=True)  # (P,) each
     d_ap = dist[anchor, pos][:, None]  # (P, 1)
     d_an = dist[anchor]  # (P, B)

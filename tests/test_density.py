@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from test_losses import ref_contrastive, ref_npair, ref_triplet
 from torch.testing import assert_close
 
 from dmlkit.density import DensityAdaptive, density_regularizer
 from dmlkit.losses import PairLoss, contrastive_loss, npair_loss, triplet_margin_loss
+from tests.test_losses import ref_contrastive, ref_npair, ref_triplet
 
 F64 = torch.float64
 
