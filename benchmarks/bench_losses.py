@@ -1,0 +1,218 @@
+"""Forward+backward time of every dmlkit loss beside pytorch-metric-learning's equivalent.
+
+    .venv/bin/python benchmarks/bench_losses.py [--sizes 128 512] [--repeats 15]
+
+Batches are P×K with K = 4 (B/4 classes drawn from 196), D = 512, L2-normalized random
+embeddings. Both libraries run in one process on the same inputs, interleaved repeat by
+repeat (order alternating) after a warm-up, so load from other processes hits both
+alike; a cell is the median of the repeats and the ratio is dmlkit / PML (< 1: dmlkit
+faster). Semantics column: "same" rows give the same loss value in both libraries (the
+`value` column shows the relative difference measured here); "≈" rows have no exact PML
+equivalent and use the nearest one; "—" rows have none. The PML columns are left empty
+when pytorch-metric-learning is not installed (`.venv/bin/pip install -c constraints.txt
+pytorch-metric-learning`); CUDA columns are added when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dmlkit.losses import build_loss
+
+try:
+    from pytorch_metric_learning import distances as pml_distances
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+except ImportError:  # the optional `bench` extra is not installed
+    pml_losses = pml_miners = pml_distances = None
+
+DIM = 512
+NUM_CLASSES = 196  # Cars196-sized proxy and segment tables
+SOP_CLASSES = 11318
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One table row: a dmlkit loss and, where one exists, its PML counterpart."""
+
+    name: str
+    loss: str
+    options: dict
+    pml: str | None  # key of _pml_builders(), None: no PML equivalent
+    semantics: str
+    num_classes: int = NUM_CLASSES
+
+
+CASES = [
+    Case("contrastive (squared=False)", "contrastive", {"squared": False}, "contrastive", "same"),
+    Case("contrastive (default, d²)", "contrastive", {}, None, "— (PML has no [m−d]²₊)"),
+    Case("triplet all", "triplet", {}, "triplet_all", "same"),
+    Case(
+        "triplet semihard",
+        "triplet",
+        {"mining": "semihard"},
+        "triplet_semihard",
+        "≈ PML keeps every semihard triplet; dmlkit one negative per (a,p)",
+    ),
+    Case("triplet hard", "triplet", {"mining": "hard"}, "triplet_hard", "same (BatchHardMiner)"),
+    Case("npair", "npair", {}, "npair", "same"),
+    Case("ms", "ms", {}, "ms", "same (with MultiSimilarityMiner)"),
+    Case("proxy_anchor (C=196)", "proxy_anchor", {}, "proxy_anchor", "same (same proxies)"),
+    Case("daal (C=196)", "daal", {}, None, "—"),
+    Case("daal (C=11318, SOP)", "daal", {}, None, "—", num_classes=SOP_CLASSES),
+    Case("contrastive + density", "contrastive", {"density": True}, None, "—"),
+    Case("triplet + density", "triplet", {"density": True}, None, "—"),
+    Case("npair + density", "npair", {"density": True}, None, "—"),
+]
+
+
+def _with_miner(loss: Callable, miner: Callable) -> Loss:
+    return lambda z, y: loss(z, y, miner(z, y))
+
+
+def _pml_builders() -> dict[str, Callable[[torch.nn.Module], Loss]]:
+    """PML counterparts with dmlkit's defaults; each gets the dmlkit module (for proxies)."""
+    triplet = pml_losses.TripletMarginLoss(margin=0.2)
+
+    def proxy_anchor(ours: torch.nn.Module) -> Loss:
+        theirs = pml_losses.ProxyAnchorLoss(NUM_CLASSES, DIM, margin=0.1, alpha=32)
+        with torch.no_grad():
+            theirs.proxies.copy_(ours.proxies)
+        return theirs.to(ours.proxies.device)
+
+    # PML's N-pair has no scale: an unnormalized dot product of √10·z gives 10·<z_i, z_j>.
+    npair = pml_losses.NPairsLoss(
+        distance=pml_distances.DotProductSimilarity(normalize_embeddings=False)
+    )
+    return {
+        "contrastive": lambda _: pml_losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5),
+        "triplet_all": lambda _: _with_miner(
+            triplet, pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="all")
+        ),
+        "triplet_semihard": lambda _: _with_miner(
+            triplet, pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+        ),
+        "triplet_hard": lambda _: _with_miner(triplet, pml_miners.BatchHardMiner()),
+        "npair": lambda _: lambda z, y: npair(math.sqrt(10.0) * z, y),
+        "ms": lambda _: _with_miner(
+            pml_losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
+            pml_miners.MultiSimilarityMiner(epsilon=0.1),
+        ),
+        "proxy_anchor": proxy_anchor,
+    }
+
+
+def make_batch(batch: int, device: torch.device, seed: int = 0) -> tuple:
+    """P×4 batch: B/4 distinct classes out of NUM_CLASSES, normalized embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.randperm(NUM_CLASSES, generator=g)[: batch // 4]
+    labels = classes.repeat_interleave(4)
+    embeddings = torch.nn.functional.normalize(torch.randn(batch, DIM, generator=g), dim=1)
+    return embeddings.to(device), labels.to(device)
+
+
+def time_step(loss: Loss, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds for one forward + backward (device synchronized on both ends)."""
+    z = embeddings.detach().clone().requires_grad_(True)
+    parameters = list(loss.parameters()) if isinstance(loss, torch.nn.Module) else []
+    for parameter in parameters:
+        parameter.grad = None
+    _sync(z.device)
+    start = time.perf_counter()
+    loss(z, labels).backward()
+    _sync(z.device)
+    return time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(case: Case, batch: int, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median ms of dmlkit and PML, interleaved, plus the relative value difference."""
+    embeddings, labels = make_batch(batch, device)
+    ours = build_loss(
+        case.loss, num_classes=case.num_classes, embedding_dim=DIM, **case.options
+    ).to(device)
+    theirs = None
+    if case.pml is not None and pml_losses is not None:
+        theirs = _pml_builders()[case.pml](ours)
+    value = None
+    if theirs is not None and case.semantics.startswith("same"):
+        a, b = ours(embeddings, labels).item(), theirs(embeddings, labels).item()
+        value = abs(a - b) / max(abs(b), 1e-12)
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for step in range(warmup + repeats):
+        order = ["ours", "theirs"] if step % 2 == 0 else ["theirs", "ours"]
+        for side in order:
+            loss = ours if side == "ours" else theirs
+            if loss is None:
+                continue
+            elapsed = time_step(loss, embeddings, labels)
+            if step >= warmup:
+                times[side].append(elapsed)
+    median = {k: 1e3 * statistics.median(v) if v else None for k, v in times.items()}
+    return {"ours": median["ours"], "theirs": median["theirs"], "value": value}
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)"
+    )
+    parser.add_argument("--only", nargs="*", help="case names containing any of these")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    selected = [c for c in CASES if not args.only or any(s in c.name for s in args.only)]
+    pml_version = "not installed"
+    if pml_losses is not None:
+        import pytorch_metric_learning
+
+        pml_version = pytorch_metric_learning.__version__
+    print(
+        f"torch {torch.__version__}, pytorch-metric-learning {pml_version}, "
+        f"CPU threads {torch.get_num_threads()}, D = {DIM}, P×4 batches, "
+        f"median of {args.repeats} (warm-up {args.warmup}), forward+backward, ms"
+    )
+    header = ["loss", "B"]
+    for device in devices:
+        tag = device.type.upper()
+        header += [f"dmlkit {tag}", f"PML {tag}", f"ratio {tag}"]
+    header += ["value Δ", "semantics vs PML"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for batch in args.sizes:
+        for case in selected:
+            row = [case.name, str(batch)]
+            value = None
+            for device in devices:
+                result = measure(case, batch, device, args.repeats, args.warmup)
+                ratio = None
+                if result["theirs"] is not None:
+                    ratio = result["ours"] / result["theirs"]
+                row += [_fmt(result["ours"]), _fmt(result["theirs"]), _fmt(ratio)]
+                value = result["value"] if value is None else value
+            row += [_fmt(value, ".1e"), case.semantics]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
