@@ -17,11 +17,12 @@ from dmlkit.data.augment import GlyphJitter, jitter_glyph
 from dmlkit.data.charset import _aligned_hausdorff, is_candidate_character
 from dmlkit.data.fonts import FAMILIES, STYLES, family_and_style, font_files, render_clean
 from dmlkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, GlyphTransform
+from tests.fixtures_datasets import glyph_cache_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("dmlkit-cache")
+    return glyph_cache_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

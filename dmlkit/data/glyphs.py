@@ -154,12 +154,15 @@ class GlyphDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        pixels = self.images[index]  # (S, S) uint8
         label = int(self.labels[index])
         if self._tensor_transform is not None:
-            return self._tensor_transform(pixels), label
-        image = Image.fromarray(np.asarray(pixels), "L").convert("RGB")
+            return self._tensor_transform(self.images[index]), label  # (S, S) uint8 → (3, S, S)
+        image = self.image(index)
         return (self.transform(image) if self.transform is not None else image), label
+
+    def image(self, index: int) -> Image.Image:
+        """Item ``index`` as a PIL RGB image, whatever the transform."""
+        return Image.fromarray(np.asarray(self.images[index]), "L").convert("RGB")
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the train-time shift for ``epoch`` (call before creating the iterator)."""

@@ -1,0 +1,210 @@
+"""Image-file datasets: the shared Dataset class, safe metadata reading, decode handling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dmlkit.data.errors import DatasetError
+from dmlkit.data.transforms import transforms
+
+_LOG = logging.getLogger(__name__)
+_INTEGER = re.compile(r"[0-9]+")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass
+class Listing:
+    """What a metadata parser found: one entry per image, paths relative to the root.
+
+    ``sources`` says where each entry was listed ("images.txt line 3") for messages.
+    """
+
+    relpaths: list[str]
+    labels: list[int]
+    sources: list[str]
+    class_names: dict[int, str] | None = None
+    extra: dict[str, list] = field(default_factory=dict)
+
+    def select(self, keep: Sequence[bool]) -> Listing:
+        pick = [i for i, k in enumerate(keep) if k]
+        return Listing(
+            [self.relpaths[i] for i in pick],
+            [self.labels[i] for i in pick],
+            [self.sources[i] for i in pick],
+            self.class_names,
+            {key: [values[i] for i in pick] for key, values in self.extra.items()},
+        )
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """``(image, label)`` from image files (CUB, Cars196, SOP, folder).
+
+    Attributes:
+        labels: (N,) int64 class ids.  classes: sorted unique ids.  paths: absolute paths.
+        class_names: names aligned with ``classes`` (None when the dataset has none).
+        bad_images: paths that failed to decode (``skip_bad_images=True``), in the order
+            met — per process: DataLoader workers keep their own lists.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        root: str,
+        listing: Listing,
+        transform: str | Callable | None,
+        *,
+        skip_bad_images: bool = False,
+    ) -> None:
+        self.name, self.split, self.root = name, split, root
+        self.paths = [os.path.join(root, rel) for rel in listing.relpaths]
+        self.labels = np.asarray(listing.labels, dtype=np.int64)
+        self.classes = np.unique(self.labels)
+        names = listing.class_names
+        self.class_names = [names[c] for c in self.classes.tolist()] if names else None
+        for key, values in listing.extra.items():
+            setattr(self, key, np.asarray(values))
+        self.transform = transform
+        if transform in ("train", "test"):
+            self.transform = transforms("imagenet", train=transform == "train")
+        self.skip_bad_images = skip_bad_images
+        self.bad_images: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.image(index)
+        label = int(self.labels[index])
+        return (self.transform(image) if self.transform is not None else image), label
+
+    def image(self, index: int) -> Image.Image:
+        """Item ``index`` as a PIL RGB image (or its substitute), whatever the transform."""
+        try:
+            return decode_image(self.name, self.paths[index])
+        except DatasetError:
+            if not self.skip_bad_images:
+                raise
+            self._record_bad(self.paths[index])
+        # The next decodable image of the same class (cyclically): deterministic, and the
+        # batch keeps its P×K class structure.
+        same = np.flatnonzero(self.labels == self.labels[index])
+        start = int(np.searchsorted(same, index))
+        for other in np.roll(same, -start)[1:].tolist():
+            if self.paths[other] in self.bad_images:
+                continue
+            try:
+                return decode_image(self.name, self.paths[other])
+            except DatasetError:
+                self._record_bad(self.paths[other])
+        raise DatasetError(
+            self.name,
+            f"no image of class {int(self.labels[index])} can be decoded",
+            file=self.paths[index],
+        )
+
+    def _record_bad(self, path: str) -> None:
+        if path not in self.bad_images:
+            self.bad_images.append(path)
+            _LOG.warning("%s: skipping undecodable image %s", self.name, path)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageListDataset({self.name!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={len(self.classes)}, root={self.root!r})"
+        )
+
+
+def decode_image(dataset: str, path: str) -> Image.Image:
+    """The image at ``path`` as PIL RGB, fully decoded; DatasetError if it cannot be."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, EOFError...
+        raise DatasetError(
+            dataset, f"cannot decode image ({type(error).__name__}: {error})", file=path
+        ) from error
+
+
+def read_lines(dataset: str, path: str) -> list[tuple[int, str]]:
+    """Non-empty lines of a UTF-8 text file as (line number, stripped text)."""
+    if not os.path.isfile(path):
+        raise DatasetError(dataset, "metadata file is missing", file=path)
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    lines = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise DatasetError(
+                dataset,
+                f"not UTF-8 text ({error.reason} at byte {error.start})",
+                file=path,
+                line=number,
+            ) from None
+        if text:
+            lines.append((number, text))
+    return lines
+
+
+def parse_integer(dataset: str, token: str, what: str, path: str, line: int) -> int:
+    if not _INTEGER.fullmatch(token):
+        raise DatasetError(
+            dataset, f"{what} must be a non-negative integer, got {token!r}", file=path, line=line
+        )
+    return int(token)
+
+
+def safe_relative_path(dataset: str, relpath: str, path: str, line: int | None) -> str:
+    """``relpath`` if it names a file inside the dataset root; DatasetError otherwise.
+
+    Rejects absolute paths, drive letters, ``..`` components and control characters:
+    metadata is untrusted input and must not make the loader read outside the root.
+    """
+    parts = PurePosixPath(relpath.replace("\\", "/")).parts
+    if (
+        not relpath
+        or relpath.startswith(("/", "\\"))
+        or _WINDOWS_DRIVE.match(relpath)
+        or ".." in parts
+        or any(ord(ch) < 32 for ch in relpath)
+    ):
+        raise DatasetError(
+            dataset,
+            f"image path {relpath!r} is not inside the dataset root "
+            "(absolute, '..' or control characters)",
+            file=path,
+            line=line,
+        )
+    return relpath
+
+
+def check_images_exist(dataset: str, root: str, listing: Listing) -> None:
+    """DatasetError for the first listed image that is not a file under ``root``."""
+    for relpath, source in zip(listing.relpaths, listing.sources, strict=True):
+        full = os.path.join(root, relpath)
+        if not os.path.isfile(full):
+            raise DatasetError(dataset, f"image listed in {source} is not on disk", file=full)
+
+
+def warn_on_counts(dataset: str, split: str, count: int, official: int) -> None:
+    if count != official:
+        warnings.warn(
+            f"{dataset} {split}: {count:,} images, the official split has {official:,} — a "
+            "subset or modified copy (fine for experiments; numbers are not comparable "
+            "with the papers')",
+            UserWarning,
+            stacklevel=4,
+        )
