@@ -200,6 +200,7 @@ FIGURE = "notebooks/toy_figure.ipynb"
         ({"fixed": {"out_dir": "elsewhere"}}, "out_dir", "set by the runner"),
         ({"fixed": {"label": datetime.date(2024, 1, 1)}}, "fixed.label", "plain YAML"),
         ({"timeout_s": 0}, "timeout_s", "positive"),
+        ({"kernel": "no-such-kernel"}, "kernel", "no Jupyter kernel named 'no-such-kernel'"),
         (
             {"then": [{"notebook": FIGURE, "parameters": {"dpi": 3}}]},
             "then[0].parameters.dpi",
@@ -572,3 +573,27 @@ def test_sigterm_is_handled_like_sigint_by_the_api(project):
     assert process_gone(kernels[0])
     assert statuses(project / "papermill_runs" / "toy") == [("x=2", "interrupted")]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+@pytest.mark.slow
+def test_eight_runs_with_two_jobs_keep_a_consistent_manifest(project):
+    spec = write_spec(
+        project,
+        {
+            **BASE,
+            "grid": {"x": [0, 1, 2, 3], "flag": [False, True]},
+            "then": [{"notebook": FIGURE, "per": "sweep"}],
+        },
+    )
+    result = run_sweep(spec, jobs=2, smoke=True, progress=False)
+    assert result.exit_code == 0
+    folder = project / "papermill_runs" / "toy"
+    records = read_manifest(folder)
+    runs = [r["run"] for r in records if r["kind"] == "run"]
+    assert sorted(runs) == sorted(j.key for j in plan(load_spec(spec))) and len(set(runs)) == 8
+    assert all(r["status"] == "ok" and r["params"]["smoke"] is True for r in records)
+    assert all(r["started"] <= r["ended"] for r in records)
+    assert len(folder.joinpath("manifest.jsonl").read_text().splitlines()) == 9
+    lines = (folder / "figure.txt").read_text().split()  # the step saw all 8 runs
+    assert lines[0] == "smoke=True" and len(lines) == 9
+    assert all(o.status == "skipped" for o in run_sweep(spec, jobs=2, progress=False).outcomes)

@@ -130,6 +130,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         kernel=_string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
         timeout_s=_timeout(err, data.get("timeout_s")),
     )
+    _check_kernel(err, spec.kernel)
     return _check_parameters(spec)
 
 
@@ -308,6 +309,18 @@ def _check_step_names(err, steps: tuple[ThenStep, ...]) -> None:
         if (step.per, step.name) in seen:
             raise err(f"then[{i}].name", f"two per-{step.per} steps are named {step.name!r}")
         seen.add((step.per, step.name))
+
+
+def _check_kernel(err, kernel: str) -> None:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    installed = KernelSpecManager().find_kernel_specs()
+    if kernel not in installed:
+        raise err(
+            "kernel",
+            f"no Jupyter kernel named {kernel!r} (installed: "
+            f"{', '.join(sorted(installed)) or 'none'}); `make setup` installs 'dmlkit'",
+        )
 
 
 def _check_parameters(spec: SweepSpec) -> SweepSpec:
