@@ -234,3 +234,28 @@ def test_module_base_passes_terms_parameters_and_init_through():
 def test_unknown_target_is_rejected():
     with pytest.raises(ValueError, match="ema.*batch.*fixed.*learned"):
         DensityAdaptive(contrastive_loss, target="median")
+
+
+@pytest.mark.parametrize(("name", "fn"), [b[:2] for b in BASES], ids=[b[0] for b in BASES])
+def test_no_valid_tuple_and_no_valid_class_gives_connected_zero(name, fn):
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3]) if name != "contrastive" else torch.tensor([9])
+    z_used = z[: len(labels)]
+    module = DensityAdaptive(PairLoss(fn))
+    total = module(z_used, labels)
+    assert total.requires_grad and total.item() == 0 and module.last_terms["R"].item() == 0
+    total.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_deepcopy_keeps_the_forwarded_init():
+    import copy
+
+    from dmlkit.daal import DAALLoss
+
+    wrapped = DensityAdaptive(DAALLoss(3, 4))
+    clone = copy.deepcopy(wrapped)
+    z, y = _batch(1)
+    clone.init_from_embeddings(z.float(), y)
+    assert not torch.equal(clone.base_loss.vertices, wrapped.base_loss.vertices)
+    assert torch.equal(clone.high_lr_parameters()[0], clone.base_loss.vertices)
