@@ -238,8 +238,9 @@ def multi_similarity_loss(
 
     Args:
         embeddings: (B, D). labels: (B,) int class ids.
-    Returns: 0-dim tensor, the plain mean over all B anchors (an anchor with no kept
-        pair contributes 0, as in the authors' code). O(B²·D) time, O(B²) memory.
+    Returns: 0-dim tensor, the plain mean over all B anchors (÷ B as in the authors' code;
+        as in pytorch-metric-learning an anchor keeps its positive part when none of its
+        negatives is kept, and vice versa). O(B²·D) time, O(B²) memory.
     """
     sim = embeddings @ embeddings.T  # (B, B)
     positive, negative = _pair_masks(labels)
@@ -290,7 +291,10 @@ def resolve_classes(
         if num_classes is None or num_classes < 1:
             raise ValueError("give num_classes (≥ 1) or the list of classes")
         return torch.arange(num_classes)
-    values = torch.as_tensor(np.asarray(classes)).long().flatten()
+    values = classes.detach().cpu() if isinstance(classes, Tensor) else torch.as_tensor(classes)
+    if values.numel() and (values.is_floating_point() or values.dtype == torch.bool):
+        raise ValueError(f"classes must be integer labels, got dtype {values.dtype}")
+    values = values.long().flatten()
     if len(values) == 0 or len(torch.unique(values)) != len(values):
         raise ValueError("classes must be a non-empty list of distinct integer labels")
     if num_classes is not None and num_classes != len(values):

@@ -391,6 +391,10 @@ def test_build_loss_errors():
         build_loss("daal", num_classes=3)
     with pytest.raises(ValueError, match="num_classes"):
         build_loss("proxy_anchor", embedding_dim=4)
+    with pytest.raises(ValueError, match="integer"):
+        build_loss("proxy_anchor", embedding_dim=4, classes=[1.5, 2.0])
+    with pytest.raises(ValueError, match="distinct"):
+        build_loss("daal", embedding_dim=4, classes=[3, 3])
     with pytest.raises(ValueError, match="num_classes=3"):
         build_loss("proxy_anchor", num_classes=3, embedding_dim=4, classes=[1, 2])
     with pytest.raises(ValueError, match="target"):
