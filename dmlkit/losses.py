@@ -323,6 +323,8 @@ class PairLoss(nn.Module):
         super().__init__()
         self.loss_fn = loss_fn
         self.hyperparams = hyperparams
+        # A bad value (e.g. mining="easy") fails here, not at the first training step.
+        loss_fn(torch.eye(2), torch.tensor([0, 1]), **hyperparams)
         self.last_terms: dict[str, Tensor] = {}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
