@@ -1,4 +1,7 @@
-"""Per-class density statistics, shared by the density-adaptive loss and the evaluation.
+"""Per-class density statistics and the density-adaptive regularizer built on them.
+
+``class_statistics`` is shared by the regularizer and the evaluation; ``DensityAdaptive``
+wraps any loss and adds λ·R (DML-DA, a reconstruction: docs/methods.md).
 
 The relative density of class c (METHODS.md, "Density-adaptive regularizer"):
     μ_c = mean_{i∈c} z_i,   s_c = mean_{i∈c} ||z_i − μ_c||,
