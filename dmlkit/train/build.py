@@ -159,6 +159,7 @@ def initialise_loss(
             batch_size=cfg.batch_size_eval,
             device=device,
             num_workers=cfg.num_workers,
+            progress=cfg.progress,
         )
     loss_fn.init_from_embeddings(embeddings.to(device), labels.to(device))
     distributed.broadcast_module_state(loss_fn, ctx)

@@ -96,9 +96,9 @@ class TrainConfig:
     amp: str = "off"
     """Mixed precision around the backbone: off, bf16 (CPU and CUDA) or fp16 (with a
     gradient scaler). Losses always run in fp32."""
-    channels_last: bool = False
-    """Use the channels-last memory format for the model and images (faster convolutions
-    on recent GPUs and on CPUs with oneDNN)."""
+    channels_last: bool = True
+    """Channels-last memory format for the model and images: faster convolutions with
+    oneDNN on CPUs (glyphnet: ~1.3x training, ~2x evaluation) and with AMP on GPUs."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
     deterministic: bool = True

@@ -301,7 +301,7 @@ def _save(run: _Run, finished_epochs: int, session_seconds: float) -> None:
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
                 "scaler": run.scaler.state_dict(),
-                "sampler": {"epoch": finished_epochs, "seed": run.cfg.seed},
+                "sampler": run.loader.batch_sampler.state_dict(),
                 "rng": rng,
                 "history": run.history,
                 "train_seconds": run.train_seconds,

@@ -36,6 +36,7 @@ def evaluate_retrieval(run: _Run) -> tuple[dict[str, Any], Tensor, Tensor]:
             batch_size=cfg.batch_size_eval,
             device=run.device,
             num_workers=cfg.num_workers,
+            progress=cfg.progress,
         )
     metrics = retrieval_metrics(
         embeddings, labels, ks=resolve_eval_ks(cfg), nmi=True, seed=cfg.seed
@@ -56,8 +57,8 @@ def final_evaluation(run: _Run) -> tuple[dict[str, Any], dict[str, np.ndarray], 
     for name, value in density_metrics(embeddings, labels).items():
         if _is_scalar(value):
             metrics[name] = _plain(value)
-        else:  # per-class values (r_c): arrays, kept in the npz rather than the JSON
-            arrays[f"density_{name}"] = _as_array(value)
+        else:  # per-class r_c ({class: value} → (C, 2) rows): in the npz, not the JSON
+            arrays[name] = _as_array(value)
     for mode in _MODES:
         values = getattr(run.test_set, mode, None)
         if values is None:
