@@ -1,0 +1,307 @@
+"""Building blocks of the exact kNN search: candidate scores, selection, re-ranking.
+
+The search ranks keys by the exact squared distance d²_ij = ||q_i||² + ||k_j||² − 2⟨q_i,k_j⟩
+evaluated in float64 from the (float32) inputs, ties broken by the lower key index, and
+bitwise-equal key vectors always tied. To get there fast it
+
+1. scores a block of queries against all keys with one matmul in a *candidate precision*
+   (bf16 on CPUs with AMX, else fp32): σ_ij ≈ ⟨q_i,k_j⟩ − (||k_j||² − n̄)/2, larger = closer;
+2. keeps the ``kc`` best-scored keys per query (chunk maxima, then topk: no full sort);
+3. re-ranks those candidates with float64 distances;
+4. *certifies* each query: every key left out has, by a rigorous bound on the error of
+   step 1, a true distance strictly larger than the k-th re-ranked one. Queries that fail
+   (near-ties across the cut, many duplicates) are searched again in fp32 and, failing
+   that, exhaustively in float64. So the result never depends on the candidate precision.
+
+Error bound of a candidate score (Higham, "Accuracy and Stability of Numerical
+Algorithms", §3.1): with x̃ the operand rounded to the candidate dtype and δx = x − x̃,
+|x̃_q·x̃_k − x_q·x_k| ≤ ||x̃_q||·||δx_k|| + ||δx_q||·||x̃_k|| + ||δx_q||·||δx_k|| (Cauchy–Schwarz),
+plus γ_n·||x̃_q||·||x̃_k|| for fp32 accumulation over n terms (γ_n = n·u/(1 − n·u),
+u = 2⁻²⁴), plus the rounding of the output to the candidate dtype (relative u_out).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_FP32_UNIT = 2.0**-24
+_BF16_UNIT = 2.0**-8
+# Norms spread by more than this (relative) are folded into the candidate score.
+_NORM_SPREAD = 1e-4
+
+
+@dataclass
+class KeyIndex:
+    """Keys prepared for repeated candidate scoring; built once per search."""
+
+    keys: Tensor  # (M, D) float32/float64 input keys
+    operand: Tensor  # (M, D') candidate-precision keys (with norm coordinates if augmented)
+    sq_norms: Tensor  # (M,) float64 ||k_j||²
+    norm_offset: float  # n̄ folded into σ (augmented) or n_min (not augmented)
+    max_operand_norm: float  # max_j ||x̃_k||
+    max_residual_norm: float  # max_j ||x_k − x̃_k||
+    input_unit: float  # relative rounding the hardware applies to operands (TF32), else 0
+    accumulation_unit: float  # u of the γ-bound of the accumulation
+    output_unit: float  # relative rounding of the score output (bf16), else 0
+    representative: Tensor  # (M,) lowest index of a bitwise-equal key vector
+    # Reused (rows, M) score buffer: a fresh 64 MiB tensor per block would be page-faulted
+    # in again every time.
+    buffer: Tensor | None = None
+
+
+def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
+    """Prepare ``keys`` (M, D) for candidate scoring in ``precision`` ("bf16" | "fp32").
+
+    Exact operand of key j: x_k = [k_j] or, when squared norms spread, x_k = [k_j, parts of
+    −(||k_j||² − n̄)/2] with queries x_q = [q, 1, ...], so that σ = x_q·x_k ranks like −d².
+    """
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    sq_norms = _rowwise_sq_norms(keys)
+    n_min, n_max = sq_norms.min().item(), sq_norms.max().item()
+    augmented = (n_max - n_min) > _NORM_SPREAD * max(n_max, 1e-30)
+    offset = sq_norms.mean().item() if augmented else n_min
+    shift = (-(sq_norms - offset) / 2)[:, None] if augmented else None  # (M, 1) float64
+    if shift is None and keys.dtype == dtype:
+        operand, norm, residual = keys.contiguous(), math.sqrt(n_max), 0.0
+    else:
+        operand, norm, residual = _round_operand(keys, shift, dtype)
+    input_unit, accumulation_unit = _hardware_units(keys.device, dtype)
+    return KeyIndex(
+        keys=keys,
+        operand=operand,
+        sq_norms=sq_norms,
+        norm_offset=offset,
+        max_operand_norm=norm,
+        max_residual_norm=residual,
+        input_unit=input_unit,
+        accumulation_unit=accumulation_unit,
+        output_unit=_BF16_UNIT if dtype == torch.bfloat16 else 0.0,
+        representative=duplicate_representatives(keys),
+    )
+
+
+def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Queries in candidate precision (with ones for the norm coordinates), and E_i.
+
+    Returns: operand (m, D'), error (m,) float64 — the bound on |σ̃_acc − σ| per query
+    before output rounding.
+    """
+    dtype = index.operand.dtype
+    extra = index.operand.shape[1] - queries.shape[1]
+    exact = torch.cat([queries, queries.new_ones(len(queries), extra)], 1) if extra else queries
+    operand = exact.to(dtype)
+    residual = (exact.double() - operand.double()).norm(dim=1)  # (m,) ||δx_q||
+    norm = operand.double().norm(dim=1)  # (m,) ||x̃_q||
+    dim = operand.shape[1] + 1  # +1: the final rounding of an fp32 output
+    gamma = dim * index.accumulation_unit / (1 - dim * index.accumulation_unit)
+    k_norm, k_res = index.max_operand_norm, index.max_residual_norm
+    hidden = 2 * index.input_unit + index.input_unit**2  # TF32 rounds x̃ once more
+    error = norm * k_res + residual * k_norm + residual * k_res
+    error = error + (gamma + hidden) * norm * k_norm
+    # Absolute slack: flushed subnormal products on AMX/tensor cores.
+    return operand, error + 1e-30 * dim
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "bf16" on a CPU with AMX (bf16 matmuls ~7× fp32 there), else "fp32"."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and _cpu_has_amx() else "fp32"
+
+
+def _cpu_has_amx() -> bool:
+    """True when oneDNN can use AMX tiles (bf16 matmuls ~7× fp32 on such CPUs)."""
+    probe = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def candidate_scores(index: KeyIndex, operand: Tensor, self_rows: Tensor | None) -> Tensor:
+    """σ̃ (m, M) in candidate precision; a query's own key gets −inf when ``self_rows``."""
+    rows, width = len(operand), len(index.operand)
+    if index.buffer is None or len(index.buffer) < rows:
+        index.buffer = operand.new_empty(rows, width)
+    scores = torch.mm(operand, index.operand.T, out=index.buffer[:rows])  # (m, M)
+    if self_rows is not None:
+        scores[torch.arange(len(scores), device=scores.device), self_rows] = -math.inf
+    return scores
+
+
+def select_candidates(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest scores per row and their columns, without sorting rows.
+
+    Columns are split into c strided chunks per row (chunk t = {t, t+L, t+2L, ...}); the
+    ``count`` chunks with the largest maxima contain the ``count`` largest scores (each of
+    those is ≥ the count-th chunk maximum), so topk runs on L chunk maxima and on
+    count·c gathered scores instead of on all M. Ties at the cut are taken arbitrarily;
+    the certificate covers them. Returns: values (m, count), columns (m, count) int64.
+    """
+    m, width = scores.shape
+    chunk = _chunk_width(width, count)
+    length = width // chunk
+    if chunk == 1 or length <= count:
+        values, columns = scores.topk(count, dim=1, sorted=False)
+        return values, columns
+    body = scores.as_strided((m, chunk, length), (scores.stride(0), length, 1))
+    chunk_max = body.amax(dim=1)  # (m, L)
+    best = chunk_max.topk(count, dim=1, sorted=False).indices  # (m, count)
+    gathered = body.gather(2, best[:, None, :].expand(m, chunk, count)).reshape(m, -1)
+    tail = scores[:, chunk * length :]  # (m, < c) columns outside the chunks
+    values, pos = torch.cat([gathered, tail], 1).topk(count, dim=1, sorted=False)
+    in_body = pos < chunk * count
+    body_col = best.gather(1, (pos % count).clamp_max(count - 1)) + (pos // count) * length
+    columns = torch.where(in_body, body_col, pos - chunk * count + chunk * length)
+    return values, columns
+
+
+def exact_sq_distances(index: KeyIndex, queries: Tensor, columns: Tensor) -> Tensor:
+    """float64 d² (m, kc) of each query to its candidate keys, duplicates made equal."""
+    q64 = queries.double()
+    dots = torch.empty(columns.shape, dtype=torch.float64, device=queries.device)
+    rows = max(1, 4096 // max(1, columns.shape[1]))  # gather ≲ 4096 key rows at a time
+    for start in range(0, len(columns), rows):
+        cols = columns[start : start + rows]
+        gathered = index.keys.index_select(0, cols.reshape(-1)).double()
+        gathered = gathered.view(*cols.shape, -1)  # (r, kc, D)
+        dots[start : start + rows] = torch.bmm(gathered, q64[start : start + rows, :, None])[..., 0]
+    sq = (q64.pow(2).sum(1, keepdim=True) + index.sq_norms[columns]) - 2 * dots
+    return canonical_ties(sq.clamp_min(0), index.representative[columns])
+
+
+def canonical_ties(sq: Tensor, reps: Tensor) -> Tensor:
+    """Give every candidate the value of the first candidate with the same representative.
+
+    Bitwise-equal keys have equal distances in exact arithmetic; gathered dot products
+    could differ in the last bit, so they are made identical here. sq, reps: (m, kc).
+    """
+    order = reps.argsort(dim=1, stable=True)
+    sorted_reps = reps.gather(1, order)
+    starts = torch.ones_like(sorted_reps, dtype=torch.bool)
+    starts[:, 1:] = sorted_reps[:, 1:] != sorted_reps[:, :-1]
+    positions = torch.arange(sq.shape[1], device=sq.device).expand_as(sq)
+    first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    canonical = sq.gather(1, order).gather(1, first)
+    return torch.empty_like(sq).scatter_(1, order, canonical)
+
+
+def sort_by_distance(sq: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row by (d², index): index order first, then a stable sort on d²."""
+    by_index = columns.argsort(dim=1)
+    sq, columns = sq.gather(1, by_index), columns.gather(1, by_index)
+    by_dist = sq.argsort(dim=1, stable=True)
+    return sq.gather(1, by_dist), columns.gather(1, by_dist)
+
+
+def certified(
+    index: KeyIndex, q_sq_norms: Tensor, error: Tensor, worst_kept: Tensor, kth_sq: Tensor
+) -> Tensor:
+    """(m,) bool: no key outside the candidates can be closer than (or tie) the k-th.
+
+    A key left out has σ̃ ≤ worst_kept (the smallest kept score), hence true
+    σ ≤ U(worst_kept) + E_i and d² ≥ ||q||² + offset − 2·(U + E_i); the test is strict.
+    """
+    u = index.output_unit
+    w = worst_kept.double()
+    upper = torch.where(w >= 0, w / (1 - u), w / (1 + u)) + error
+    lower = q_sq_norms + index.norm_offset - 2 * upper
+    # Slack for the float64 evaluation of both sides (relative 1e-12 of the magnitudes).
+    scale = q_sq_norms + index.sq_norms.max() + 2 * q_sq_norms.sqrt() * index.sq_norms.max().sqrt()
+    return lower - 1e-12 * scale > kth_sq
+
+
+def exhaustive_sq_distances(index: KeyIndex, queries: Tensor, self_rows: Tensor | None) -> Tensor:
+    """float64 d² (m, M) to every key, duplicates tied, own key +inf. O(m·M) memory."""
+    q64 = queries.double()
+    keys64 = index.keys.double()
+    sq = q64.pow(2).sum(1, keepdim=True) + index.sq_norms[None, :] - 2 * (q64 @ keys64.T)
+    sq = sq.clamp_min(0)[:, index.representative]  # bitwise-equal keys share one value
+    if self_rows is not None:
+        sq[torch.arange(len(sq), device=sq.device), self_rows] = math.inf
+    return sq
+
+
+def duplicate_representatives(keys: Tensor) -> Tensor:
+    """(M,) for each key the lowest index of a key with the same values (−0.0 == +0.0)."""
+    count = len(keys)
+    rep = torch.arange(count, device=keys.device)
+    if count < 2:
+        return rep
+    values = keys + 0.0  # turns −0.0 into +0.0, so equal values have equal bits
+    bits = values.contiguous().view(torch.int64 if values.dtype == torch.float64 else torch.int32)
+    g = torch.Generator(device="cpu").manual_seed(0x5EED)
+    mult = torch.randint(1, 2**62, (keys.shape[1],), generator=g).to(keys.device) | 1
+    hashes = (bits.long() * mult).sum(1)  # a hash of the bit pattern (wraps mod 2⁶⁴)
+    order = torch.argsort(hashes, stable=True)  # equal hashes stay in index order
+    sorted_hash = hashes[order]
+    starts = torch.ones(count, dtype=torch.bool, device=keys.device)
+    starts[1:] = sorted_hash[1:] != sorted_hash[:-1]
+    if starts.all():
+        return rep
+    positions = torch.arange(count, device=keys.device)
+    run_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(0).values
+    first = order[run_start]  # (M,) lowest index in each run of equal hashes
+    # Equal hashes are verified; a (rare) run of different vectors is resolved exactly.
+    later = torch.nonzero(~starts).flatten()  # sorted positions after a run's first
+    equal = (values[order[later]] == values[first[later]]).all(1)
+    rep[order[later[equal]]] = first[later[equal]]
+    for start in torch.unique(run_start[later[~equal]]).tolist():
+        members = order[start : int((run_start == start).sum()) + start]
+        _, inverse = torch.unique(values[members], dim=0, return_inverse=True)
+        lowest = torch.full((int(inverse.max()) + 1,), count, device=keys.device)
+        lowest = lowest.scatter_reduce(0, inverse, members, reduce="amin")
+        rep[members] = lowest[inverse]
+    return rep
+
+
+def _rowwise_sq_norms(x: Tensor, rows: int = 8192) -> Tensor:
+    """(M,) float64 squared norms, converting at most ``rows`` rows at a time."""
+    parts = [x[s : s + rows].double().pow(2).sum(1) for s in range(0, len(x), rows)]
+    return torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float64)
+
+
+def _round_operand(
+    keys: Tensor, shift: Tensor | None, dtype: torch.dtype, rows: int = 8192
+) -> tuple[Tensor, float, float]:
+    """x̃_k in ``dtype``, max ||x̃_k|| and max ||x_k − x̃_k|| (float64), ``rows`` at a time."""
+    parts, best_norm, best_residual = [], 0.0, 0.0
+    for s in range(0, len(keys), rows):
+        exact = keys[s : s + rows].double()
+        if shift is not None:
+            extra = shift[s : s + rows]
+            if dtype == torch.bfloat16:  # hi + lo, both exact in bf16 up to lo's rounding
+                hi = extra.to(dtype).double()
+                extra = torch.cat([hi, extra - hi], 1)
+            exact = torch.cat([exact, extra], 1)
+        rounded = exact.to(dtype)
+        parts.append(rounded)
+        rounded64 = rounded.double()
+        best_norm = max(best_norm, rounded64.norm(dim=1).max().item())
+        best_residual = max(best_residual, (exact - rounded64).norm(dim=1).max().item())
+    return torch.cat(parts).contiguous(), best_norm, best_residual
+
+
+def _hardware_units(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(input_unit, accumulation_unit) of a matmul in ``dtype`` on ``device``."""
+    if device.type == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11, _FP32_UNIT  # TF32 keeps 10 of fp32's 23 mantissa bits
+    if (
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    ):
+        return 0.0, _BF16_UNIT  # partial sums may be rounded to bf16
+    return 0.0, _FP32_UNIT
+
+
+def _chunk_width(width: int, count: int) -> int:
+    """Chunk size c ≈ sqrt(width / count) (balances the two topk calls), a power of 2."""
+    if width <= 4 * count:
+        return 1
+    target = math.sqrt(width / count)
+    return int(2 ** max(0, min(6, round(math.log2(target)))))

@@ -1,0 +1,193 @@
+"""Exact, blocked k-nearest-neighbour search (Euclidean), CPU or CUDA."""
+
+from __future__ import annotations
+
+import logging
+from numbers import Integral
+
+import torch
+from torch import Tensor
+
+from dmlkit.evaluate import _exact
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+_BLOCK_BYTES = 2**26  # candidate scores held at once: 64 MiB
+
+
+def knn(
+    queries: Tensor,
+    keys: Tensor | None = None,
+    k: int = 1,
+    *,
+    block_size: int | None = None,
+    exclude_self: bool = True,
+    precision: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Exact k nearest neighbours by Euclidean distance, ties broken by the lower index.
+
+    Exact means: the order of the squared distances evaluated in float64 from the inputs;
+    keys with bitwise-equal vectors are always tied (so the lower index comes first). The
+    search scores blocks of queries against all keys in a fast candidate precision, keeps
+    more candidates than needed, re-ranks them in float64 and certifies with a rigorous
+    rounding-error bound that no other key can be as close; uncertified queries are
+    searched again in fp32, then exhaustively. The result is therefore the same for every
+    ``precision``; only the time differs. Details: ``dmlkit/evaluate/_exact.py``.
+
+    Args:
+        queries: (Q, D) floating tensor (CPU or CUDA).
+        keys: (M, D) on the same device, or None to search ``queries`` among themselves.
+        k: neighbours per query; at most the number of keys available.
+        block_size: queries per block (default: about 64 MiB of candidate scores).
+        exclude_self: when ``keys`` is None, a query is not its own neighbour (its
+            duplicates at other indices still are). Ignored when ``keys`` is given.
+        precision: candidate scoring — "bf16" (fast on CPUs with AMX), "fp32", or "auto"
+            (bf16 on a CPU with AMX, else fp32).
+    Returns:
+        distances (Q, k) in the queries' float dtype (float32 for half inputs), ascending,
+        and indices (Q, k) int64 into ``keys``; both on the input device.
+    Complexity: O(Q·M·D) time; memory O(block·M + (Q + M)·k + M·D), never O(Q·M).
+    """
+    queries, keys_, self_search = _check_inputs(queries, keys, k, exclude_self, precision)
+    skip_self = self_search and exclude_self
+    device, out_dtype = queries.device, _output_dtype(queries)
+    if len(queries) == 0:
+        empty = torch.zeros(0, k, device=device)
+        return empty.to(out_dtype), empty.long()
+    precision = _exact.resolve_precision(precision, device)
+    index = _exact.build_key_index(keys_, precision)
+    fallback = _Fallback(keys_, index if precision == "fp32" else None)
+    count = _candidate_count(k, precision, len(keys_) - int(skip_self))
+    block = block_size or _default_block(len(keys_), index.operand.element_size())
+    sq = torch.empty(len(queries), k, dtype=torch.float64, device=device)
+    indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
+    for start in range(0, len(queries), block):
+        rows = slice(start, start + block)
+        own = torch.arange(start, min(start + block, len(queries)), device=device)
+        own = own if skip_self else None
+        sq[rows], indices[rows] = _search_block(index, queries[rows], own, k, count, fallback)
+    log.debug(
+        "knn %s: %d queries, %d keys, k=%d, %d candidates; uncertified %d, exhaustive %d",
+        precision,
+        len(queries),
+        len(keys_),
+        k,
+        count,
+        fallback.retried,
+        fallback.exhaustive,
+    )
+    return sq.sqrt().to(out_dtype), indices
+
+
+def _search_block(index, queries, own, k, count, fallback) -> tuple[Tensor, Tensor]:
+    """Certified candidate search of one block; uncertified rows go to ``fallback``."""
+    sq, idx, ok = _candidate_search(index, queries, own, k, count)
+    if not ok.all():
+        redo = torch.nonzero(~ok).flatten()
+        sq[redo], idx[redo] = fallback(queries[redo], None if own is None else own[redo], k)
+    return sq, idx
+
+
+def _candidate_search(index, queries, own, k, count) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``count`` candidates, float64 re-rank, certificate. Returns sq, idx, ok (m,)."""
+    available = len(index.keys) - int(own is not None)
+    if count >= available:  # nothing to leave out: the candidates are all keys
+        sq, idx = _exhaustive(index, queries, own, k)
+        return sq, idx, torch.ones(len(queries), dtype=torch.bool, device=queries.device)
+    operand, error = _exact.query_operand(index, queries)
+    scores = _exact.candidate_scores(index, operand, own)  # (m, M)
+    values, columns = _exact.select_candidates(scores, count)  # (m, count)
+    del scores
+    worst_kept = values.min(dim=1).values
+    columns = columns.sort(dim=1).values  # index order: cache-friendly gathers
+    sq, columns = _exact.sort_by_distance(
+        _exact.exact_sq_distances(index, queries, columns), columns
+    )
+    q_sq = queries.double().pow(2).sum(1)
+    ok = _exact.certified(index, q_sq, error, worst_kept, sq[:, k - 1])
+    return sq[:, :k], columns[:, :k], ok
+
+
+class _Fallback:
+    """Second try in fp32 with twice the candidates, then an exhaustive float64 search."""
+
+    def __init__(self, keys: Tensor, fp32_index: _exact.KeyIndex | None) -> None:
+        self.keys, self.index = keys, fp32_index
+        self.second_try = fp32_index is None  # the first try was not already fp32
+        self.retried = self.exhaustive = 0  # query counts, for the debug log and tests
+
+    def __call__(self, queries: Tensor, own: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+        self.retried += len(queries)
+        if self.index is None:
+            self.index = _exact.build_key_index(self.keys, "fp32")
+        if self.second_try:
+            available = len(self.keys) - int(own is not None)
+            count = min(available, 2 * _candidate_count(k, "fp32", available))
+            sq, idx, ok = _candidate_search(self.index, queries, own, k, count)
+        else:
+            sq = torch.empty(len(queries), k, dtype=torch.float64, device=queries.device)
+            idx = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
+            ok = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+        if not ok.all():
+            redo = torch.nonzero(~ok).flatten()
+            self.exhaustive += len(redo)
+            sq[redo], idx[redo] = _exhaustive(
+                self.index, queries[redo], None if own is None else own[redo], k
+            )
+        return sq, idx
+
+
+def _exhaustive(index, queries, own, k) -> tuple[Tensor, Tensor]:
+    """float64 distances to every key, full stable sort; rows chunked to ~64 MiB."""
+    rows = max(1, _BLOCK_BYTES // (8 * max(1, len(index.keys))))
+    parts_sq, parts_idx = [], []
+    for start in range(0, len(queries), rows):
+        chunk_own = None if own is None else own[start : start + rows]
+        sq = _exact.exhaustive_sq_distances(index, queries[start : start + rows], chunk_own)
+        sq, order = sq.sort(dim=1, stable=True)  # ties keep index order
+        parts_sq.append(sq[:, :k])
+        parts_idx.append(order[:, :k])
+    return torch.cat(parts_sq), torch.cat(parts_idx)
+
+
+def _candidate_count(k: int, precision: str, available: int) -> int:
+    """Candidates kept per query: enough that the certificate nearly always passes."""
+    margin = max(32, k // 2) if precision == "bf16" else max(8, k // 16)
+    return min(available, k + margin)
+
+
+def _default_block(num_keys: int, element_size: int) -> int:
+    block = _BLOCK_BYTES // max(1, num_keys * element_size)
+    return int(min(4096, max(32, block // 32 * 32)))
+
+
+def _output_dtype(queries: Tensor) -> torch.dtype:
+    return torch.float64 if queries.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(queries, keys, k, exclude_self, precision) -> tuple[Tensor, Tensor, bool]:
+    """Validate; returns (queries, keys) as float32/float64 and whether keys is None."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    self_search = keys is None
+    tensors = [queries] if self_search else [queries, keys]
+    for name, x in zip(("queries", "keys"), tensors, strict=False):
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D floating tensor")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contain NaN or infinite values")
+    queries = queries if queries.dtype in (torch.float32, torch.float64) else queries.float()
+    keys = queries if self_search else keys
+    keys = keys if keys.dtype in (torch.float32, torch.float64) else keys.float()
+    if keys.shape[1] != queries.shape[1] or keys.device != queries.device:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} on {queries.device} and keys "
+            f"{tuple(keys.shape)} on {keys.device} need the same width and device"
+        )
+    available = len(keys) - int(self_search and exclude_self)
+    if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= available:
+        raise ValueError(f"k={k} but only {available} keys are available per query")
+    if keys.dtype != queries.dtype:  # compare like with like (float64 if either is)
+        keys, queries = keys.double(), queries.double()
+    return queries.contiguous(), keys.contiguous(), self_search
