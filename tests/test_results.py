@@ -42,6 +42,9 @@ def write_run(folder: Path, config: dict, metrics: dict, **extra) -> Path:
         "git_commit": "abc123",
         "device": "cpu",
         "wall_time_s": 30.5,
+        "torch_threads": 1,
+        "versions": {"torch": "2.14.1"},
+        "eval_ks": [1, 2, 4, 8],
         **extra,
     }
     (folder / "metrics.json").write_text(json.dumps(record))
@@ -58,6 +61,7 @@ def sweep(tmp_path: Path) -> Path:
             "loss": loss,
             "density": density,
             "seed": seed,
+            "epochs": 8,
             "eval_ks": [1, 2, 4, 8],
             "loss_params": {"margin": 0.2},
         }
@@ -92,13 +96,15 @@ def test_load_runs_flattens_config_and_metrics(sweep):
     assert row["recall@1"] == pytest.approx(0.5 + 0.1 + 0.05 + 0.04)
     assert row["chance.family"] == 0.25
     assert "per_class_r" not in df.columns  # a list is not one number
-    assert (row["epochs"], row["wall_time_s"], row["device"], row["git_commit"]) == (
+    assert (row["epochs_run"], row["wall_time_s"], row["device"], row["git_commit"]) == (
         2,
         30.5,
         "cpu",
         "abc123",
     )
     assert math.isnan(row["images_per_s"])
+    assert (row["epochs"], row["torch_threads"]) == (8, 1)  # config epochs kept, not the history
+    assert "versions" not in df.columns
     assert Path(row["path"]) == sweep / row["run"]
     assert list(df["path"]) == sorted(df["path"])
 

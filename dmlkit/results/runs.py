@@ -25,6 +25,7 @@ DEFAULT_BY = ("dataset", "loss", "density")
 DEFAULT_METRICS = ("recall@1", "map@r", "nmi", "pi_ratio", "subcluster_preservation")
 PROVENANCE = ("wall_time_s", "images_per_s", "device", "git_commit")
 _BASE_COLUMNS = ("sweep", "run")
+_SECTIONS = ("config", "metrics", "history")
 
 
 def load_runs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -36,9 +37,10 @@ def load_runs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Dat
     Returns:
         Columns ``sweep``, ``run`` (folder names), the flattened ``config`` (nested dicts as
         ``a.b``), the flattened scalar ``metrics`` as floats (a metric whose name clashes
-        with a config field becomes ``metrics.<name>``), ``epochs`` (history length),
-        provenance (``wall_time_s``, ``images_per_s``, ``device``, ``git_commit``) and
-        ``path`` (the run folder). Rows are sorted by path.
+        with a config field becomes ``metrics.<name>``), ``epochs_run`` (history length),
+        provenance (``wall_time_s``, ``images_per_s``, ``device``, ``git_commit``, and any
+        other top-level scalar such as ``torch_threads``) and ``path`` (the run folder).
+        Rows are sorted by path.
     """
     rows, problems = [], []
     for path in _metrics_files(source):
@@ -86,10 +88,12 @@ def _read_run(path: Path, problems: list[str]) -> dict[str, Any] | None:
     for name, value in _flatten(_dict(data, "metrics", path, problems)).items():
         row[f"metrics.{name}" if name in row else name] = _number(value)
     history = data.get("history")
-    row["epochs"] = len(history) if isinstance(history, list) else math.nan
+    row["epochs_run"] = len(history) if isinstance(history, list) else math.nan
     for key in PROVENANCE:
-        value = data.get(key)
-        row[key] = _number(value) if key.endswith("_s") else value
+        row[key] = _number(data.get(key)) if key.endswith("_s") else data.get(key)
+    for key, value in data.items():  # other top-level facts: torch_threads, world_size, ...
+        if key not in row and key not in _SECTIONS and not isinstance(value, (dict, list)):
+            row[key] = value
     row["path"] = str(path.parent)
     return row
 
