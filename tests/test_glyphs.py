@@ -248,6 +248,10 @@ def test_dataset_pickles_by_file_name(mini):
         ({"size": 4}, ValueError),
         ({"renders_per_font": 0}, ValueError),
         ({"blur": (2.0, 1.0)}, ValueError),
+        ({"scale": 1.0}, ValueError),
+        ({"rotation": (1, 2)}, ValueError),
+        ({"thickness": (0.5, 1)}, ValueError),
+        ({"noise": "loud"}, ValueError),
     ],
 )
 def test_bad_options(options, error, cache):
@@ -300,3 +304,42 @@ def test_glyph_train_transform_epochs_are_reproducible():
     torch.testing.assert_close(epoch1, run(second))
     third = GlyphTransform(True, seed=3)
     assert not torch.equal(epoch1, run(third))
+
+
+def test_corrupt_cache_entry_is_rendered_again(cache):
+    ds = data.get_dataset("glyphs-mini", "test", cache_dir=cache, size=16, blur=(0.0, 0.5))
+    (ds.images_path.parent / "meta.npz").write_bytes(b"PK\x03\x04 torn")
+    again = data.get_dataset("glyphs-mini", "test", cache_dir=cache, size=16, blur=(0.0, 0.5))
+    assert not again.from_cache
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(ds.images))
+
+
+def test_full_disk_keeps_the_render_in_memory(cache, monkeypatch, caplog):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(glyphs, "atomic_writer", no_space)
+    ds = data.get_dataset("glyphs-mini", "test", cache_dir=cache, size=16, shear=0.0)
+    assert ds.images_path is None and not isinstance(ds.images, np.memmap)
+    assert "not cached" in caplog.text
+    assert len(pickle.loads(pickle.dumps(ds))) == len(ds)
+
+
+def test_corrupt_class_list_is_analysed_again(tmp_path, monkeypatch, caplog):
+    fake = glyphs.Charset(codepoints=[65, 66], fonts={65: [0], 66: [1]}, candidates=2)
+    monkeypatch.setattr(glyphs, "analyse_characters", lambda fonts, log: fake)
+    first = glyphs.load_charset(tmp_path)
+    (path,) = (tmp_path / "glyphs").glob("charset-*.json")
+    assert first == fake and glyphs.load_charset(tmp_path) == fake
+    path.write_text('{"codepoints": [1, 2')
+    assert glyphs.load_charset(tmp_path) == fake
+    assert "analysing again" in caplog.text
+
+
+def test_equal_options_share_a_cache_entry(cache):
+    first = data.get_dataset("glyphs-mini", "test", cache_dir=cache, size=16, scale=(0.8, 1.1))
+    again = data.get_dataset(
+        "glyphs-mini", "test", cache_dir=cache, size=16, scale=[0.8, 1.1], rotation=12
+    )  # a JSON list and an int: the same options
+    assert not first.from_cache and again.from_cache
+    assert again.images_path == first.images_path

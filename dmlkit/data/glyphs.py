@@ -68,7 +68,7 @@ def load_charset(cache_dir: Path, log: Callable[[str], None] = _LOG.info) -> Cha
     """The usable classes, from the cache or analysed (~5 s) and cached."""
     key = {"analysis_size": ANALYSIS_SIZE, **library_fingerprint()}
     path = cache_dir / "glyphs" / f"charset-{_digest(key)}.json"
-    if path.exists():
+    try:
         data = json.loads(path.read_text())
         return Charset(
             codepoints=data["codepoints"],
@@ -77,8 +77,15 @@ def load_charset(cache_dir: Path, log: Callable[[str], None] = _LOG.info) -> Cha
             blank=data["blank"],
             homoglyphs={int(k): v for k, v in data["homoglyphs"].items()},
         )
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        _LOG.warning("glyphs: unreadable class list %s (%s); analysing again", path, error)
     charset = analyse_characters(font_files(), log=log)
-    write_json(path, {"key": key, **dataclasses.asdict(charset)})
+    try:
+        write_json(path, {"key": key, **dataclasses.asdict(charset)})
+    except OSError as error:
+        _LOG.warning("glyphs: cannot write the cache %s (%s); not cached", path, error)
     return charset
 
 
@@ -224,22 +231,20 @@ def load_glyphs(
     }
     folder = cache / "glyphs" / f"{preset}-{split}-{_digest(key)}"
     fonts = font_files()
-    from_cache = (folder / "meta.npz").exists()
-    if not from_cache:
+    entry = _read_entry(folder)
+    from_cache = entry is not None
+    if entry is None:
         charset = load_charset(cache, log)
         codepoints = split_classes(charset.codepoints, preset, seed)[split]
-        images, labels, font_index = render_glyphs(
-            codepoints, charset, fonts, size=size, seed=seed, jitter=jitter
-        )
-        _write_entry(folder, key, images, labels, font_index)
-    with np.load(folder / "meta.npz") as meta:
-        labels, font_index = meta["labels"], meta["fonts"]
-    images = np.load(folder / "images.npy", mmap_mode="r")
+        rendered = render_glyphs(codepoints, charset, fonts, size=size, seed=seed, jitter=jitter)
+        entry = _write_entry(folder, key, *rendered)
+    images, labels, font_index = entry
     dataset = GlyphDataset(
         images, labels, font_index, fonts, transform, name=preset, split=split, seed=seed
     )
-    dataset.images_path, dataset.from_cache = folder / "images.npy", from_cache
-    dataset.load_seconds = time.perf_counter() - start
+    if isinstance(images, np.memmap):
+        dataset.images_path = folder / "images.npy"
+    dataset.from_cache, dataset.load_seconds = from_cache, time.perf_counter() - start
     log(
         f"{preset}/{split}: {len(labels)} images, {len(dataset.classes)} classes, "
         f"{'cached' if from_cache else 'rendered'} in {dataset.load_seconds:.2f} s"
@@ -247,25 +252,39 @@ def load_glyphs(
     return dataset
 
 
-def _write_entry(folder: Path, key: dict, images, labels, font_index) -> None:
-    write_json(folder / "key.json", key)
-    with atomic_writer(folder / "images.npy") as handle:
-        np.save(handle, images)
-    with atomic_writer(folder / "meta.npz") as handle:
-        np.savez(handle, labels=labels, fonts=font_index)
+def _read_entry(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The cached split (images memory-mapped), or None when absent or unreadable."""
+    if not (folder / "meta.npz").exists():
+        return None
+    try:
+        with np.load(folder / "meta.npz") as meta:
+            labels, font_index = meta["labels"], meta["fonts"]
+        images = np.load(folder / "images.npy", mmap_mode="r")
+    except Exception as error:  # torn or foreign files: BadZipFile, ValueError, OSError...
+        _LOG.warning("glyphs: unreadable cache entry %s (%s); rendering again", folder, error)
+        return None
+    if len(images) != len(labels):
+        return None
+    return images, labels, font_index
+
+
+def _write_entry(folder: Path, key: dict, images, labels, font_index) -> tuple:
+    """Cache the split; on a read-only or full disk keep it in memory and say so."""
+    try:
+        write_json(folder / "key.json", key)
+        with atomic_writer(folder / "images.npy") as handle:
+            np.save(handle, images)
+        with atomic_writer(folder / "meta.npz") as handle:
+            np.savez(handle, labels=labels, fonts=font_index)
+    except OSError as error:
+        _LOG.warning("glyphs: cannot write the cache %s (%s); not cached", folder, error)
+        return images, labels, font_index
+    return np.load(folder / "images.npy", mmap_mode="r"), labels, font_index
 
 
 def _validate(size: int, jitter: GlyphJitter) -> None:
-    if not isinstance(size, int) or size < 8:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"glyphs: size must be an int >= 8, got {size!r}")
-    if not isinstance(jitter.renders_per_font, int) or jitter.renders_per_font < 1:
-        raise ValueError(
-            f"glyphs: renders_per_font must be an int >= 1, got {jitter.renders_per_font!r}"
-        )
-    for name in ("scale", "thickness", "blur", "occlusion_size", "paper", "ink"):
-        low, high = getattr(jitter, name)
-        if low > high:
-            raise ValueError(f"glyphs: {name} must be a (low, high) range, got {(low, high)}")
 
 
 def _digest(key: dict) -> str:
