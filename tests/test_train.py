@@ -459,3 +459,18 @@ def test_cli_maps_every_flag_to_the_config(tmp_path):
     defaults = vars(parser.parse_args([]))
     defaults.pop("threads")
     assert TrainConfig(**defaults) == TrainConfig()
+
+
+def test_cli_reports_an_invalid_config_without_a_traceback(capsys):
+    from dmlkit.train.__main__ import main
+
+    assert main(["--p", "0", "--lr", "-1"]) == 2
+    error = capsys.readouterr().err
+    assert "p: must be >= 2" in error and "lr: must be > 0" in error
+    assert "Traceback" not in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="cuda is not available"):
+        fit(tiny_config(device="cuda"))

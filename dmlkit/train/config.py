@@ -77,7 +77,7 @@ class TrainConfig:
     """Images per class in a batch (K of the P×K sampler; 2 for N-pair)."""
     num_batches: int | None = None
     """Batches per epoch; None: the sampler's default (about one pass over the images)."""
-    epochs: int = 4
+    epochs: int = 5
     """Training epochs (0 evaluates the untrained model)."""
     optimizer: str = "adam"
     """Optimizer: adam, adamw or sgd (momentum 0.9, Nesterov)."""

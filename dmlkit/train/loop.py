@@ -42,7 +42,13 @@ from dmlkit.train.checkpoint import (
     save_checkpoint,
 )
 from dmlkit.train.config import TrainConfig
-from dmlkit.train.outputs import evaluate_retrieval, final_evaluation, write_outputs
+from dmlkit.train.outputs import (
+    curve_metrics,
+    epoch_line,
+    evaluate_retrieval,
+    final_evaluation,
+    write_outputs,
+)
 
 logger = logging.getLogger("dmlkit.train")
 
@@ -175,11 +181,11 @@ def fit(
             record = _train_epoch(run, epoch, on_step)
             if epoch + 1 == cfg.epochs:
                 final = final_evaluation(run) if ctx.is_main else None
-                record.update(final[2] if final else {})
+                record.update(curve_metrics(final[2]) if final else {})
             elif cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and ctx.is_main:
-                record.update(evaluate_retrieval(run)[0])
+                record.update(curve_metrics(evaluate_retrieval(run)[0]))
             run.history.append(record)
-            run.log(_epoch_line(record, cfg.epochs))
+            run.log(epoch_line(record, cfg.epochs))
             _save(run, epoch + 1, time.perf_counter() - started)
         if final is None and ctx.is_main:
             final = final_evaluation(run)
@@ -197,9 +203,44 @@ def _prepare(
     log = (log if log is not None else logger.info) if ctx.is_main else _silent
     checkpoint = _resume_state(cfg, log)  # read and checked before anything is built
     device = distributed.rank_device(ctx, cfg.device) or default_device(cfg.device)
+    _check_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cudnn.deterministic = cfg.deterministic
+    run = _assemble(cfg, ctx, device, log)
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    else:
+        initialise_loss(run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx)
+        # Each rank's own augmentation/dropout stream, started from the seed.
+        seed_everything(int(np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]))
+    log(
+        f"training {cfg.backbone} + {cfg.loss}{' + density' if cfg.density else ''} on "
+        f"{cfg.dataset} ({len(run.train_set)} train / {len(run.test_set)} test images) on "
+        f"{device}{f' x {ctx.world_size} ranks' if ctx.enabled else ''}, from epoch {run.epoch}"
+    )
+    return run
+
+
+def _check_device(device: torch.device) -> None:
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None
+        and torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, True):
+        raise ValueError(
+            f"device {device} is not available on this machine; use device=None "
+            "(cuda → mps → cpu) or 'cpu'"
+        )
+
+
+def _assemble(
+    cfg: TrainConfig,
+    ctx: distributed.DistributedContext,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> _Run:
     train_set, test_set = build_datasets(cfg)
     seed_everything(cfg.seed)  # identical model and loss initialisation on every rank
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -212,39 +253,23 @@ def _prepare(
     loss_fn = build_loss_module(cfg, train_set.labels).to(device)
     optimizer = build_optimizer(model, loss_fn, cfg)
     loader = build_loader(
-        cfg,
-        train_set,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        pin_memory=device.type == "cuda",
+        cfg, train_set, rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda"
     )
-    run = _Run(
-        cfg,
-        ctx,
-        device,
-        log,
-        train_set,
-        test_set,
-        loader,
-        model,
-        wrap_model(model, cfg, ctx),
-        loss_fn,
-        optimizer,
-        build_scheduler(optimizer, cfg, len(loader)),
-        torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+    return _Run(
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        log=log,
+        train_set=train_set,
+        test_set=test_set,
+        loader=loader,
+        model=model,
+        network=wrap_model(model, cfg, ctx),
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg, len(loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
     )
-    if checkpoint is not None:
-        _restore(run, checkpoint)
-    else:
-        initialise_loss(loss_fn, model, cfg, device, run.amp_dtype, ctx)
-        # Each rank's own augmentation/dropout stream, started from the seed.
-        seed_everything(int(np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]))
-    log(
-        f"training {cfg.backbone} + {cfg.loss}{' + density' if cfg.density else ''} on "
-        f"{cfg.dataset} ({len(train_set)} train / {len(test_set)} test images) on {device}"
-        f"{f' x {ctx.world_size} ranks' if ctx.enabled else ''}, from epoch {run.epoch}"
-    )
-    return run
 
 
 def _resume_state(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -314,12 +339,7 @@ def _save(run: _Run, finished_epochs: int, session_seconds: float) -> None:
 
 def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | None) -> dict:
     cfg, device = run.cfg, run.device
-    run.loader.batch_sampler.set_epoch(epoch)
-    if hasattr(run.train_set, "set_epoch"):  # seeds the dataset's own augmentation stream
-        run.train_set.set_epoch(epoch)
-    run.loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
-    run.network.train()
-    run.loss_fn.train()  # loss state (EMAs, tube radii) updates in training mode only
+    _start_epoch(run, epoch)
     num_steps = len(run.loader)
     losses = torch.zeros(num_steps, device=device)  # (steps,) filled on the device
     terms: dict[str, Tensor] = {}
@@ -359,8 +379,23 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
             bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
     bar.close()
     _check_finite(run, epoch, losses, terms)  # also waits for the device: timing below is true
-    seconds = time.perf_counter() - start
-    images = num_steps * cfg.p * cfg.k * run.ctx.world_size
+    return _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
+
+
+def _start_epoch(run: _Run, epoch: int) -> None:
+    """Point every random stream of the epoch at (seed, epoch) and switch to training."""
+    run.loader.batch_sampler.set_epoch(epoch)
+    if hasattr(run.train_set, "set_epoch"):  # the dataset's own augmentation generator
+        run.train_set.set_epoch(epoch)
+    run.loader.generator.manual_seed(run.cfg.seed * 1_000_003 + epoch)  # worker seeds
+    run.network.train()
+    run.loss_fn.train()  # loss state (EMAs, tube radii) updates in training mode only
+
+
+def _epoch_record(
+    run: _Run, epoch: int, losses: Tensor, terms: dict[str, Tensor], seconds: float
+) -> dict[str, Any]:
+    images = len(losses) * run.cfg.p * run.cfg.k * run.ctx.world_size  # global batches
     run.train_seconds += seconds
     run.images_seen += images
     record = {"epoch": epoch + 1, "loss": losses.mean().item()}
@@ -383,18 +418,6 @@ def _check_finite(run: _Run, epoch: int, losses: Tensor, terms: dict[str, Tensor
     raise NonFiniteLossError(
         f"non-finite loss at epoch {epoch + 1}, step {step + 1}/{len(losses)}: "
         f"loss={float(losses[step]):.6g}; terms: {values or 'none'}. Training stopped; {kept}."
-    )
-
-
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    terms = ", ".join(
-        f"{k.removeprefix('loss/')} {v:.4g}" for k, v in record.items() if k.startswith("loss/")
-    )
-    recall = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("recall@"))
-    return (
-        f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}"
-        f"{f' ({terms})' if terms else ''}, {record['images_per_s']:.0f} img/s"
-        f"{f', {recall}' if recall else ''}"
     )
 
 

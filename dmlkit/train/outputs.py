@@ -108,6 +108,24 @@ def write_outputs(
     return metrics
 
 
+def curve_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a per-epoch history record keeps (values, not query bookkeeping counts)."""
+    return {k: v for k, v in metrics.items() if k not in ("num_queries", "num_skipped")}
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One log line for a history record: loss, its terms, throughput, Recall@K."""
+    terms = ", ".join(
+        f"{k.removeprefix('loss/')} {v:.4g}" for k, v in record.items() if k.startswith("loss/")
+    )
+    recall = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("recall@"))
+    return (
+        f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}"
+        f"{f' ({terms})' if terms else ''}, {record['images_per_s']:.0f} img/s"
+        f"{f', {recall}' if recall else ''}"
+    )
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"

@@ -1,0 +1,200 @@
+"""Training throughput: ``fit``'s training step against the model's bare forward+backward.
+
+    .venv/bin/python benchmarks/bench_train.py [--threads 1] [--repeats 3] [--models ...]
+
+CPU rows: glyphs-mini (64 px), batch 32×4, triplet loss, Adam, ``num_workers=0``. The
+"fit" column is the images/s that ``fit`` itself measures for its training epochs
+(DataLoader + PKBatchSampler + transforms + host→device copy + forward + loss + backward +
+optimizer + scheduler; evaluation excluded), median over the epochs after a warm-up
+epoch. The "bare" column is the same model's forward + ``sum().backward()`` on one
+pre-built batch tensor of the same shape, median of ``--repeats`` rounds taken before and
+after the fit run (so load from other processes hits both). ratio = fit / bare; the
+target is ≥ 0.85 (data, sampler, loss and optimizer overhead ≤ 15 %).
+
+CUDA rows (only when a GPU is present): resnet50 and googlenet at 224 px, batch 128
+(32×4), bf16 autocast + channels_last, fed from JPEG files this script writes into a
+temporary ``folder`` dataset and decodes with DataLoader workers ("imagenet" transforms),
+so the input pipeline is part of what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmlkit.models import build_model
+from dmlkit.train import TrainConfig, fit
+
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bare_images_per_s(cfg: TrainConfig, size: int, device: torch.device, steps: int) -> float:
+    """Forward + backward of the model alone on one resident batch (no data, loss, optimizer)."""
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg.backbone, embedding_dim=cfg.embedding_dim).to(
+        device, memory_format=memory_format
+    )
+    batch = cfg.p * cfg.k
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=memory_format
+    )
+    dtype = AMP[cfg.amp]
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            embeddings = model(images)
+        embeddings.sum().backward()
+
+    for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN kernel selection
+        step()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronize(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def fit_images_per_s(cfg: TrainConfig) -> float:
+    """``fit``'s own training throughput, median over the epochs after the first."""
+    history = fit(cfg).history
+    return statistics.median(record["images_per_s"] for record in history[1:])
+
+
+def measure(cfg: TrainConfig, size: int, repeats: int, bare_steps: int) -> dict:
+    device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
+    bare = [bare_images_per_s(cfg, size, device, bare_steps) for _ in range(repeats)]
+    fitted = fit_images_per_s(cfg)
+    bare += [bare_images_per_s(cfg, size, device, bare_steps) for _ in range(repeats)]
+    bare_median = statistics.median(bare)
+    return {
+        "model": cfg.backbone,
+        "device": str(device),
+        "px": size,
+        "batch": f"{cfg.p}×{cfg.k}",
+        "amp": cfg.amp + (" + channels_last" if cfg.channels_last else ""),
+        "bare img/s": bare_median,
+        "fit img/s": fitted,
+        "ratio": fitted / bare_median,
+    }
+
+
+def cpu_configs(models: list[str], out: Path) -> list[tuple[TrainConfig, int, int]]:
+    rows = []
+    for backbone in models:
+        heavy = backbone != "glyphnet"
+        cfg = TrainConfig(
+            dataset="glyphs-mini",
+            backbone=backbone,
+            loss="triplet",
+            p=32,
+            k=4,
+            epochs=3,
+            num_batches=6 if heavy else 20,
+            eval_every=0,
+            device="cpu",
+            progress=False,
+            out_dir=str(out / f"cpu-{backbone}"),
+        )
+        rows.append((cfg, 64, 3 if heavy else 10))
+    return rows
+
+
+def write_jpeg_folder(root: Path, *, classes: int = 64, train_images: int = 48) -> None:
+    """A ``folder`` dataset of 256 px JPEGs: class folders 000..; the second half (test
+    split) gets 4 images per class so the final evaluation stays short."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"{c:03d}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        count = train_images if c < classes // 2 else 4
+        for i in range(count):
+            noise = rng.integers(0, 64, (256, 256, 3), dtype=np.uint8)
+            pixels = np.kron(base, np.ones((32, 32, 1), np.uint8)) // 2 + noise
+            Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+
+
+def cuda_configs(root: Path, out: Path) -> list[tuple[TrainConfig, int, int]]:
+    workers = max(1, min(16, (os.cpu_count() or 2) - 2))
+    return [
+        (
+            TrainConfig(
+                dataset="folder",
+                data_root=str(root),
+                backbone=backbone,
+                loss="triplet",
+                p=32,
+                k=4,
+                epochs=3,
+                eval_every=0,
+                amp="bf16",
+                channels_last=True,
+                num_workers=workers,
+                device="cuda",
+                deterministic=False,  # cuDNN autotuning on, as in a speed-minded run
+                progress=False,
+                out_dir=str(out / f"cuda-{backbone}"),
+            ),
+            224,
+            20,
+        )
+        for backbone in ("resnet50", "googlenet")
+    ]
+
+
+def print_table(rows: list[dict]) -> None:
+    header = list(rows[0])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for row in rows:
+        cells = [
+            f"{v:.0f}" if k.endswith("img/s") else f"{v:.2f}" if k == "ratio" else str(v)
+            for k, v in row.items()
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="bare rounds before and after")
+    parser.add_argument("--models", nargs="+", default=["glyphnet", "resnet18"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        plans = cpu_configs(args.models, out)
+        if torch.cuda.is_available():
+            write_jpeg_folder(out / "jpegs")
+            plans += cuda_configs(out / "jpegs", out)
+        for cfg, size, bare_steps in plans:
+            rows.append(measure(cfg, size, args.repeats, bare_steps))
+            print(f"measured {rows[-1]['model']} on {rows[-1]['device']}", flush=True)
+    print(f"\ntorch {torch.__version__}, {args.threads} CPU thread(s); target ratio >= 0.85\n")
+    print_table(rows)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
