@@ -95,7 +95,7 @@ def test_aligned_hausdorff_on_hand_made_masks():
         from scipy import ndimage
 
         padded = np.pad(mask, 2)
-        return np.stack(np.nonzero(padded)), ndimage.distance_transform_edt(~padded)
+        return np.stack(np.nonzero(padded)), np.square(ndimage.distance_transform_edt(~padded))
 
     square = np.zeros((16, 16), bool)
     square[4:10, 4:10] = True

@@ -177,11 +177,13 @@ def _bbox_compatible_pairs(codepoints, drawn, renders, num_fonts, slack) -> list
 
 
 def _points_and_distance(cache, renders, key):
-    # Ink coordinates in a frame padded by the shift, and the distance to the nearest ink
-    # pixel: one EDT per rendering, reused by every pair it takes part in.
+    # Ink coordinates in a frame padded by the shift, and the *squared* distance to the
+    # nearest ink pixel (an integer: uint16 keeps ~10k of them in ~90 MB instead of 350):
+    # one EDT per rendering, reused by every pair it takes part in.
     if key not in cache:
         mask = np.pad(renders[key], 2)
-        cache[key] = (np.stack(np.nonzero(mask)), ndimage.distance_transform_edt(~mask))
+        squared = np.square(ndimage.distance_transform_edt(~mask)).round().astype(np.uint16)
+        cache[key] = (np.stack(np.nonzero(mask)), squared)
     return cache[key]
 
 
@@ -190,6 +192,6 @@ def _aligned_hausdorff(first, second, max_shift: int) -> float:
     (points_a, dist_a), (points_b, dist_b) = first, second
     steps = np.arange(-max_shift, max_shift + 1)
     shifts = np.stack(np.meshgrid(steps, steps, indexing="ij")).reshape(2, -1, 1)  # (2, S, 1)
-    a_to_b = dist_b[points_a[0] + shifts[0], points_a[1] + shifts[1]].max(1)  # (S,)
-    b_to_a = dist_a[points_b[0] - shifts[0], points_b[1] - shifts[1]].max(1)  # (S,)
-    return float(np.maximum(a_to_b, b_to_a).min())
+    a_to_b = dist_b[points_a[0] + shifts[0], points_a[1] + shifts[1]].max(1)  # (S,) squared
+    b_to_a = dist_a[points_b[0] - shifts[0], points_b[1] - shifts[1]].max(1)  # (S,) squared
+    return float(np.sqrt(np.maximum(a_to_b, b_to_a).min()))

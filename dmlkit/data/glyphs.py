@@ -144,6 +144,7 @@ class GlyphDataset(torch.utils.data.Dataset):
 
     def __init__(self, images, labels, font_index, fonts, transform, *, name, split, seed):
         self.images, self.labels = images, labels
+        self._pixels = np.asarray(images)  # plain view: np.memmap indexing costs ~10 µs/item
         self.classes = np.unique(labels)
         self.class_names = [chr(cp) for cp in self.classes]
         self.paths = None
@@ -163,13 +164,13 @@ class GlyphDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         label = int(self.labels[index])
         if self._tensor_transform is not None:
-            return self._tensor_transform(self.images[index]), label  # (S, S) uint8 → (3, S, S)
+            return self._tensor_transform(self._pixels[index]), label  # (S,S) uint8 → (3,S,S)
         image = self.image(index)
         return (self.transform(image) if self.transform is not None else image), label
 
     def image(self, index: int) -> Image.Image:
         """Item ``index`` as a PIL RGB image, whatever the transform."""
-        return Image.fromarray(np.asarray(self.images[index]), "L").convert("RGB")
+        return Image.fromarray(self._pixels[index], "L").convert("RGB")
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the train-time shift for ``epoch`` (call before creating the iterator)."""
@@ -186,7 +187,7 @@ class GlyphDataset(torch.utils.data.Dataset):
         # DataLoader workers under spawn pickle the dataset: send the file name, not the
         # memory-mapped pixels, and font indices, not three arrays of strings.
         state = self.__dict__.copy()
-        for derived in ("font", "family", "style"):
+        for derived in ("font", "family", "style", "_pixels"):
             del state[derived]
         if self.images_path is not None:
             state["images"] = None
@@ -197,6 +198,7 @@ class GlyphDataset(torch.utils.data.Dataset):
         self._describe_fonts()
         if self.images is None:
             self.images = np.load(self.images_path, mmap_mode="r")
+        self._pixels = np.asarray(self.images)
 
     def __repr__(self) -> str:
         return (

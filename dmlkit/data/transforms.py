@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -116,14 +117,16 @@ class GlyphTransform:
 
     def _jitter(self, image: np.ndarray) -> np.ndarray:
         # One gather with clamped indices = shift + nearest-neighbour scale, with the
-        # border (paper) replicated; ~5 µs where F.pad + F.interpolate cost ~60–100 µs.
+        # border (paper) replicated; ~10 µs where F.pad + F.interpolate cost ~60–100 µs.
         height, width = image.shape
         rng = self._generator()
-        zoom = rng.uniform(*self.scale) if self.scale != (1.0, 1.0) else 1.0
-        limit = max(1, round(self.max_shift * width))
-        dy, dx = rng.integers(-limit, limit + 1, size=2) if self.max_shift > 0 else (0, 0)
-        rows = _resample_index(height, zoom, dy)
-        cols = _resample_index(width, zoom, dx)
+        limit = round(self.max_shift * width)
+        dy, dx = (rng.random(2) * (2 * limit + 1)).astype(np.intp) - limit  # uniform ints
+        if self.scale == (1.0, 1.0):
+            rows, cols = _shift_index(height, limit)[dy], _shift_index(width, limit)[dx]
+        else:
+            zoom = rng.uniform(*self.scale)
+            rows, cols = _resample_index(height, zoom, dy), _resample_index(width, zoom, dx)
         return np.take(np.take(image, rows, 0), cols, 1)
 
     def _generator(self) -> np.random.Generator:
@@ -139,6 +142,15 @@ class GlyphTransform:
             f"GlyphTransform(train={self.train}, max_shift={self.max_shift}, "
             f"scale={self.scale}, size={self.size}, seed={self.seed})"
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _shift_index(length: int, limit: int) -> np.ndarray:
+    """(2·limit + 1, length) source indices; row ``offset`` (negative from the end) shifts
+    by ``offset`` px with the border replicated."""
+    table = np.stack([_resample_index(length, 1.0, offset) for offset in range(limit + 1)])
+    negative = np.stack([_resample_index(length, 1.0, offset) for offset in range(-limit, 0)])
+    return np.concatenate([table, negative]) if limit else table
 
 
 def _resample_index(length: int, zoom: float, offset: int) -> np.ndarray:
