@@ -401,3 +401,12 @@ def test_cli_on_glyphs_mini_in_a_subprocess(tmp_path, tmp_path_factory):
     assert "rendered (cold)" in runs[0].stdout and "loaded from cache" in runs[1].stdout
     assert "families: DejaVu Sans" in runs[0].stdout and str(sheet) in runs[0].stdout
     assert sheet.stat().st_size > 10_000
+
+
+def test_cli_default_sheet_path(cub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        cli_main(["cub200", "--root", str(cub), "--split", "test", "--classes", "3"])
+    assert (tmp_path / "figures" / "cub200_contact_sheet.png").is_file()
+    assert "contact sheet (test): figures/cub200_contact_sheet.png" in capsys.readouterr().out

@@ -343,3 +343,8 @@ def test_equal_options_share_a_cache_entry(cache):
     )  # a JSON list and an int: the same options
     assert not first.from_cache and again.from_cache
     assert again.images_path == first.images_path
+
+
+def test_glyphs_ignore_root(mini, cache):
+    ds = data.get_dataset("glyphs-mini", "test", root="/no/such/folder", cache_dir=cache)
+    np.testing.assert_array_equal(ds.labels, mini["test"].labels)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = get_dataset(args.dataset, split, root=args.root)
         loaded.append(dataset)
         print(describe(dataset, time.perf_counter() - start))
-    sheet = Path(args.sheet or f"figures/{args.dataset.replace('-', '_')}_contact_sheet.png")
+    sheet = Path(args.sheet or f"figures/{args.dataset}_contact_sheet.png")
     sheet.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(loaded[0], args.classes, args.samples).save(sheet, optimize=False)
     print(f"contact sheet ({loaded[0].split}): {sheet}")
