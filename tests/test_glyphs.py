@@ -348,3 +348,12 @@ def test_equal_options_share_a_cache_entry(cache):
 def test_glyphs_ignore_root(mini, cache):
     ds = data.get_dataset("glyphs-mini", "test", root="/no/such/folder", cache_dir=cache)
     np.testing.assert_array_equal(ds.labels, mini["test"].labels)
+
+
+def test_a_glyph_transform_object_takes_the_fast_path(mini, cache):
+    seeded = data.transforms("glyphs", True, seed=7)
+    ds = data.get_dataset("glyphs-mini", "test", transform=seeded, cache_dir=cache)
+    reference = data.transforms("glyphs", True, seed=7)
+    torch.testing.assert_close(ds[3][0], reference(np.asarray(mini["test"].images[3])))
+    default = data.get_dataset("glyphs-mini", "test", transform="train", cache_dir=cache)
+    assert not torch.equal(default[3][0], ds[3][0]) or not torch.equal(default[4][0], ds[4][0])

@@ -59,7 +59,9 @@ def get_dataset(
         root: the dataset's own folder; None → ``$DMLKIT_DATA/<CUB_200_2011 | cars196 |
             Stanford_Online_Products>``. Ignored by glyphs (see ``cache_dir``).
         transform: None → PIL RGB image; "train"/"test" → the protocol's tensors
-            ("glyphs" for glyphs, "imagenet" otherwise); or any callable on PIL RGB.
+            ("glyphs" for glyphs, "imagenet" otherwise); or any callable on PIL RGB. A
+            ``GlyphTransform`` (e.g. ``transforms("glyphs", True, seed=run_seed)``) given
+            to glyphs runs on the uint8 pixels directly, like "train"/"test".
         options: see ``options_of(name)``; glyphs: size, seed, cache_dir and the jitter
             knobs of ``dmlkit.data.augment.GlyphJitter``; cub200/cars196/sop:
             skip_bad_images=False, check_counts=True; folder: skip_bad_images, extensions.

@@ -153,7 +153,9 @@ class GlyphDataset(torch.utils.data.Dataset):
         self.name, self.split = name, split
         self.transform = transform
         self._tensor_transform = None
-        if transform in ("train", "test"):
+        if isinstance(transform, GlyphTransform):  # e.g. transforms("glyphs", True, seed=7)
+            self._tensor_transform = transform
+        elif transform in ("train", "test"):
             self._tensor_transform = GlyphTransform(transform == "train", seed=seed)
         self.images_path: Path | None = None
         self.load_seconds, self.from_cache = 0.0, False
