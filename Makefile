@@ -24,8 +24,28 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -n $(JOBS)
 
+# The main job: glyphs-mini rendered once (and its contact sheet), the quickstart sweep
+# (6 losses × density off/on, t-SNE maps, comparison), then the table and the figures.
 demo: $(STAMP)
-	$(PY) -m dmlkit.demo
+	$(PY) -m dmlkit.data glyphs-mini --split both
+	$(PY) -m dmlkit.sweep notebooks/sweeps/quickstart.yaml --jobs $(JOBS)
+	@echo; cat figures/quickstart_table.md; echo
+	@echo "Figures:"; ls -1 figures/quickstart_* figures/glyphs-mini_contact_sheet.png
+
+# Re-draw every figure from the runs that exist (no training): the 2-D loss toys, and the
+# figure notebooks of each sweep whose folder is in papermill_runs/.
+figures: $(STAMP)
+	$(PY) -m papermill notebooks/losses_2d.ipynb papermill_runs/losses_2d.ipynb -k dmlkit --cwd .
+	for spec in notebooks/sweeps/*.yaml; do \
+	  name=$$(basename $$spec .yaml); \
+	  if [ -d papermill_runs/$$name ]; then $(PY) -m dmlkit.sweep $$spec --figures --jobs $(JOBS) || exit 1; fi; \
+	done
+
+# The paper sweeps on real data: DATA holds CUB_200_2011/, cars196/, Stanford_Online_Products/.
+reproduce: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make reproduce DATA=/path/to/datasets"; exit 2; }
+	DMLKIT_DATA=$(DATA) $(PY) -m dmlkit.sweep notebooks/sweeps/dmlda_table.yaml --jobs 1
+	DMLKIT_DATA=$(DATA) $(PY) -m dmlkit.sweep notebooks/sweeps/daal_table.yaml --jobs 1
 
 lint: $(STAMP)
 	$(PY) -m ruff check dmlkit tests benchmarks notebooks
