@@ -32,6 +32,7 @@ _FP32_UNIT = 2.0**-24
 _BF16_UNIT = 2.0**-8
 # Norms spread by more than this (relative) are folded into the candidate score.
 _NORM_SPREAD = 1e-4
+_GATHER_BYTES = 2**22  # float64 candidate rows staged at once (about L2 size)
 
 
 @dataclass
@@ -48,9 +49,6 @@ class KeyIndex:
     accumulation_unit: float  # u of the γ-bound of the accumulation
     output_unit: float  # relative rounding of the score output (bf16), else 0
     representative: Tensor  # (M,) lowest index of a bitwise-equal key vector
-    # Reused (rows, M) score buffer: a fresh 64 MiB tensor per block would be page-faulted
-    # in again every time.
-    buffer: Tensor | None = None
 
 
 def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
@@ -122,12 +120,11 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-def candidate_scores(index: KeyIndex, operand: Tensor, self_rows: Tensor | None) -> Tensor:
-    """σ̃ (m, M) in candidate precision; a query's own key gets −inf when ``self_rows``."""
-    rows, width = len(operand), len(index.operand)
-    if index.buffer is None or len(index.buffer) < rows:
-        index.buffer = operand.new_empty(rows, width)
-    scores = torch.mm(operand, index.operand.T, out=index.buffer[:rows])  # (m, M)
+def candidate_scores(
+    index: KeyIndex, operand: Tensor, self_rows: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """σ̃ (m, M) in candidate precision (into ``out`` if given); own key −inf if self_rows."""
+    scores = torch.mm(operand, index.operand.T, out=out)  # (m, M)
     if self_rows is not None:
         scores[torch.arange(len(scores), device=scores.device), self_rows] = -math.inf
     return scores
@@ -161,16 +158,26 @@ def select_candidates(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
 
 
 def exact_sq_distances(index: KeyIndex, queries: Tensor, columns: Tensor) -> Tensor:
-    """float64 d² (m, kc) of each query to its candidate keys, duplicates made equal."""
+    """float64 d² (m, kc) of each query to its candidate keys, duplicates made equal.
+
+    Memory-bound (m·kc key rows are read), so the gathers go, a few queries at a time,
+    into reused buffers of ~``_GATHER_BYTES`` that stay in cache for the float64 products
+    (fp32 products are exact in float64; the sums err by ≤ D·2⁻⁵³ relative).
+    """
+    m, count = columns.shape
+    width = index.keys.shape[1]
+    rows = max(1, min(m, _GATHER_BYTES // (8 * count * width)))
+    staged = index.keys.new_empty(rows * count, width)
+    wide = torch.empty(rows * count, width, dtype=torch.float64, device=queries.device)
+    dots = torch.empty(m, count, 1, dtype=torch.float64, device=queries.device)
     q64 = queries.double()
-    dots = torch.empty(columns.shape, dtype=torch.float64, device=queries.device)
-    rows = max(1, 4096 // max(1, columns.shape[1]))  # gather ≲ 4096 key rows at a time
-    for start in range(0, len(columns), rows):
-        cols = columns[start : start + rows]
-        gathered = index.keys.index_select(0, cols.reshape(-1)).double()
-        gathered = gathered.view(*cols.shape, -1)  # (r, kc, D)
-        dots[start : start + rows] = torch.bmm(gathered, q64[start : start + rows, :, None])[..., 0]
-    sq = (q64.pow(2).sum(1, keepdim=True) + index.sq_norms[columns]) - 2 * dots
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        used = (stop - start) * count
+        torch.index_select(index.keys, 0, columns[start:stop].reshape(-1), out=staged[:used])
+        gathered = wide[:used].copy_(staged[:used]).view(stop - start, count, width)
+        torch.bmm(gathered, q64[start:stop, :, None], out=dots[start:stop])
+    sq = (q64.pow(2).sum(1, keepdim=True) + index.sq_norms[columns]) - 2 * dots[..., 0]
     return canonical_ties(sq.clamp_min(0), index.representative[columns])
 
 
@@ -232,11 +239,7 @@ def duplicate_representatives(keys: Tensor) -> Tensor:
     rep = torch.arange(count, device=keys.device)
     if count < 2:
         return rep
-    values = keys + 0.0  # turns −0.0 into +0.0, so equal values have equal bits
-    bits = values.contiguous().view(torch.int64 if values.dtype == torch.float64 else torch.int32)
-    g = torch.Generator(device="cpu").manual_seed(0x5EED)
-    mult = torch.randint(1, 2**62, (keys.shape[1],), generator=g).to(keys.device) | 1
-    hashes = (bits.long() * mult).sum(1)  # a hash of the bit pattern (wraps mod 2⁶⁴)
+    hashes = _row_hashes(keys)
     order = torch.argsort(hashes, stable=True)  # equal hashes stay in index order
     sorted_hash = hashes[order]
     starts = torch.ones(count, dtype=torch.bool, device=keys.device)
@@ -248,15 +251,27 @@ def duplicate_representatives(keys: Tensor) -> Tensor:
     first = order[run_start]  # (M,) lowest index in each run of equal hashes
     # Equal hashes are verified; a (rare) run of different vectors is resolved exactly.
     later = torch.nonzero(~starts).flatten()  # sorted positions after a run's first
-    equal = (values[order[later]] == values[first[later]]).all(1)
+    equal = (keys[order[later]] == keys[first[later]]).all(1)  # −0.0 == +0.0 here
     rep[order[later[equal]]] = first[later[equal]]
     for start in torch.unique(run_start[later[~equal]]).tolist():
         members = order[start : int((run_start == start).sum()) + start]
-        _, inverse = torch.unique(values[members], dim=0, return_inverse=True)
+        _, inverse = torch.unique(keys[members] + 0.0, dim=0, return_inverse=True)
         lowest = torch.full((int(inverse.max()) + 1,), count, device=keys.device)
         lowest = lowest.scatter_reduce(0, inverse, members, reduce="amin")
         rep[members] = lowest[inverse]
     return rep
+
+
+def _row_hashes(values: Tensor, rows: int = 4096) -> Tensor:
+    """(M,) int64 hash of each row's bits (+0.0 for −0.0; wraps mod 2⁶⁴), chunked."""
+    g = torch.Generator(device="cpu").manual_seed(0x5EED)
+    mult = torch.randint(1, 2**62, (values.shape[1],), generator=g).to(values.device) | 1
+    bit_dtype = torch.int64 if values.dtype == torch.float64 else torch.int32
+    parts = [
+        ((values[s : s + rows] + 0.0).view(bit_dtype).long() * mult).sum(1)
+        for s in range(0, len(values), rows)
+    ]
+    return torch.cat(parts)
 
 
 def _rowwise_sq_norms(x: Tensor, rows: int = 8192) -> Tensor:

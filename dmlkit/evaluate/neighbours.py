@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from numbers import Integral
 
 import torch
@@ -35,6 +38,11 @@ def knn(
     searched again in fp32, then exhaustively. The result is therefore the same for every
     ``precision``; only the time differs. Details: ``dmlkit/evaluate/_exact.py``.
 
+    On CPU the blocks run on ``torch.get_num_threads()`` Python threads with torch's
+    intra-op threads set to 1 for the duration of the call (restored afterwards): a block
+    is many small ops, and each parallel op would pay an OpenMP barrier that costs
+    milliseconds whenever other processes share the cores.
+
     Args:
         queries: (Q, D) floating tensor (CPU or CUDA).
         keys: (M, D) on the same device, or None to search ``queries`` among themselves.
@@ -47,95 +55,124 @@ def knn(
     Returns:
         distances (Q, k) in the queries' float dtype (float32 for half inputs), ascending,
         and indices (Q, k) int64 into ``keys``; both on the input device.
-    Complexity: O(Q·M·D) time; memory O(block·M + (Q + M)·k + M·D), never O(Q·M).
+    Complexity: O(Q·M·D) time; memory O(threads·block·M + (Q + M)·k + M·D), never O(Q·M).
     """
     queries, keys_, self_search = _check_inputs(queries, keys, k, exclude_self, precision)
-    skip_self = self_search and exclude_self
-    device, out_dtype = queries.device, _output_dtype(queries)
+    device = queries.device
     if len(queries) == 0:
         empty = torch.zeros(0, k, device=device)
-        return empty.to(out_dtype), empty.long()
+        return empty.to(_output_dtype(queries)), empty.long()
     precision = _exact.resolve_precision(precision, device)
-    index = _exact.build_key_index(keys_, precision)
-    fallback = _Fallback(keys_, index if precision == "fp32" else None)
-    count = _candidate_count(k, precision, len(keys_) - int(skip_self))
-    block = block_size or _default_block(len(keys_), index.operand.element_size())
+    search = _Search(keys_, precision, k, skip_self=self_search and exclude_self)
+    block = block_size or _default_block(len(keys_), search.index.operand.element_size())
     sq = torch.empty(len(queries), k, dtype=torch.float64, device=device)
     indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
-    for start in range(0, len(queries), block):
+
+    def run(start: int) -> None:
         rows = slice(start, start + block)
-        own = torch.arange(start, min(start + block, len(queries)), device=device)
-        own = own if skip_self else None
-        sq[rows], indices[rows] = _search_block(index, queries[rows], own, k, count, fallback)
+        sq[rows], indices[rows] = search.block(queries[rows], start)
+
+    with _coarse_threads(device) as workers:
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, range(0, len(queries), block)))
+        else:
+            for start in range(0, len(queries), block):
+                run(start)
     log.debug(
         "knn %s: %d queries, %d keys, k=%d, %d candidates; uncertified %d, exhaustive %d",
-        precision,
-        len(queries),
-        len(keys_),
-        k,
-        count,
-        fallback.retried,
-        fallback.exhaustive,
+        *(precision, len(queries), len(keys_), k, search.count),
+        *(search.retried, search.exhaustive),
     )
-    return sq.sqrt().to(out_dtype), indices
+    return sq.sqrt().to(_output_dtype(queries)), indices
 
 
-def _search_block(index, queries, own, k, count, fallback) -> tuple[Tensor, Tensor]:
-    """Certified candidate search of one block; uncertified rows go to ``fallback``."""
-    sq, idx, ok = _candidate_search(index, queries, own, k, count)
-    if not ok.all():
-        redo = torch.nonzero(~ok).flatten()
-        sq[redo], idx[redo] = fallback(queries[redo], None if own is None else own[redo], k)
-    return sq, idx
+class _Search:
+    """Certified block search; safe to call from several threads at once."""
 
-
-def _candidate_search(index, queries, own, k, count) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``count`` candidates, float64 re-rank, certificate. Returns sq, idx, ok (m,)."""
-    available = len(index.keys) - int(own is not None)
-    if count >= available:  # nothing to leave out: the candidates are all keys
-        sq, idx = _exhaustive(index, queries, own, k)
-        return sq, idx, torch.ones(len(queries), dtype=torch.bool, device=queries.device)
-    operand, error = _exact.query_operand(index, queries)
-    scores = _exact.candidate_scores(index, operand, own)  # (m, M)
-    values, columns = _exact.select_candidates(scores, count)  # (m, count)
-    del scores
-    worst_kept = values.min(dim=1).values
-    columns = columns.sort(dim=1).values  # index order: cache-friendly gathers
-    sq, columns = _exact.sort_by_distance(
-        _exact.exact_sq_distances(index, queries, columns), columns
-    )
-    q_sq = queries.double().pow(2).sum(1)
-    ok = _exact.certified(index, q_sq, error, worst_kept, sq[:, k - 1])
-    return sq[:, :k], columns[:, :k], ok
-
-
-class _Fallback:
-    """Second try in fp32 with twice the candidates, then an exhaustive float64 search."""
-
-    def __init__(self, keys: Tensor, fp32_index: _exact.KeyIndex | None) -> None:
-        self.keys, self.index = keys, fp32_index
-        self.second_try = fp32_index is None  # the first try was not already fp32
+    def __init__(self, keys: Tensor, precision: str, k: int, *, skip_self: bool) -> None:
+        self.keys, self.k, self.skip_self = keys, k, skip_self
+        self.index = _exact.build_key_index(keys, precision)
+        available = len(keys) - int(skip_self)
+        self.count = _candidate_count(k, precision, available)
+        self._fp32 = self.index if precision == "fp32" else None
+        self._local = threading.local()  # one score buffer per thread
+        self._lock = threading.Lock()
         self.retried = self.exhaustive = 0  # query counts, for the debug log and tests
 
-    def __call__(self, queries: Tensor, own: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        self.retried += len(queries)
-        if self.index is None:
-            self.index = _exact.build_key_index(self.keys, "fp32")
-        if self.second_try:
-            available = len(self.keys) - int(own is not None)
-            count = min(available, 2 * _candidate_count(k, "fp32", available))
-            sq, idx, ok = _candidate_search(self.index, queries, own, k, count)
-        else:
-            sq = torch.empty(len(queries), k, dtype=torch.float64, device=queries.device)
-            idx = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
-            ok = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    def block(self, queries: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """(sq, idx) of the block of ``queries`` starting at query index ``start``."""
+        own = None
+        if self.skip_self:
+            own = torch.arange(start, start + len(queries), device=queries.device)
+        sq, idx, ok = self._candidates(self.index, queries, own, self.count)
         if not ok.all():
             redo = torch.nonzero(~ok).flatten()
-            self.exhaustive += len(redo)
+            sq[redo], idx[redo] = self._fallback(queries[redo], None if own is None else own[redo])
+        return sq, idx
+
+    def _fallback(self, queries: Tensor, own: Tensor | None) -> tuple[Tensor, Tensor]:
+        """fp32 candidates (twice as many) unless that was the first try; then exhaustive."""
+        with self._lock:
+            self.retried += len(queries)
+            second_try = self._fp32 is None or self._fp32 is not self.index
+            if self._fp32 is None:
+                self._fp32 = _exact.build_key_index(self.keys, "fp32")
+        ok = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+        sq = torch.empty(len(queries), self.k, dtype=torch.float64, device=queries.device)
+        idx = torch.empty(len(queries), self.k, dtype=torch.long, device=queries.device)
+        if second_try:
+            available = len(self.keys) - int(own is not None)
+            count = min(available, 2 * _candidate_count(self.k, "fp32", available))
+            sq, idx, ok = self._candidates(self._fp32, queries, own, count)
+        if not ok.all():
+            redo = torch.nonzero(~ok).flatten()
+            with self._lock:
+                self.exhaustive += len(redo)
             sq[redo], idx[redo] = _exhaustive(
-                self.index, queries[redo], None if own is None else own[redo], k
+                self._fp32, queries[redo], None if own is None else own[redo], self.k
             )
         return sq, idx
+
+    def _candidates(self, index, queries, own, count) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-``count`` candidates, float64 re-rank, certificate. Returns sq, idx, ok (m,)."""
+        k = self.k
+        if count >= len(index.keys) - int(own is not None):  # nothing would be left out
+            sq, idx = _exhaustive(index, queries, own, k)
+            return sq, idx, torch.ones(len(queries), dtype=torch.bool, device=queries.device)
+        operand, error = _exact.query_operand(index, queries)
+        scores = _exact.candidate_scores(index, operand, own, out=self._buffer(index, operand))
+        values, columns = _exact.select_candidates(scores, count)  # (m, count)
+        worst_kept = values.min(dim=1).values
+        columns = columns.sort(dim=1).values  # index order: cache-friendly gathers
+        sq = _exact.exact_sq_distances(index, queries, columns)
+        sq, columns = _exact.sort_by_distance(sq, columns)
+        q_sq = queries.double().pow(2).sum(1)
+        ok = _exact.certified(index, q_sq, error, worst_kept, sq[:, k - 1])
+        return sq[:, :k], columns[:, :k], ok
+
+    def _buffer(self, index: _exact.KeyIndex, operand: Tensor) -> Tensor:
+        """This thread's reused (rows, M) score buffer (a fresh 64 MiB tensor per block
+        would be page-faulted in again every time)."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        key = (operand.dtype, len(index.operand))
+        if key not in buffers or len(buffers[key]) < len(operand):
+            buffers[key] = operand.new_empty(len(operand), len(index.operand))
+        return buffers[key][: len(operand)]
+
+
+@contextmanager
+def _coarse_threads(device: torch.device):
+    """Yield the worker count; on CPU, torch ops run single-threaded inside."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1:
+        yield 1
+        return
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _exhaustive(index, queries, own, k) -> tuple[Tensor, Tensor]:
