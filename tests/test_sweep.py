@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from dmlkit.sweep import (
     ManifestLockedError,
+    NoFinishedRunError,
     SpecError,
     append_record,
     format_value,
@@ -39,6 +40,7 @@ from dmlkit.sweep import (
     run_sweep,
     threads_per_job,
 )
+from dmlkit.sweep.__main__ import main as sweep_main
 from dmlkit.sweep.manifest import lock_manifest
 from dmlkit.sweep.outcome import Outcome, SweepResult
 
@@ -181,6 +183,12 @@ def test_load_spec_finds_root_and_reads_everything(project):
 FIGURE = "notebooks/toy_figure.ipynb"
 
 
+def override(where, values, **extra) -> dict:
+    """A spec change with one ``overrides`` entry (None leaves ``where``/``set`` out)."""
+    entry = {k: v for k, v in (("where", where), ("set", values)) if v is not None}
+    return {"overrides": [{**entry, **extra}]}
+
+
 @pytest.mark.parametrize(
     ("change", "key", "message"),
     [
@@ -216,6 +224,23 @@ FIGURE = "notebooks/toy_figure.ipynb"
         ({"then": [{"notebook": FIGURE, "colour": 1}]}, "then[0].colour", "unknown key"),
         ({"then": [{"notebook": "notebooks/toy_run.ipynb"}]}, "then[0].notebook", "'run_dir'"),
         ({"then": [FIGURE, FIGURE]}, "then[1].name", "named"),
+        ({"overrides": {"where": {"x": 1}}}, "overrides", "must be a list"),
+        ({"overrides": ["x=1"]}, "overrides[0]", "must be a mapping"),
+        (override({"x": 1}, {"label": "b"}, when=1), "overrides[0].when", "unknown key"),
+        (override(None, {"label": "b"}), "overrides[0].where", "missing"),
+        (override({"x": 1}, None), "overrides[0].set", "missing"),
+        (override({"y": 1}, {"label": "b"}), "overrides[0].where.y", "not a grid key"),
+        (override({"x": [1, 7]}, {"label": "b"}), "overrides[0].where.x", "7 is not one of"),
+        (override({"x": True}, {"label": "b"}), "overrides[0].where.x", "not one of"),
+        (override({"x": 1}, {"lr": 0.1}), "overrides[0].set.lr", "unknown parameter"),
+        (override({"x": 1}, {"x": 2}), "overrides[0].set.x", "a grid key"),
+        (override({"x": 1}, {"out_dir": "b"}), "overrides[0].set.out_dir", "set by the runner"),
+        (override({"x": 1}, {"smoke": True}), "overrides[0].set.smoke", "set by the runner"),
+        (
+            override({"x": 1}, {"label": datetime.date(2024, 1, 1)}),
+            "overrides[0].set.label",
+            "plain YAML",
+        ),
     ],
 )
 def test_bad_specs_raise_one_clear_error_naming_file_and_key(project, change, key, message):
@@ -275,6 +300,46 @@ def test_plan_injects_fixed_point_out_dir_and_smoke(project):
     assert outside.parameters["out_dir"] == str(
         project.parent.resolve() / "elsewhere/toy/x=1,flag=false"
     )
+
+
+def test_overrides_set_parameters_on_matching_points_later_entries_win(project):
+    grid = {"x": [1, 2], "flag": [False, True]}
+    overrides = [
+        {"where": {"x": 2}, "set": {"label": "b", "mode": "normal"}},
+        {"where": {"x": [2], "flag": True}, "set": {"label": "c"}},
+        {"where": {"flag": [True]}, "set": {"mode": "no-metrics"}},
+    ]
+    spec = load_spec(
+        write_spec(project, {**BASE, "fixed": {"label": "a"}, "grid": grid, "overrides": overrides})
+    )
+    assert [o.where for o in spec.overrides] == [
+        {"x": [2]},
+        {"x": [2], "flag": [True]},
+        {"flag": [True]},
+    ]
+    jobs = {j.key: j for j in plan(spec, smoke=True)}
+    assert list(jobs) == ["x=1,flag=false", "x=1,flag=true", "x=2,flag=false", "x=2,flag=true"]
+    assert {key: job.overrides for key, job in jobs.items()} == {
+        "x=1,flag=false": {},
+        "x=1,flag=true": {"mode": "no-metrics"},
+        "x=2,flag=false": {"label": "b", "mode": "normal"},
+        "x=2,flag=true": {"label": "c", "mode": "no-metrics"},
+    }
+    assert jobs["x=1,flag=false"].parameters == {
+        "label": "a",
+        "x": 1,
+        "flag": False,
+        "out_dir": "papermill_runs/toy/x=1,flag=false",
+        "smoke": True,
+    }
+    assert jobs["x=2,flag=true"].parameters == {
+        "label": "c",
+        "x": 2,
+        "flag": True,
+        "mode": "no-metrics",
+        "out_dir": "papermill_runs/toy/x=2,flag=true",
+        "smoke": True,
+    }
 
 
 @pytest.mark.parametrize(
@@ -482,6 +547,97 @@ def test_cli_only_and_parallel_jobs(project):
     assert {first["run"], second["run"]} == {"x=1", "x=3"}
     assert second["started"] < first["ended"]  # both ran at once
     assert json.loads((out / "toy" / "x=3" / "metrics.json").read_text())["config"]["smoke"]
+
+
+def test_overrides_reach_the_notebook_and_the_manifest_and_show_in_dry_run(project, capsys):
+    overrides = [{"where": {"x": 2}, "set": {"label": "b", "flag": True}}]
+    spec = write_spec(project, {**BASE, "fixed": {"label": "a"}, "overrides": overrides})
+    assert sweep_main([str(spec), "--dry-run"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert lines == [["run", "x=1"], ["run", "x=2", "set", "{label:", "b,", "flag:", "true}"]]
+
+    assert run_sweep(spec, jobs=2, progress=False).exit_code == 0
+    folder = project / "papermill_runs" / "toy"
+    configs = {
+        run: json.loads((folder / run / "metrics.json").read_text())["config"]
+        for run in ("x=1", "x=2")
+    }
+    assert (configs["x=1"]["label"], configs["x=1"]["flag"]) == ("a", False)
+    assert (configs["x=2"]["label"], configs["x=2"]["flag"]) == ("b", True)
+    params = {r["run"]: r["params"] for r in read_manifest(folder)}
+    assert params["x=2"] == {
+        "label": "b",
+        "x": 2,
+        "flag": True,
+        "out_dir": "papermill_runs/toy/x=2",
+    }
+    assert params["x=1"] == {"label": "a", "x": 1, "out_dir": "papermill_runs/toy/x=1"}
+
+
+def pretend_ran(folder: Path, key: str, status: str = "ok", kind: str = "run") -> None:
+    """Record ``key`` in the manifest (and write its outputs if ok) as an earlier run would."""
+    append_record(folder / "manifest.jsonl", {"run": key, "kind": kind, "status": status})
+    output = folder / (f"{key}/notebook.ipynb" if kind == "run" else f"{key}.ipynb")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if status == "ok":
+        output.write_text("{}")
+        if kind == "run":
+            (output.parent / "metrics.json").write_text("{}")
+
+
+def test_figures_reruns_the_steps_of_finished_runs_and_starts_no_run(project, capsys):
+    steps = [
+        {"notebook": FIGURE, "where": {"x": [1, -1, 2]}, "parameters": {"tag": "fig"}},
+        {"notebook": FIGURE, "per": "sweep", "name": "summary"},
+    ]
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, -1, 2, 3]}, "then": steps})
+    folder = project / "papermill_runs" / "toy"
+    pretend_ran(folder, "x=1")
+    pretend_ran(folder, "x=1/toy_figure", kind="then-run")  # done: a resume would skip it
+    pretend_ran(folder, "x=-1", status="failed")
+    pretend_ran(folder, "x=3")  # finished, but the step's `where` leaves it out
+    pretend_ran(folder, "summary", kind="then-sweep")
+    assert sweep_main([str(spec), "--figures", "--dry-run"]) == 0
+    lines = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert lines == [
+        ["finished", "x=1"],
+        ["then", "x=1/toy_figure"],
+        ["skip", "x=-1"],
+        ["skip", "x=2"],
+        ["finished", "x=3"],
+        ["then", "summary"],
+    ]
+
+    result = run_sweep(spec, jobs=2, progress=False, figures_only=True)
+    assert result.exit_code == 0
+    assert [(o.key, o.status, o.error) for o in result.outcomes] == [
+        ("x=1/toy_figure", "ok", None),
+        ("x=-1", "skipped", "not finished (last attempt failed)"),
+        ("x=2", "skipped", "not finished (never run)"),
+        ("summary", "ok", None),
+    ]
+    assert statuses(folder)[5:] == [("x=1/toy_figure", "ok"), ("summary", "ok")]
+    assert (folder / "x=1" / "fig.txt").read_text() == "smoke=False\n"
+    assert (folder / "figure.txt").read_text().split() == ["smoke=False", "x=1", "x=3"]
+    assert not (folder / "x=2").exists() and not (folder / "x=-1" / "notebook.ipynb").exists()
+
+
+def test_figures_cli_exit_status_respects_only_and_needs_a_finished_run(project, capsys):
+    failing = {"notebook": FIGURE, "parameters": {"tag": "no/such/folder"}}
+    spec = write_spec(project, {**BASE, "then": [failing]})
+    folder = project / "papermill_runs" / "toy"
+    assert sweep_main([str(spec), "--figures"]) == 1
+    assert "none of the 2 selected run(s) has finished" in capsys.readouterr().err
+    assert not folder.exists()  # nothing created
+    pretend_ran(folder, "x=1")
+    with pytest.raises(NoFinishedRunError, match="run the sweep first"):
+        run_sweep(spec, only=["x=2"], figures_only=True, progress=False)
+    pretend_ran(folder, "x=2")
+    assert sweep_main([str(spec), "--figures", "--only", "x=2", "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "x=2/toy_figure  failed" in out and "FileNotFoundError" in out
+    assert "x=1" not in out
+    assert statuses(folder)[2:] == [("x=2/toy_figure", "failed")]
 
 
 def hold(project: Path, run: str, name: str = "toy") -> Path:

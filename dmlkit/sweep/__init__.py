@@ -4,20 +4,24 @@
 for the spec format, run naming, the manifest and what happens on failure or Ctrl-C.
 
 API: :func:`load_spec` (validate a spec), :func:`plan` (its grid jobs),
-:func:`run_sweep` (run or resume it), :func:`read_manifest` (the attempt log).
+:func:`run_sweep` (run or resume it; ``figures_only=True`` redraws the ``then`` steps),
+:func:`read_manifest` (the attempt log).
 """
 
 from .manifest import ManifestLockedError, append_record, latest_records
 from .outcome import Outcome, SweepResult
 from .plan import Job, format_value, grid_points, parse_only, plan, plan_steps, run_name
 from .processes import threads_per_job
-from .runner import is_finished, read_manifest, run_sweep
-from .spec import SpecError, SweepSpec, ThenStep, load_spec
+from .resume import NoFinishedRunError, is_finished
+from .runner import read_manifest, run_sweep
+from .spec import Override, SpecError, SweepSpec, ThenStep, load_spec
 
 __all__ = [
     "Job",
     "ManifestLockedError",
+    "NoFinishedRunError",
     "Outcome",
+    "Override",
     "SpecError",
     "SweepResult",
     "SweepSpec",

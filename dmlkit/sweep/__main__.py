@@ -1,18 +1,22 @@
 """``python -m dmlkit.sweep SPEC.yaml [--jobs N] [--smoke] [--only k=v ...] [--out DIR]
-[--dry-run]``: run or resume a papermill sweep; exit 0 iff every run succeeded."""
+[--figures] [--dry-run]``: run or resume a papermill sweep (or, with ``--figures``, only
+redraw its ``then`` steps); exit 0 iff every execution succeeded."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import Any
 
+import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .manifest import MANIFEST, ManifestLockedError, latest_records
 from .manifest import read_manifest as read_records
-from .plan import plan, plan_steps, sweep_folder
-from .runner import is_finished, run_sweep, threads_per_job
+from .plan import Job, plan, plan_steps, sweep_folder
+from .resume import NoFinishedRunError, check_some_finished, is_finished
+from .runner import run_sweep, threads_per_job
 from .spec import SpecError, load_spec
 from .worker import skip_slow_optional_imports
 
@@ -35,26 +39,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only grid points with these values (repeat a key for OR)",
     )
     parser.add_argument("--out", help="parent folder of the sweep folder (default papermill_runs)")
+    parser.add_argument(
+        "--figures",
+        action="store_true",
+        help="start no run: execute the `then` steps again on the finished runs",
+    )
     parser.add_argument("--dry-run", action="store_true", help="show the plan, run nothing")
     return parser
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    """Print what a real invocation would run or skip."""
+    """Print what a real invocation would run or skip (with ``--figures``: redraw)."""
     spec = load_spec(args.spec)
     jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
     folder = sweep_folder(spec, args.out)
+    if args.figures:
+        check_some_finished(spec, jobs, folder)
     latest = latest_records(read_records(folder / MANIFEST))
     print(f"{spec.name}: {len(jobs)} of {spec.num_points} grid points -> {folder}")
     print(f"{threads_per_job(args.jobs)} thread(s) per run with --jobs {args.jobs}")
     for job in jobs:
-        action = "skip (done)" if is_finished(job, latest) else "run"
-        print(f"  {action:<11}  {job.key}")
-        for step in plan_steps(spec, job, smoke=args.smoke, folder=folder):
-            print(f"  {'then':<11}  {step.key}")
+        done = is_finished(job, latest)
+        if args.figures:
+            action = "finished" if done else "skip"
+        else:
+            action = "skip (done)" if done else "run"
+        print(f"  {action:<11}  {job.key}{_shown_overrides(job)}")
+        if done or not args.figures:
+            for step in plan_steps(spec, job, smoke=args.smoke, folder=folder):
+                print(f"  {'then':<11}  {step.key}")
     for step in plan_steps(spec, None, smoke=args.smoke, folder=folder):
         print(f"  {'then':<11}  {step.key} (once, on the sweep)")
     return 0
+
+
+def _shown_overrides(job: Job) -> str:
+    # The parameters the spec's `overrides` set on this run, as YAML: "  set {epochs: 30}".
+    if not job.overrides:
+        return ""
+    return "  set " + _flow_yaml(job.overrides)
+
+
+def _flow_yaml(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return text.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +96,16 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(args)
         with logging_redirect_tqdm():
             result = run_sweep(
-                args.spec, jobs=args.jobs, smoke=args.smoke, only=args.only, out=args.out
+                args.spec,
+                jobs=args.jobs,
+                smoke=args.smoke,
+                only=args.only,
+                out=args.out,
+                figures_only=args.figures,
             )
+    except NoFinishedRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (SpecError, ManifestLockedError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ class Outcome:
         status: ``ok``, ``failed``, ``interrupted`` (stopped by a signal), ``skipped``
             (finished in an earlier invocation) or ``pending`` (never started).
         seconds: wall time of the execution (None unless it ran).
-        error: ``"ExceptionName: message"`` for failures and interruptions.
+        error: ``"ExceptionName: message"`` for failures and interruptions; for a run that
+            ``figures_only`` skipped because it is not finished, the reason.
         output: the executed notebook.
     """
 

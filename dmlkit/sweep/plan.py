@@ -18,15 +18,8 @@ from urllib.parse import quote
 
 import yaml
 
-from .spec import (
-    RUN_PARAMETER,
-    SMOKE_PARAMETER,
-    STEP_PARAMETERS,
-    SpecError,
-    SweepSpec,
-    ThenStep,
-    same_value,
-)
+from .spec import RUN_PARAMETER, SMOKE_PARAMETER, STEP_PARAMETERS, SpecError, SweepSpec, ThenStep
+from .values import same_value
 
 RUN_NOTEBOOK = "notebook.ipynb"
 METRICS_FILE = "metrics.json"
@@ -49,6 +42,8 @@ class Job:
             + ``smoke``).
         point: the grid values of the run (empty for a per-sweep step).
         folder: the run folder (the sweep folder for a per-sweep step).
+        overrides: the parameters the spec's ``overrides`` set on this run (already in
+            ``parameters``; empty for steps).
     """
 
     key: str
@@ -58,6 +53,7 @@ class Job:
     parameters: dict[str, Any]
     point: dict[str, Any] = field(default_factory=dict)
     folder: Path = Path()
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def required_outputs(self) -> tuple[Path, ...]:
@@ -158,6 +154,9 @@ def plan(
 ) -> list[Job]:
     """The grid jobs of a sweep, in grid order, restricted by ``only``.
 
+    A run's parameters are ``fixed``, then its grid point, then the ``set`` of every
+    matching override (in spec order), then ``out_dir`` and ``smoke``.
+
     Args:
         spec: from :func:`load_spec`.  only: see :func:`parse_only`.
         smoke: inject ``smoke=True`` (every notebook must declare ``smoke``).
@@ -180,13 +179,13 @@ def plan(
         names[name] = point
         if not all(any(same_value(point[k], v) for v in vals) for k, vals in allowed.items()):
             continue
-        run_dir = folder / name
-        parameters = {**spec.fixed, **point, RUN_PARAMETER: shown_path(run_dir, spec.root)}
+        run_dir, overrides = folder / name, spec.overrides_for(point)
+        parameters = {**spec.fixed, **point, **overrides}
+        parameters[RUN_PARAMETER] = shown_path(run_dir, spec.root)
         if smoke:
             parameters[SMOKE_PARAMETER] = True
-        jobs.append(
-            Job(name, "run", spec.notebook, run_dir / RUN_NOTEBOOK, parameters, point, run_dir)
-        )
+        output = run_dir / RUN_NOTEBOOK
+        jobs.append(Job(name, "run", spec.notebook, output, parameters, point, run_dir, overrides))
     return jobs
 
 

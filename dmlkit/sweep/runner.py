@@ -3,8 +3,9 @@
 Each job is a ``python -m dmlkit.sweep.worker`` process in its own session (so a terminal
 Ctrl-C reaches only this runner, which then stops the workers deliberately). The runner
 polls its workers, appends one ``manifest.jsonl`` record per finished attempt, queues
-each finished run's ``then`` steps, and on SIGINT/SIGTERM stops every running job
-(worker group, then kernel group), records it ``interrupted`` and returns.
+each finished run's ``then`` steps, and on SIGINT/SIGTERM stops every running job (worker
+group, then kernel group), records it ``interrupted`` and returns. With ``figures_only`` it
+starts no run: it queues the steps of the runs finished earlier, forced.
 """
 
 from __future__ import annotations
@@ -31,21 +32,12 @@ from .manifest import read_manifest as _read_manifest
 from .outcome import Outcome, SweepResult
 from .plan import Job, OnlyFilter, plan, plan_steps, shown_path, sweep_folder
 from .processes import THREAD_VARIABLES, kill_kernel, read_result, signal_group, threads_per_job
+from .resume import check_some_finished, is_finished
 from .spec import SweepSpec, load_spec
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.05
-
-
-def is_finished(job: Job, latest: dict[str, dict[str, Any]]) -> bool:
-    """Whether a job can be skipped: its latest record is ``ok`` and its outputs exist."""
-    record = latest.get(job.key)
-    return (
-        record is not None
-        and record.get("status") == "ok"
-        and all(path.is_file() for path in job.required_outputs)
-    )
 
 
 def run_sweep(
@@ -57,6 +49,7 @@ def run_sweep(
     out: str | Path | None = None,
     progress: bool = True,
     grace_s: float = 10.0,
+    figures_only: bool = False,
 ) -> SweepResult:
     """Run (or resume) a sweep; see docs/sweeps.md.
 
@@ -66,19 +59,28 @@ def run_sweep(
         smoke: inject ``smoke=True``.  only: restrict the grid (see ``parse_only``).
         out: parent of the sweep folder (default ``<root>/papermill_runs``).
         progress: show a tqdm bar.  grace_s: seconds a stopped job gets to exit cleanly.
+        figures_only: start no grid run; execute the ``then`` steps again, even those that
+            succeeded before: per-run steps on every finished run, then per-sweep steps.
+            Runs not finished are listed ``skipped`` with the reason as their error.
     Returns:
         The outcome of every job; ``exit_code`` is 0 iff every job succeeded (or was
         already done), 128 + signal number when interrupted, 1 otherwise.
     Raises:
         SpecError: before anything runs.  ManifestLockedError: a sweep already runs there.
+        NoFinishedRunError: ``figures_only`` and no selected run has finished.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
     grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
     folder = sweep_folder(spec, out)
+    if figures_only:
+        # Before taking the lock, which would create the sweep folder.
+        check_some_finished(spec, grid_jobs, folder)
     with lock_manifest(folder / MANIFEST):
-        runner = _Runner(spec, folder, jobs=jobs, smoke=smoke, grace_s=grace_s)
+        runner = _Runner(
+            spec, folder, jobs=jobs, smoke=smoke, grace_s=grace_s, figures_only=figures_only
+        )
         return runner.run(grid_jobs, progress=progress)
 
 
@@ -106,10 +108,17 @@ class _Runner:
     """The scheduling loop of one ``run_sweep`` call."""
 
     def __init__(
-        self, spec: SweepSpec, folder: Path, *, jobs: int, smoke: bool, grace_s: float
+        self,
+        spec: SweepSpec,
+        folder: Path,
+        *,
+        jobs: int,
+        smoke: bool,
+        grace_s: float,
+        figures_only: bool = False,
     ) -> None:
         self.spec, self.folder, self.jobs, self.smoke = spec, folder, jobs, smoke
-        self.grace_s = grace_s
+        self.grace_s, self.figures_only = grace_s, figures_only
         self.env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads_per_job(jobs)))}
         self.latest = latest_records(_read_manifest(folder / MANIFEST))
         self.active: list[_Active] = []
@@ -124,7 +133,9 @@ class _Runner:
     def run(self, grid_jobs: list[Job], *, progress: bool) -> SweepResult:
         queue: deque[Job] = deque()
         for job in grid_jobs:
-            if self._skip(job):
+            if self.figures_only:
+                queue.extend(self._figures_of(job))
+            elif self._skip(job):
                 queue.extend(j for j in self._steps_of(job) if not self._skip(j))
             else:
                 queue.append(job)
@@ -161,16 +172,30 @@ class _Runner:
         self.outcomes[job.key] = Outcome(job.key, job.kind, "skipped", None, None, job.output)
         return True
 
+    def _figures_of(self, run: Job) -> list[Job]:
+        # figures_only: every step of a finished run, forced; an unfinished run is left alone.
+        if is_finished(run, self.latest):
+            return self._steps_of(run)
+        status = self.latest.get(run.key, {}).get("status")
+        reason = {None: "never run", "ok": "outputs missing"}.get(status, f"last attempt {status}")
+        self.outcomes[run.key] = Outcome(
+            run.key, run.kind, "skipped", None, f"not finished ({reason})", run.output
+        )
+        return []
+
     def _steps_of(self, run: Job) -> list[Job]:
         return plan_steps(self.spec, run, smoke=self.smoke, folder=self.folder)
 
     def _sweep_steps(self, grid_jobs: list[Job]) -> list[Job]:
         steps = plan_steps(self.spec, None, smoke=self.smoke, folder=self.folder)
-        done = [j for j in grid_jobs if self.outcomes[j.key].status in ("ok", "skipped")]
+        if self.figures_only:
+            done = [j for j in grid_jobs if is_finished(j, self.latest)]
+        else:
+            done = [j for j in grid_jobs if self.outcomes[j.key].status in ("ok", "skipped")]
         if steps and not done:
             logger.warning("no run finished; per-sweep steps not run")
             return []
-        if self.executed:
+        if self.executed or self.figures_only:
             return steps
         return [step for step in steps if not self._skip(step)]
 

@@ -18,8 +18,11 @@ from typing import Any
 
 import yaml
 
-TOP_LEVEL_KEYS = ("name", "notebook", "fixed", "grid", "then", "kernel", "timeout_s")
+from .values import mapping, matches, same_value, string, where_filter
+
+TOP_LEVEL_KEYS = ("name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s")
 STEP_KEYS = ("notebook", "per", "name", "parameters", "where")
+OVERRIDE_KEYS = ("where", "set")
 DEFAULT_KERNEL = "dmlkit"
 # Parameters the runner injects itself; a spec may not set them.
 RUN_PARAMETER = "out_dir"
@@ -52,10 +55,24 @@ class ThenStep:
 
     def matches(self, point: Mapping[str, Any]) -> bool:
         """Whether a grid point passes this step's ``where`` filter."""
-        return all(
-            any(same_value(point[key], value) for value in values)
-            for key, values in self.where.items()
-        )
+        return matches(self.where, point)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Run-notebook parameters for the grid points that match ``where``.
+
+    Attributes:
+        where: grid key -> allowed values (as a ``then`` step's ``where``).
+        set: parameters added to / replacing the injected ones on those points.
+    """
+
+    where: dict[str, list[Any]]
+    set: dict[str, Any]
+
+    def matches(self, point: Mapping[str, Any]) -> bool:
+        """Whether a grid point passes this override's ``where`` filter."""
+        return matches(self.where, point)
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class SweepSpec:
         name: sweep name, the folder under ``papermill_runs/``.
         notebook: absolute path of the notebook run once per grid point.
         fixed: parameters common to every run.  grid: key -> values, in spec order.
+        overrides: per-point parameters, applied in order (later entries win).
         then: figure steps.  kernel: Jupyter kernel name.
         timeout_s: per-execution wall-clock limit (None = none).
         notebook_parameters: the names in each notebook's ``parameters`` cell.
@@ -82,6 +100,7 @@ class SweepSpec:
     kernel: str = DEFAULT_KERNEL
     timeout_s: float | None = None
     notebook_parameters: dict[Path, frozenset[str]] = field(default_factory=dict, repr=False)
+    overrides: tuple[Override, ...] = ()
 
     @property
     def num_points(self) -> int:
@@ -91,10 +110,13 @@ class SweepSpec:
             count *= len(values)
         return count
 
-
-def same_value(a: Any, b: Any) -> bool:
-    """Equality that keeps YAML types apart (``True`` is not ``1``, ``1`` is not ``1.0``)."""
-    return type(a) is type(b) and a == b
+    def overrides_for(self, point: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``set`` parameters of every override matching ``point``, later ones winning."""
+        merged: dict[str, Any] = {}
+        for override in self.overrides:
+            if override.matches(point):
+                merged.update(override.set)
+        return merged
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -103,15 +125,16 @@ def load_spec(path: str | Path) -> SweepSpec:
     Raises:
         SpecError: naming the file and key, for unknown keys, a missing name/notebook, a
             notebook that does not exist, an empty grid, a grid value that is not a
-            non-empty list, or a parameter name absent from a notebook's parameters cell.
+            non-empty list, an override or ``where`` on a key or value not in the grid, or a
+            parameter name absent from a notebook's parameters cell.
     """
     path = Path(path)
     data = _read_yaml(path)
     _check_keys(path, "", data, TOP_LEVEL_KEYS)
     err = _error_factory(path)
     name = _name(err, data)
-    root = find_root(path, _string(err, "notebook", data["notebook"])).resolve()
-    fixed = _mapping(err, "fixed", data.get("fixed") or {})
+    root = find_root(path, string(err, "notebook", data["notebook"])).resolve()
+    fixed = mapping(err, "fixed", data.get("fixed") or {})
     grid = _grid(err, data.get("grid"))
     both = sorted(fixed.keys() & grid.keys())
     if both:
@@ -127,7 +150,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         fixed=fixed,
         grid=grid,
         then=steps,
-        kernel=_string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
+        overrides=_overrides(err, data.get("overrides"), grid),
+        kernel=string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
         timeout_s=_timeout(err, data.get("timeout_s")),
     )
     _check_kernel(err, spec.kernel)
@@ -204,42 +228,10 @@ def _check_keys(path: Path, prefix: str, data: Mapping, allowed: tuple[str, ...]
             raise SpecError(f"{path}: {where}: unknown key; expected one of {', '.join(allowed)}")
 
 
-def _string(err, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise err(key, f"must be a non-empty string, got {value!r}")
-    return value
-
-
-def _mapping(err, key: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise err(key, f"must be a mapping of parameter: value, got {type(value).__name__}")
-    for name, item in value.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise err(key, f"parameter names must be Python identifiers, got {name!r}")
-        _check_plain(err, f"{key}.{name}", item)
-    return dict(value)
-
-
-def _check_plain(err, key: str, value: Any) -> None:
-    # Values are injected into notebooks as Python literals and written to JSON; YAML
-    # dates, sets or tagged objects would survive neither.
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return
-    if isinstance(value, list):
-        for item in value:
-            _check_plain(err, key, item)
-        return
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        for item in value.values():
-            _check_plain(err, key, item)
-        return
-    raise err(key, f"unsupported value {value!r} ({type(value).__name__}); use plain YAML")
-
-
 def _grid(err, raw: Any) -> dict[str, list[Any]]:
     if raw is None or raw == {}:
         raise err("grid", "empty; give at least one parameter with a list of values")
-    grid = _mapping(err, "grid", raw)
+    grid = mapping(err, "grid", raw)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise err(f"grid.{key}", f"must be a non-empty list of values, got {values!r}")
@@ -258,7 +250,7 @@ def _timeout(err, value: Any) -> float | None:
 
 
 def _notebook_path(err, key: str, root: Path, value: Any) -> Path:
-    notebook = (root / _string(err, key, value)).resolve()
+    notebook = (root / string(err, key, value)).resolve()
     if notebook.suffix != ".ipynb":
         raise err(key, f"expected a .ipynb notebook, got {value!r}")
     if not notebook.is_file():
@@ -288,19 +280,39 @@ def _step(err, key: str, root: Path, raw: Any, grid: Mapping[str, list]) -> Then
     name = raw.get("name", notebook.stem)
     if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name == "notebook":
         raise err(f"{key}.name", f"must be a file name other than 'notebook', got {name!r}")
-    where = _mapping(err, f"{key}.where", raw.get("where") or {})
+    where = where_filter(err, f"{key}.where", raw.get("where") or {}, grid)
     if where and per == "sweep":
         raise err(f"{key}.where", "only per-run steps can filter runs")
-    for grid_key, allowed in where.items():
-        if grid_key not in grid:
-            raise err(f"{key}.where.{grid_key}", f"not a grid key; grid keys: {', '.join(grid)}")
-        allowed = allowed if isinstance(allowed, list) else [allowed]
-        for value in allowed:
-            if not any(same_value(value, v) for v in grid[grid_key]):
-                raise err(f"{key}.where.{grid_key}", f"{value!r} is not one of {grid[grid_key]}")
-        where[grid_key] = allowed
-    parameters = _mapping(err, f"{key}.parameters", raw.get("parameters") or {})
+    parameters = mapping(err, f"{key}.parameters", raw.get("parameters") or {})
     return ThenStep(name=name, notebook=notebook, per=per, parameters=parameters, where=where)
+
+
+def _overrides(err, raw: Any, grid: Mapping[str, list]) -> tuple[Override, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise err("overrides", f"must be a list of {{where: ..., set: ...}}, got {raw!r}")
+    return tuple(_override(err, f"overrides[{i}]", item, grid) for i, item in enumerate(raw))
+
+
+def _override(err, key: str, raw: Any, grid: Mapping[str, list]) -> Override:
+    if not isinstance(raw, dict):
+        raise err(key, f"must be a mapping {{where: ..., set: ...}}, got {raw!r}")
+    for name in raw:
+        if name not in OVERRIDE_KEYS:
+            raise err(f"{key}.{name}", f"unknown key; expected one of {', '.join(OVERRIDE_KEYS)}")
+    if not raw.get("where"):
+        raise err(f"{key}.where", "missing (required); parameters of every run go in 'fixed'")
+    if not raw.get("set"):
+        raise err(f"{key}.set", "missing (required): the parameters to set on these runs")
+    where = where_filter(err, f"{key}.where", raw["where"], grid)
+    values = mapping(err, f"{key}.set", raw["set"])
+    for name in values:
+        if name in grid:
+            raise err(f"{key}.set.{name}", "a grid key; an override cannot change the grid point")
+        if name in (RUN_PARAMETER, SMOKE_PARAMETER):
+            raise err(f"{key}.set.{name}", "set by the runner; remove it")
+    return Override(where=where, set=values)
 
 
 def _check_step_names(err, steps: tuple[ThenStep, ...]) -> None:
@@ -336,6 +348,7 @@ def _check_parameters(spec: SweepSpec) -> SweepSpec:
             raise err("notebook", f"cannot inspect {notebook}: {exc}") from exc
         declared[notebook] = names
     checks = [("fixed", spec.notebook, spec.fixed), ("grid", spec.notebook, spec.grid)]
+    checks += [(f"overrides[{i}].set", spec.notebook, o.set) for i, o in enumerate(spec.overrides)]
     checks += [(f"then[{i}].parameters", s.notebook, s.parameters) for i, s in enumerate(spec.then)]
     for key, notebook, parameters in checks:
         _check_names(err, key, notebook, declared[notebook], parameters)
