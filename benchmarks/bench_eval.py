@@ -28,7 +28,7 @@ import time
 import torch
 
 KS = (1, 10, 100)
-METHODS = ("dmlkit", "dmlkit-fp32", "torch-naive", "sklearn", "faiss", "pml")
+METHODS = ("dmlkit", "dmlkit-fp32", "dmlkit-cuda", "torch-naive", "sklearn", "faiss", "pml")
 
 
 def sop_like(
@@ -71,6 +71,13 @@ def run_dmlkit(x, labels, precision="auto"):
     return recalls(knn(x, k=max(KS), precision=precision)[1], labels)
 
 
+def run_dmlkit_cuda(x, labels):
+    """``knn`` on the GPU; ``worker`` moved x there before the clock started."""
+    from dmlkit.evaluate import knn
+
+    return recalls(knn(x, k=max(KS))[1].cpu(), labels)  # .cpu() waits for the GPU
+
+
 def run_torch_naive(x, labels, block=2048):
     """Plain blocked fp32 matmul + topk: the obvious baseline."""
     out = []
@@ -106,6 +113,7 @@ def run_pml(x, labels):
 RUNNERS = {
     "dmlkit": run_dmlkit,
     "dmlkit-fp32": lambda x, y: run_dmlkit(x, y, "fp32"),
+    "dmlkit-cuda": run_dmlkit_cuda,
     "torch-naive": run_torch_naive,
     "sklearn": run_sklearn,
     "faiss": run_faiss,
@@ -134,6 +142,11 @@ def worker(method: str, n: int, repeats: int) -> None:
     if method in ("faiss", "pml") and not _installed(method):
         print(json.dumps({"skipped": f"{method} not installed"}))
         return
+    if method == "dmlkit-cuda":
+        if not torch.cuda.is_available():
+            print(json.dumps({"skipped": "no CUDA device"}))
+            return
+        x = x.to("cuda")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

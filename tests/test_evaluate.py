@@ -119,6 +119,19 @@ def test_knn_certifies_most_queries_at_the_first_try(caplog):
     assert "uncertified 0," in caplog.text
 
 
+def test_knn_on_worker_threads_is_exact_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, indices = knn(DATA["duplicates"], k=9, block_size=64)  # 10 blocks, 2 workers
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(
+        indices.numpy(), _reference_knn(DATA["duplicates"], None, 9, True)[1]
+    )
+
+
 def test_knn_hand_computed_line_with_ties():
     # Points on a line at 0, 1, 3, 6, 2 (index 4): from 1, the points 0 and 2 tie.
     x = torch.tensor([[0.0], [1.0], [3.0], [6.0], [2.0]])
@@ -180,6 +193,19 @@ def test_candidate_score_error_stays_within_the_certified_bound(precision):
     output_rounding = index.output_unit * approx.abs() / (1 - index.output_unit)
     assert (accumulated_error <= bound[:, None] + output_rounding).all()
     assert accumulated_error.max() > 0  # the check is not vacuous
+
+
+def test_an_accumulation_without_a_bound_never_certifies(monkeypatch):
+    # bf16 partial sums (cuBLAS' reduced-precision reduction) give n·u ≥ 1: no bound, so
+    # every query must fall back rather than pass on a negative "bound".
+    monkeypatch.setattr(_exact, "_hardware_units", lambda device, dtype: (0.0, 2.0**-8))
+    x = nn.functional.normalize(torch.randn(20, 512), dim=1)
+    index = _exact.build_key_index(x, "bf16")
+    _, error = _exact.query_operand(index, x[:5])
+    assert torch.isinf(error).all()
+    assert not _exact.certified(
+        index, x[:5].double().pow(2).sum(1), error, x[:5, 0], x[:5, 1]
+    ).any()
 
 
 def test_select_candidates_returns_the_top_scores():
@@ -267,6 +293,12 @@ def test_kmeans_is_seeded_and_finds_separated_clusters():
     assert normalized_mutual_info(y, a) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="num_clusters=401"):
         kmeans(z, 401)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.testing.assert_close(kmeans(z, 10, seed=3), a)  # same on 2 worker threads
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- density diagnostics

@@ -23,6 +23,9 @@ u = 2⁻²⁴), plus the rounding of the output to the candidate dtype (relative
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +35,7 @@ _FP32_UNIT = 2.0**-24
 _BF16_UNIT = 2.0**-8
 # Norms spread by more than this (relative) are folded into the candidate score.
 _NORM_SPREAD = 1e-4
-_GATHER_BYTES = 2**22  # float64 candidate rows staged at once (about L2 size)
+_GATHER_BYTES = 2**20  # float64 candidate rows staged at once (fits in L2)
 
 
 @dataclass
@@ -95,13 +98,45 @@ def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
     residual = (exact.double() - operand.double()).norm(dim=1)  # (m,) ||δx_q||
     norm = operand.double().norm(dim=1)  # (m,) ||x̃_q||
     dim = operand.shape[1] + 1  # +1: the final rounding of an fp32 output
-    gamma = dim * index.accumulation_unit / (1 - dim * index.accumulation_unit)
+    nu = dim * index.accumulation_unit
+    gamma = nu / (1 - nu) if nu < 1 else math.inf  # no bound: the certificate fails
     k_norm, k_res = index.max_operand_norm, index.max_residual_norm
     hidden = 2 * index.input_unit + index.input_unit**2  # TF32 rounds x̃ once more
     error = norm * k_res + residual * k_norm + residual * k_res
     error = error + (gamma + hidden) * norm * k_norm
     # Absolute slack: flushed subnormal products on AMX/tensor cores.
     return operand, error + 1e-30 * dim
+
+
+def run_blocks(function: Callable[[int], None], starts: Iterable[int], device) -> None:
+    """Call ``function(start)`` for every block start; independent blocks.
+
+    On CPU they run on ``torch.get_num_threads()`` Python threads while torch's intra-op
+    threads are set to 1 (restored afterwards): a block is many small ops, and each
+    parallel op would pay an OpenMP barrier that costs milliseconds whenever other
+    processes share the cores. Elsewhere (CUDA) they run in order.
+    """
+    with _coarse_threads(torch.device(device)) as workers:
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(function, starts))  # list(): re-raise worker errors
+        else:
+            for start in starts:
+                function(start)
+
+
+@contextmanager
+def _coarse_threads(device: torch.device):
+    """Yield the worker count; on CPU, torch ops run single-threaded inside."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1:
+        yield 1
+        return
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -217,16 +252,25 @@ def certified(
     w = worst_kept.double()
     upper = torch.where(w >= 0, w / (1 - u), w / (1 + u)) + error
     lower = q_sq_norms + index.norm_offset - 2 * upper
-    # Slack for the float64 evaluation of both sides (relative 1e-12 of the magnitudes).
-    scale = q_sq_norms + index.sq_norms.max() + 2 * q_sq_norms.sqrt() * index.sq_norms.max().sqrt()
-    return lower - 1e-12 * scale > kth_sq
+    # Slack for the float64 evaluation of both sides: 4·(D + 2)·2⁻⁵³ of the magnitudes.
+    n_max = index.sq_norms.max()
+    scale = q_sq_norms + n_max + 2 * (q_sq_norms * n_max).sqrt()
+    return lower - 4 * (index.keys.shape[1] + 2) * 2.0**-53 * scale > kth_sq
 
 
-def exhaustive_sq_distances(index: KeyIndex, queries: Tensor, self_rows: Tensor | None) -> Tensor:
+def exhaustive_sq_distances(
+    index: KeyIndex, queries: Tensor, self_rows: Tensor | None, key_rows: int = 8192
+) -> Tensor:
     """float64 d² (m, M) to every key, duplicates tied, own key +inf. O(m·M) memory."""
     q64 = queries.double()
-    keys64 = index.keys.double()
-    sq = q64.pow(2).sum(1, keepdim=True) + index.sq_norms[None, :] - 2 * (q64 @ keys64.T)
+    dots = torch.cat(
+        [
+            q64 @ index.keys[s : s + key_rows].double().T
+            for s in range(0, len(index.keys), key_rows)
+        ],
+        dim=1,
+    )  # (m, M), float64 keys converted a chunk at a time
+    sq = q64.pow(2).sum(1, keepdim=True) + index.sq_norms[None, :] - 2 * dots
     sq = sq.clamp_min(0)[:, index.representative]  # bitwise-equal keys share one value
     if self_rows is not None:
         sq[torch.arange(len(sq), device=sq.device), self_rows] = math.inf
@@ -304,7 +348,7 @@ def _round_operand(
 def _hardware_units(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """(input_unit, accumulation_unit) of a matmul in ``dtype`` on ``device``."""
     if device.type == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return 2.0**-11, _FP32_UNIT  # TF32 keeps 10 of fp32's 23 mantissa bits
+        return 2.0**-10, _FP32_UNIT  # TF32 keeps 10 mantissa bits (rounded or truncated)
     if (
         device.type == "cuda"
         and dtype == torch.bfloat16

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.evaluate._exact import resolve_precision
+from dmlkit.evaluate._exact import resolve_precision, run_blocks
 
 _BLOCK_BYTES = 2**26
 
@@ -115,11 +115,13 @@ def _sq_dist_to(x: Tensor, centers: Tensor) -> Tensor:
     out = torch.empty(len(x), len(centers), device=x.device)
     c_sq = centers.pow(2).sum(1)
     rows = max(1, _BLOCK_BYTES // (4 * max(1, len(centers))))
-    for s in range(0, len(x), rows):
-        block = x[s : s + rows]
-        out[s : s + rows] = (
-            block.pow(2).sum(1, keepdim=True) + c_sq - 2 * block @ centers.T
-        ).clamp_min(0)
+
+    def block(s: int) -> None:
+        part = x[s : s + rows]
+        sq = part.pow(2).sum(1, keepdim=True) + c_sq - 2 * part @ centers.T
+        out[s : s + rows] = sq.clamp_min(0)
+
+    run_blocks(block, range(0, len(x), rows), x.device)
     return out
 
 
@@ -129,10 +131,13 @@ def _assign(x: Tensor, centers: Tensor, dtype: torch.dtype) -> tuple[Tensor, Ten
     c_op = centers.to(dtype)
     labels = torch.empty(len(x), dtype=torch.long, device=x.device)
     rows = max(1, _BLOCK_BYTES // (4 * max(1, len(centers))))
-    for s in range(0, len(x), rows):
+
+    def block(s: int) -> None:
         score = c_sq - 2 * (x[s : s + rows].to(dtype) @ c_op.T).float()  # (rows, C)
         labels[s : s + rows] = score.argmin(1)
-    sq_dist = (x - centers[labels]).pow(2).sum(1)  # (N,) exact-ish, for re-seeding
+
+    run_blocks(block, range(0, len(x), rows), x.device)
+    sq_dist = (x - centers[labels]).pow(2).sum(1)  # (N,) for re-seeding empty clusters
     return labels, sq_dist
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from numbers import Integral
 
 import torch
@@ -72,13 +70,7 @@ def knn(
         rows = slice(start, start + block)
         sq[rows], indices[rows] = search.block(queries[rows], start)
 
-    with _coarse_threads(device) as workers:
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, range(0, len(queries), block)))
-        else:
-            for start in range(0, len(queries), block):
-                run(start)
+    _exact.run_blocks(run, range(0, len(queries), block), device)
     log.debug(
         "knn %s: %d queries, %d keys, k=%d, %d candidates; uncertified %d, exhaustive %d",
         *(precision, len(queries), len(keys_), k, search.count),
@@ -159,20 +151,6 @@ class _Search:
         if key not in buffers or len(buffers[key]) < len(operand):
             buffers[key] = operand.new_empty(len(operand), len(index.operand))
         return buffers[key][: len(operand)]
-
-
-@contextmanager
-def _coarse_threads(device: torch.device):
-    """Yield the worker count; on CPU, torch ops run single-threaded inside."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1:
-        yield 1
-        return
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _exhaustive(index, queries, own, k) -> tuple[Tensor, Tensor]:
