@@ -474,3 +474,32 @@ def test_cli_reports_an_invalid_config_without_a_traceback(capsys):
 def test_unavailable_device_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="cuda is not available"):
         fit(tiny_config(device="cuda"))
+
+
+@pytest.mark.slow  # inductor compiles for ~30 s on a 2-core CPU
+def test_compiled_model_trains_like_the_eager_one(tiny):
+    compiled, eager = fit(tiny_config(compile=True)), fit(tiny_config())
+    losses = [[r["loss"] for r in run.history] for run in (compiled, eager)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
+    assert abs(compiled.metrics["recall@1"] - eager.metrics["recall@1"]) <= 0.1
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import dmlkit.train.checkpoint as checkpoint
+
+    fit(tiny_config(epochs=1, out_dir=tmp_path))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, handle, *args, **kwargs):
+        real_save(obj, handle, *args, **kwargs)  # bytes reach the temporary file, then:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="cannot write checkpoint .*checkpoint.pt.*intact") as error:
+        fit(tiny_config(epochs=2, out_dir=tmp_path, resume=True))
+    assert error.value.errno == errno.ENOSPC
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))

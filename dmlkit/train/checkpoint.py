@@ -31,9 +31,21 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` (plus format tag and version) to ``path``."""
-    with atomic_writer(path, "wb") as handle:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
+    """Atomically write ``state`` (plus format tag and version) to ``path``.
+
+    Raises:
+        OSError: the write failed (e.g. a full disk); its message names ``path`` and the
+            previous checkpoint there is left intact.
+    """
+    try:
+        with atomic_writer(path, "wb") as handle:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"cannot write checkpoint {path}: {error.strerror or error}; the previous "
+            "checkpoint (if any) is intact",
+        ) from error
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
