@@ -345,10 +345,11 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
     terms: dict[str, Tensor] = {}
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gather = distributed.gather if run.ctx.enabled else None
-    bar = tqdm(
-        total=num_steps,
+    batch = cfg.p * cfg.k * run.ctx.world_size  # images per global step
+    bar = tqdm(  # counts images, so its rate is the throughput in img/s
+        total=num_steps * batch,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        unit="batch",
+        unit="img",
         leave=False,
         disable=not (cfg.progress and run.ctx.is_main),
     )
@@ -373,7 +374,7 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
             terms.setdefault(name, torch.zeros(num_steps, device=device))[step] = value
         if on_step is not None:
             on_step(epoch, step)
-        bar.update()
+        bar.update(batch)
         if (step + 1) % _SYNC_EVERY == 0:
             _check_finite(run, epoch, losses[: step + 1], terms)
             bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
