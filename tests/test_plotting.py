@@ -281,7 +281,13 @@ def test_dataset_images_refuses_transformed_items():
 
 def test_learning_curves_tolerates_key_layouts_and_sparse_metrics():
     history = [
-        {"epoch": 1, "loss": 1.0, "terms": {"pull": 0.6, "push": 0.4}, "lr": 1e-3},
+        {
+            "epoch": 1,
+            "loss": 1.0,
+            "terms": {"pull": 0.6, "push": 0.4},
+            "lr": 1e-3,
+            "images_per_s": 9e2,
+        },
         {
             "epoch": 2,
             "loss": 0.8,

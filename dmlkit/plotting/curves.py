@@ -26,7 +26,7 @@ _METRIC_PREFIXES = ("eval/", "metrics/", "test/", "val/")
 # Bookkeeping, not curves.
 _SKIP = re.compile(
     r"^(epoch|step|steps|iteration|iterations|time|seconds|\w*_time|lr|"
-    r"learning_rate|samples|batches)$"
+    r"learning_rate|samples|batches|images_per_s|\w*_per_s)$"
 )
 
 
