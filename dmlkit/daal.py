@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dmlkit.losses import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
+from dmlkit.numerics import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
 
 __all__ = [
     "DAALLoss",
@@ -294,7 +294,7 @@ def _unit(x: Tensor) -> Tensor:
 def _resolve_base(base: Any) -> Callable[[Tensor, Tensor], Tensor] | None:
     if base is None or callable(base):
         return base
-    from dmlkit.losses import LOSSES  # the registry is built lazily (it names DAALLoss)
+    from dmlkit.losses import LOSSES  # imported here: dmlkit.losses imports this module
 
     pair_losses = [name for name, loss in LOSSES.items() if not isinstance(loss, type)]
     if base not in pair_losses:

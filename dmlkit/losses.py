@@ -10,7 +10,6 @@ pair/triplet gives a graph-connected 0 with zero gradients — never NaN.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -21,86 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmlkit.daal import DAALLoss
 from dmlkit.density import DensityAdaptive
+from dmlkit.numerics import (  # noqa: F401 - pairwise_distance and DISTANCES are public here
+    DISTANCES,
+    class_rows,
+    full_precision,
+    masked_logsumexp,
+    pairwise_distance,
+    resolve_classes,
+    safe_sqrt,
+    upcast,
+)
 
-DISTANCES = ("euclidean", "squared", "cosine")
 MINING = ("all", "semihard", "hard")
-_SQRT_EPS = 1e-12  # below this a squared distance is treated as exactly 0
-
-
-def full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Run ``loss_fn`` with autocast off and fp16/bf16 ``embeddings`` cast to fp32."""
-
-    @functools.wraps(loss_fn)
-    def wrapper(embeddings: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        # Autocast would send the Gram matmul back to half precision, where d ≈ 0.5
-        # has ~3 significant digits and exp(50·s) overflows.
-        with torch.autocast(embeddings.device.type, enabled=False):
-            return loss_fn(upcast(embeddings), *args, **kwargs)
-
-    return wrapper
-
-
-def upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 → fp32; other dtypes unchanged (float64 tests stay float64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def masked_logsumexp(x: Tensor, mask: Tensor, dim: int, *, add_one: bool = False) -> Tensor:
-    """log Σ_{mask} exp(x) along ``dim`` (with ``add_one``: log(1 + Σ_{mask} exp(x))).
-
-    Stable (the row maximum is subtracted) and NaN-free: ``exp`` only ever sees
-    arguments in [−80, 0], so a masked-out entry can neither overflow nor leak into the
-    backward pass; a row with nothing selected gives a finite, gradient-free value (0
-    with ``add_one``, a large negative number without) that callers mask out.
-    """
-    peak = x.detach().masked_fill(~mask, -math.inf).amax(dim, keepdim=True)
-    if add_one:
-        peak = peak.clamp_min(0)  # the implicit term exp(0)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    # A term below e^−80 times the largest changes nothing in fp32 or float64 sums, and
-    # CPU exp is tens of times slower on arguments whose result underflows: hence a floor.
-    shifted = (x - peak).masked_fill(~mask, -80.0).clamp_min(-80.0)  # selected: ≤ 0
-    total = torch.where(mask, torch.exp(shifted), 0.0)
-    total = total.sum(dim, keepdim=True)
-    if add_one:
-        total = total + torch.exp((-peak).clamp_min(-80.0))
-    tiny = torch.finfo(total.dtype).tiny
-    return (torch.log(total.clamp_min(tiny)) + peak).squeeze(dim)
-
-
-def pairwise_distance(
-    embeddings: Tensor, kind: str = "euclidean", other: Tensor | None = None
-) -> Tensor:
-    """All distances between rows of ``embeddings`` (B, D) and ``other`` (M, D) or itself.
-
-    ``kind``: "euclidean" ||x−y||, "squared" ||x−y||², "cosine" 1 − cos(x, y); smaller is
-    closer for every kind. Computed from the Gram matrix in fp32 (float64 kept): O(B·M·D)
-    time, O(B·M) memory. The self-distance diagonal is exactly 0.
-    """
-    if kind not in DISTANCES:
-        raise ValueError(f"unknown distance kind {kind!r}; valid: {', '.join(DISTANCES)}")
-    x = upcast(embeddings)
-    y = x if other is None else upcast(other)
-    with torch.autocast(x.device.type, enabled=False):
-        if kind == "cosine":
-            return 1 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
-        norms = x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :]  # (B, M)
-        squared = torch.addmm(norms, x, y.T, alpha=-2)  # ||x||² + ||y||² − 2<x, y>, fused
-        squared = squared.clamp_min(0)  # rounding can make the Gram form slightly negative
-        if other is None:
-            squared.diagonal().zero_()  # exactly 0, not rounding noise (clamp saved its input)
-        if kind == "squared":
-            return squared
-        return safe_sqrt(squared)
-
-
-def safe_sqrt(squared: Tensor) -> Tensor:
-    """sqrt with a zero (not infinite) gradient at 0."""
-    # Clamp before sqrt: d sqrt(x)/dx is infinite at x = 0 (the diagonal, duplicate
-    # samples), and 0·inf = NaN would poison every gradient that touches it.
-    root = squared.clamp_min(_SQRT_EPS).sqrt()
-    return torch.where(squared > _SQRT_EPS, root, 0.0)
 
 
 def _active_mean(terms: Tensor, valid: Tensor) -> Tensor:
@@ -283,39 +216,6 @@ def proxy_anchor_loss(
     return pos_term.sum() / with_positives + neg_term.sum() / len(proxies)
 
 
-def resolve_classes(
-    num_classes: int | None, classes: Sequence[int] | np.ndarray | Tensor | None
-) -> Tensor:
-    """The sorted class labels (C,) long tensor; 0..num_classes−1 when ``classes`` is None."""
-    if classes is None:
-        if num_classes is None or num_classes < 1:
-            raise ValueError("give num_classes (≥ 1) or the list of classes")
-        return torch.arange(num_classes)
-    values = classes.detach().cpu() if isinstance(classes, Tensor) else torch.as_tensor(classes)
-    if values.numel() and (values.is_floating_point() or values.dtype == torch.bool):
-        raise ValueError(f"classes must be integer labels, got dtype {values.dtype}")
-    values = values.long().flatten()
-    if len(values) == 0 or len(torch.unique(values)) != len(values):
-        raise ValueError("classes must be a non-empty list of distinct integer labels")
-    if num_classes is not None and num_classes != len(values):
-        raise ValueError(f"num_classes={num_classes} but {len(values)} classes were given")
-    return torch.sort(values).values
-
-
-def class_rows(classes: Tensor, labels: Tensor) -> Tensor:
-    """Row of each label in the sorted ``classes`` (C,); ValueError naming unknown labels.
-
-    The membership check reads one boolean back from the device (a host sync).
-    """
-    labels = labels.to(classes.device, torch.long)
-    rows = torch.searchsorted(classes, labels).clamp_max(len(classes) - 1)  # (B,)
-    unknown = classes[rows] != labels
-    if unknown.any():
-        missing = torch.unique(labels[unknown])[:10].tolist()
-        raise ValueError(f"labels not among this loss's classes: {missing}")
-    return rows
-
-
 class PairLoss(nn.Module):
     """A pure pair/triplet loss function with fixed hyper-parameters, as a module."""
 
@@ -380,31 +280,14 @@ class ProxyAnchorLoss(nn.Module):
         return [self.proxies]
 
 
-_LOSSES: dict[str, Callable[..., Any]] = {}
-
-
-def _registry() -> dict[str, Callable[..., Any]]:
-    """The loss registry, filled on first use (dmlkit.daal imports this module)."""
-    if not _LOSSES:
-        from dmlkit.daal import DAALLoss
-
-        _LOSSES.update(
-            contrastive=contrastive_loss,
-            triplet=triplet_margin_loss,
-            npair=npair_loss,
-            ms=multi_similarity_loss,
-            proxy_anchor=ProxyAnchorLoss,
-            daal=DAALLoss,
-        )
-    return _LOSSES
-
-
-def __getattr__(name: str) -> Any:
-    # ``LOSSES`` is a plain dict; it is built lazily only to break the import cycle
-    # losses → daal → losses (DAAL reuses the helpers above).
-    if name == "LOSSES":
-        return _registry()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+LOSSES: dict[str, Callable[..., Any]] = {
+    "contrastive": contrastive_loss,
+    "triplet": triplet_margin_loss,
+    "npair": npair_loss,
+    "ms": multi_similarity_loss,
+    "proxy_anchor": ProxyAnchorLoss,
+    "daal": DAALLoss,
+}
 
 
 def _check_keywords(
@@ -440,10 +323,9 @@ def build_loss(
     **density_options)``. Raises ValueError for an unknown name, TypeError for an unknown
     hyper-parameter.
     """
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(registry)}")
-    factory = registry[name]
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+    factory = LOSSES[name]
     _check_keywords(factory, hyperparams, f"loss {name!r}", exclude=("classes",))
     options = dict(density_options or {})
     # weight and target have their own build_loss arguments (density_weight, density_target).
