@@ -43,7 +43,7 @@ class KeyIndex:
     """Keys prepared for repeated candidate scoring; built once per search."""
 
     keys: Tensor  # (M, D) float32/float64 input keys
-    operand: Tensor  # (M, D') candidate-precision keys (with norm coordinates if augmented)
+    operand_t: Tensor  # (D', M) candidate-precision keys, transposed (+ norm coordinates)
     sq_norms: Tensor  # (M,) float64 ||k_j||²
     norm_offset: float  # n̄ folded into σ (augmented) or n_min (not augmented)
     max_operand_norm: float  # max_j ||x̃_k||
@@ -67,13 +67,16 @@ def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
     offset = sq_norms.mean().item() if augmented else n_min
     shift = (-(sq_norms - offset) / 2)[:, None] if augmented else None  # (M, 1) float64
     if shift is None and keys.dtype == dtype:
-        operand, norm, residual = keys.contiguous(), math.sqrt(n_max), 0.0
+        operand, norm, residual = keys, math.sqrt(n_max), 0.0
     else:
         operand, norm, residual = _round_operand(keys, shift, dtype)
+    # bf16 matmuls (oneDNN) run about 2× faster on a contiguous (D', M) right operand; the
+    # fp32 ones do not care, so the fp32 keys are not copied.
+    operand_t = operand.T.contiguous() if dtype == torch.bfloat16 else operand.T
     input_unit, accumulation_unit = _hardware_units(keys.device, dtype)
     return KeyIndex(
         keys=keys,
-        operand=operand,
+        operand_t=operand_t,
         sq_norms=sq_norms,
         norm_offset=offset,
         max_operand_norm=norm,
@@ -91,8 +94,8 @@ def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
     Returns: operand (m, D'), error (m,) float64 — the bound on |σ̃_acc − σ| per query
     before output rounding.
     """
-    dtype = index.operand.dtype
-    extra = index.operand.shape[1] - queries.shape[1]
+    dtype = index.operand_t.dtype
+    extra = index.operand_t.shape[0] - queries.shape[1]
     exact = torch.cat([queries, queries.new_ones(len(queries), extra)], 1) if extra else queries
     operand = exact.to(dtype)
     residual = (exact.double() - operand.double()).norm(dim=1)  # (m,) ||δx_q||
@@ -159,7 +162,7 @@ def candidate_scores(
     index: KeyIndex, operand: Tensor, self_rows: Tensor | None, out: Tensor | None = None
 ) -> Tensor:
     """σ̃ (m, M) in candidate precision (into ``out`` if given); own key −inf if self_rows."""
-    scores = torch.mm(operand, index.operand.T, out=out)  # (m, M)
+    scores = torch.mm(operand, index.operand_t, out=out)  # (m, M)
     if self_rows is not None:
         scores[torch.arange(len(scores), device=scores.device), self_rows] = -math.inf
     return scores

@@ -62,7 +62,7 @@ def knn(
         return empty.to(_output_dtype(queries)), empty.long()
     precision = _exact.resolve_precision(precision, device)
     search = _Search(keys_, precision, k, skip_self=self_search and exclude_self)
-    block = block_size or _default_block(len(keys_), search.index.operand.element_size())
+    block = block_size or _default_block(len(keys_), search.index.operand_t.element_size())
     sq = torch.empty(len(queries), k, dtype=torch.float64, device=device)
     indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
 
@@ -147,9 +147,9 @@ class _Search:
         """This thread's reused (rows, M) score buffer (a fresh 64 MiB tensor per block
         would be page-faulted in again every time)."""
         buffers = self._local.__dict__.setdefault("buffers", {})
-        key = (operand.dtype, len(index.operand))
+        key = (operand.dtype, len(index.keys))
         if key not in buffers or len(buffers[key]) < len(operand):
-            buffers[key] = operand.new_empty(len(operand), len(index.operand))
+            buffers[key] = operand.new_empty(len(operand), len(index.keys))
         return buffers[key][: len(operand)]
 
 
