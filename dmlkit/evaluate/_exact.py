@@ -35,7 +35,9 @@ _FP32_UNIT = 2.0**-24
 _BF16_UNIT = 2.0**-8
 # Norms spread by more than this (relative) are folded into the candidate score.
 _NORM_SPREAD = 1e-4
-_GATHER_BYTES = 2**20  # float64 candidate rows staged at once (fits in L2)
+# float64 candidate rows staged at once: L2-sized on CPU, large on a GPU (fewer launches).
+_GATHER_BYTES = {"cpu": 2**20}
+_GATHER_BYTES_OTHER = 2**28
 
 
 @dataclass
@@ -67,12 +69,11 @@ def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
     offset = sq_norms.mean().item() if augmented else n_min
     shift = (-(sq_norms - offset) / 2)[:, None] if augmented else None  # (M, 1) float64
     if shift is None and keys.dtype == dtype:
-        operand, norm, residual = keys, math.sqrt(n_max), 0.0
+        # fp32 matmuls do not mind a transposed view, so the fp32 keys are not copied.
+        operand_t, norm, residual = keys.T, math.sqrt(n_max), 0.0
     else:
-        operand, norm, residual = _round_operand(keys, shift, dtype)
-    # bf16 matmuls (oneDNN) run about 2× faster on a contiguous (D', M) right operand; the
-    # fp32 ones do not care, so the fp32 keys are not copied.
-    operand_t = operand.T.contiguous() if dtype == torch.bfloat16 else operand.T
+        # bf16 matmuls (oneDNN) run about 2× faster on a contiguous (D', M) operand.
+        operand_t, norm, residual = _round_operand_t(keys, shift, dtype)
     input_unit, accumulation_unit = _hardware_units(keys.device, dtype)
     return KeyIndex(
         keys=keys,
@@ -143,7 +144,7 @@ def _coarse_threads(device: torch.device):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """ "bf16" on a CPU with AMX (bf16 matmuls ~7× fp32 there), else "fp32"."""
+    """Resolve "auto": bf16 on a CPU with AMX (bf16 matmuls ~7× fp32 there), else fp32."""
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cpu" and _cpu_has_amx() else "fp32"
@@ -199,12 +200,13 @@ def exact_sq_distances(index: KeyIndex, queries: Tensor, columns: Tensor) -> Ten
     """float64 d² (m, kc) of each query to its candidate keys, duplicates made equal.
 
     Memory-bound (m·kc key rows are read), so the gathers go, a few queries at a time,
-    into reused buffers of ~``_GATHER_BYTES`` that stay in cache for the float64 products
+    into reused buffers (~1 MiB on CPU) that stay in cache for the float64 products
     (fp32 products are exact in float64; the sums err by ≤ D·2⁻⁵³ relative).
     """
     m, count = columns.shape
     width = index.keys.shape[1]
-    rows = max(1, min(m, _GATHER_BYTES // (8 * count * width)))
+    budget = _GATHER_BYTES.get(queries.device.type, _GATHER_BYTES_OTHER)
+    rows = max(1, min(m, budget // (8 * count * width)))
     staged = index.keys.new_empty(rows * count, width)
     wide = torch.empty(rows * count, width, dtype=torch.float64, device=queries.device)
     dots = torch.empty(m, count, 1, dtype=torch.float64, device=queries.device)
@@ -321,31 +323,36 @@ def _row_hashes(values: Tensor, rows: int = 4096) -> Tensor:
     return torch.cat(parts)
 
 
-def _rowwise_sq_norms(x: Tensor, rows: int = 8192) -> Tensor:
+def _rowwise_sq_norms(x: Tensor, rows: int = 2048) -> Tensor:
     """(M,) float64 squared norms, converting at most ``rows`` rows at a time."""
     parts = [x[s : s + rows].double().pow(2).sum(1) for s in range(0, len(x), rows)]
     return torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float64)
 
 
-def _round_operand(
-    keys: Tensor, shift: Tensor | None, dtype: torch.dtype, rows: int = 8192
+def _round_operand_t(
+    keys: Tensor, shift: Tensor | None, dtype: torch.dtype, rows: int = 2048
 ) -> tuple[Tensor, float, float]:
-    """x̃_k in ``dtype``, max ||x̃_k|| and max ||x_k − x̃_k|| (float64), ``rows`` at a time."""
-    parts, best_norm, best_residual = [], 0.0, 0.0
+    """x̃_k in ``dtype`` as a contiguous (D', M) tensor, max ||x̃_k||, max ||x_k − x̃_k||.
+
+    Written ``rows`` keys at a time, so no full float64 or untransposed copy is made.
+    """
+    extra = 0 if shift is None else (2 if dtype == torch.bfloat16 else 1)
+    operand_t = keys.new_empty(keys.shape[1] + extra, len(keys), dtype=dtype)
+    best_norm, best_residual = 0.0, 0.0
     for s in range(0, len(keys), rows):
         exact = keys[s : s + rows].double()
         if shift is not None:
-            extra = shift[s : s + rows]
+            part = shift[s : s + rows]
             if dtype == torch.bfloat16:  # hi + lo, both exact in bf16 up to lo's rounding
-                hi = extra.to(dtype).double()
-                extra = torch.cat([hi, extra - hi], 1)
-            exact = torch.cat([exact, extra], 1)
+                hi = part.to(dtype).double()
+                part = torch.cat([hi, part - hi], 1)
+            exact = torch.cat([exact, part], 1)
         rounded = exact.to(dtype)
-        parts.append(rounded)
+        operand_t[:, s : s + rows] = rounded.T
         rounded64 = rounded.double()
         best_norm = max(best_norm, rounded64.norm(dim=1).max().item())
         best_residual = max(best_residual, (exact - rounded64).norm(dim=1).max().item())
-    return torch.cat(parts).contiguous(), best_norm, best_residual
+    return operand_t, best_norm, best_residual
 
 
 def _hardware_units(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:

@@ -14,7 +14,8 @@ from dmlkit.evaluate import _exact
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
-_BLOCK_BYTES = 2**26  # candidate scores held at once: 64 MiB
+_BLOCK_BYTES = 2**26  # candidate scores held at once per thread: 64 MiB (CPU)
+_BLOCK_BYTES_GPU = 2**30  # a GPU wants fewer, larger launches
 
 
 def knn(
@@ -55,6 +56,18 @@ def knn(
         and indices (Q, k) int64 into ``keys``; both on the input device.
     Complexity: O(Q·M·D) time; memory O(threads·block·M + (Q + M)·k + M·D), never O(Q·M).
     """
+    if isinstance(queries, Tensor) and queries.device.type == "mps":
+        # MPS has no float64 (the exact re-rank): search on CPU, answer on MPS.
+        cpu_keys = None if keys is None else keys.cpu()
+        d, i = knn(
+            queries.cpu(),
+            cpu_keys,
+            k,
+            block_size=block_size,
+            exclude_self=exclude_self,
+            precision=precision,
+        )
+        return d.to(queries.device), i.to(queries.device)
     queries, keys_, self_search = _check_inputs(queries, keys, k, exclude_self, precision)
     device = queries.device
     if len(queries) == 0:
@@ -62,13 +75,15 @@ def knn(
         return empty.to(_output_dtype(queries)), empty.long()
     precision = _exact.resolve_precision(precision, device)
     search = _Search(keys_, precision, k, skip_self=self_search and exclude_self)
-    block = block_size or _default_block(len(keys_), search.index.operand_t.element_size())
-    sq = torch.empty(len(queries), k, dtype=torch.float64, device=device)
+    element = search.index.operand_t.element_size()
+    block = block_size or _default_block(len(keys_), element, device)
+    distances = torch.empty(len(queries), k, dtype=_output_dtype(queries), device=device)
     indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
 
     def run(start: int) -> None:
         rows = slice(start, start + block)
-        sq[rows], indices[rows] = search.block(queries[rows], start)
+        sq, indices[rows] = search.block(queries[rows], start)
+        distances[rows] = sq.sqrt()  # from the float64 d², rounded once
 
     _exact.run_blocks(run, range(0, len(queries), block), device)
     log.debug(
@@ -76,7 +91,7 @@ def knn(
         *(precision, len(queries), len(keys_), k, search.count),
         *(search.retried, search.exhaustive),
     )
-    return sq.sqrt().to(_output_dtype(queries)), indices
+    return distances, indices
 
 
 class _Search:
@@ -172,8 +187,9 @@ def _candidate_count(k: int, precision: str, available: int) -> int:
     return min(available, k + margin)
 
 
-def _default_block(num_keys: int, element_size: int) -> int:
-    block = _BLOCK_BYTES // max(1, num_keys * element_size)
+def _default_block(num_keys: int, element_size: int, device: torch.device) -> int:
+    budget = _BLOCK_BYTES if device.type == "cpu" else _BLOCK_BYTES_GPU
+    block = budget // max(1, num_keys * element_size)
     return int(min(4096, max(32, block // 32 * 32)))
 
 

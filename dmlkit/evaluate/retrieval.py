@@ -45,7 +45,14 @@ def retrieval_metrics(
     relevant = counts[inverse] - 1  # (N,) R: other items of the query's class
     k = max(ks[-1], int(relevant.max()))
     _, neighbours = knn(embeddings, k=k, block_size=block_size)
-    hits = labels[neighbours.to(labels.device)] == labels[:, None]  # (N, k) bool
+    neighbours = neighbours.to(labels.device)
+    hits = torch.cat(  # (N, k) bool, built in row chunks to keep peak memory low
+        [
+            labels[neighbours[s : s + _ROWS]] == labels[s : s + _ROWS, None]
+            for s in range(0, len(labels), _ROWS)
+        ]
+    )
+    del neighbours
     valid = relevant > 0
     out: dict[str, float | int] = {}
     out.update(recall_at_k(hits[valid], ks))
