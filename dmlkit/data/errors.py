@@ -49,11 +49,18 @@ class DatasetError(RuntimeError):
     def __init__(
         self,
         dataset: str,
-        problem: str,
+        problem: str | None = None,
         *,
         file: str | os.PathLike | None = None,
         line: int | None = None,
     ) -> None:
+        if problem is None:
+            # One finished message: how a DataLoader worker's error is re-raised in the
+            # main process (``type(error)(message)``) and how pickle rebuilds it. Without
+            # this form those become a bare RuntimeError, and ``except DatasetError`` fails.
+            self.dataset, self.problem, self.line, self.file = None, dataset, None, None
+            super().__init__(dataset)
+            return
         self.dataset, self.problem, self.line = dataset, problem, line
         self.file = _printable(os.fspath(file)) if file is not None else None
         problem = _printable(problem)

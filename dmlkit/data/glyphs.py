@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -222,7 +223,7 @@ def load_glyphs(
 ) -> GlyphDataset:
     """One split of ``glyphs``/``glyphs-mini``: from the cache, or rendered and cached."""
     jitter = GlyphJitter(**jitter_options)
-    _validate(size, jitter)
+    _validate(size, seed, jitter)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     start = time.perf_counter()
     key = {
@@ -286,9 +287,12 @@ def _write_entry(folder: Path, key: dict, images, labels, font_index) -> tuple:
     return np.load(folder / "images.npy", mmap_mode="r"), labels, font_index
 
 
-def _validate(size: int, jitter: GlyphJitter) -> None:
+def _validate(size: int, seed: int, jitter: GlyphJitter) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"glyphs: size must be an int >= 8, got {size!r}")
+    # Checked here, not by numpy after the charset analysis: one clear message, early.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"glyphs: seed must be an int >= 0, got {seed!r}")
 
 
 def _digest(key: dict) -> str:
