@@ -3,6 +3,10 @@
 A write either lands whole or not at all: data goes to a temporary file in the same
 folder, is flushed and fsynced, then renamed over the target (``os.replace`` is atomic
 on POSIX and Windows). A crash between the two leaves the previous file intact.
+
+The temporary file is ``.<name>.<pid>@<host>.<random>.tmp``. One left behind by a killed
+writer is harmless (nothing reads it) and is deleted by the next successful write of the
+same file on the same host, once its writer's pid is no longer running.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +24,7 @@ from typing import IO, Any
 # mkstemp creates 0600 files; give finished files the permissions open() would have given.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
 @contextlib.contextmanager
@@ -25,11 +32,13 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary sibling of ``path``; on clean exit it replaces ``path``.
 
     On an exception (including ``OSError(ENOSPC)`` from a full disk) the temporary file is
-    removed and ``path`` keeps its previous content.
+    removed and ``path`` keeps its previous content. After a successful replace, temporary
+    siblings of ``path`` left by killed writers on this host are deleted.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.{os.getpid()}@{_HOST}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -42,6 +51,40 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    remove_stale_temporaries(path)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary siblings of ``path`` whose writer (same host) is not running.
+
+    A writer killed between its write and its rename (SIGKILL, power loss) leaves one.
+    Temporaries of live processes (a concurrent writer of the same file) and of other
+    hosts (a shared folder) are kept. Returns the paths deleted.
+    """
+    path = Path(path)
+    start = f".{path.name}."
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            rest = entry.name[len(start) :] if entry.name.startswith(start) else ""
+            match = re.fullmatch(r"([0-9]+)@([A-Za-z0-9-]*)\.[A-Za-z0-9_]+\.tmp", rest)
+            if match and match[2] == _HOST and not _running(int(match[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -55,7 +98,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON (keys in insertion order, trailing newline)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True, default=_jsonable) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the UTF-8 bytes ``write_json`` writes (numpy values and paths allowed)."""
+    return (json.dumps(obj, indent=2, allow_nan=True, default=_jsonable) + "\n").encode("utf-8")
 
 
 def _jsonable(value: Any) -> Any:
