@@ -30,8 +30,8 @@ DATASETS: dict[str, str] = {
 }
 SPLITS = ("train", "test")
 DATA_FOLDERS = {"cub200": "CUB_200_2011", "cars196": "cars196", "sop": "Stanford_Online_Products"}
-OFFICIAL_OPTIONS = ("skip_bad_images", "check_counts")
-FOLDER_OPTIONS = ("skip_bad_images", "extensions")
+OFFICIAL_OPTIONS = ("skip_bad_images", "bad_images_log", "check_counts")
+FOLDER_OPTIONS = ("skip_bad_images", "bad_images_log", "extensions")
 
 __all__ = [
     "DATASETS",
@@ -64,7 +64,8 @@ def get_dataset(
             to glyphs runs on the uint8 pixels directly, like "train"/"test".
         options: see ``options_of(name)``; glyphs: size, seed, cache_dir and the jitter
             knobs of ``dmlkit.data.augment.GlyphJitter``; cub200/cars196/sop:
-            skip_bad_images=False, check_counts=True; folder: skip_bad_images, extensions.
+            skip_bad_images=False, bad_images_log=None (a file every process appends each
+            skipped path to), check_counts=True; folder: the same, and extensions.
     Raises:
         ValueError: unknown name/split/transform.  TypeError: unknown option.
         DatasetError: missing or malformed data.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -54,7 +55,9 @@ class ImageListDataset(torch.utils.data.Dataset):
         labels: (N,) int64 class ids.  classes: sorted unique ids.  paths: absolute paths.
         class_names: names aligned with ``classes`` (None when the dataset has none).
         bad_images: paths that failed to decode (``skip_bad_images=True``), in the order
-            met — per process: DataLoader workers keep their own lists.
+            met — per process: DataLoader workers keep their own lists. With
+            ``bad_images_log`` set, every process also appends each path it skips to that
+            file (see ``append_bad_image``), so a trainer can count them across workers.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         transform: str | Callable | None,
         *,
         skip_bad_images: bool = False,
+        bad_images_log: str | os.PathLike | None = None,
     ) -> None:
         self.name, self.split, self.root = name, split, root
         self.paths = [os.path.join(root, rel) for rel in listing.relpaths]
@@ -79,6 +83,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         if transform in ("train", "test"):
             self.transform = transforms("imagenet", train=transform == "train")
         self.skip_bad_images = skip_bad_images
+        self.bad_images_log = os.fspath(bad_images_log) if bad_images_log is not None else None
         self.bad_images: list[str] = []
 
     def __len__(self) -> int:
@@ -118,6 +123,8 @@ class ImageListDataset(torch.utils.data.Dataset):
         if path not in self.bad_images:
             self.bad_images.append(path)
             _LOG.warning("%s: skipping undecodable image %s", self.name, path)
+            if self.bad_images_log is not None:
+                append_bad_image(self.bad_images_log, path)
 
     def __repr__(self) -> str:
         return (
@@ -135,6 +142,49 @@ def decode_image(dataset: str, path: str) -> Image.Image:
         raise DatasetError(
             dataset, f"cannot decode image ({type(error).__name__}: {error})", file=path
         ) from error
+
+
+def append_bad_image(log: str | os.PathLike, path: str) -> None:
+    """Append ``path`` to ``log`` as one JSON string per line (any process may call it).
+
+    One ``write`` on an ``O_APPEND`` descriptor: lines from DataLoader workers and ranks
+    writing at once land whole and never overwrite each other. JSON keeps names with
+    newlines or non-UTF-8 bytes (surrogate escapes) on one line, and reversible.
+    """
+    line = (json.dumps(path) + "\n").encode("ascii")
+    try:
+        # The folder may not exist yet: a run folder is created with its first checkpoint.
+        os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise OSError(
+            error.errno, f"cannot record the undecodable image {path} in {log}: {error}"
+        ) from error
+
+
+def read_bad_images(log: str | os.PathLike) -> list[str]:
+    """The distinct paths in a ``bad_images_log``, sorted; ``[]`` when it does not exist.
+
+    A line that is not a JSON string (torn by a crash mid-write) is skipped.
+    """
+    try:
+        with open(log, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        return []
+    paths = set()
+    for line in raw.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, str):
+            paths.add(value)
+    return sorted(paths)
 
 
 def read_lines(dataset: str, path: str) -> list[tuple[int, str]]:

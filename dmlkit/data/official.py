@@ -42,6 +42,7 @@ def load_official(
     transform: str | Callable | None = None,
     *,
     skip_bad_images: bool = False,
+    bad_images_log: str | os.PathLike | None = None,
     check_counts: bool = True,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> ImageListDataset:
@@ -66,7 +67,15 @@ def load_official(
     check_images_exist(name, root, listing)
     if check_counts and name in OFFICIAL_COUNTS:
         warn_on_counts(name, split, len(listing.relpaths), OFFICIAL_COUNTS[name][split])
-    return ImageListDataset(name, split, root, listing, transform, skip_bad_images=skip_bad_images)
+    return ImageListDataset(
+        name,
+        split,
+        root,
+        listing,
+        transform,
+        skip_bad_images=skip_bad_images,
+        bad_images_log=bad_images_log,
+    )
 
 
 def parse_cub(root: str) -> Listing:

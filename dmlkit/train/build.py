@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -15,15 +16,30 @@ from dmlkit.train import distributed
 from dmlkit.train.config import TrainConfig, loss_kwargs
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
-    """(train with "train" transforms, test with "test" transforms); checks P×K fits."""
+def dataset_options(
+    cfg: TrainConfig, bad_images_log: str | os.PathLike | None = None
+) -> dict[str, object]:
+    """``cfg.dataset_options``, with the run's log of skipped images when there is one."""
+    options = dict(cfg.dataset_options)
+    if bad_images_log is not None:
+        options["bad_images_log"] = os.fspath(bad_images_log)
+    return options
+
+
+def build_datasets(
+    cfg: TrainConfig, *, bad_images_log: str | os.PathLike | None = None
+) -> tuple[Dataset, Dataset]:
+    """(train with "train" transforms, test with "test" transforms); checks P×K fits.
+
+    ``bad_images_log``: the file every process appends skipped images to (with
+    ``skip_bad_images``), so that ``fit`` can count them across DataLoader workers.
+    """
     from dmlkit.data import get_dataset
 
+    options = dataset_options(cfg, bad_images_log)
     try:
         train_set, test_set = (
-            get_dataset(
-                cfg.dataset, split, root=cfg.data_root, transform=split, **cfg.dataset_options
-            )
+            get_dataset(cfg.dataset, split, root=cfg.data_root, transform=split, **options)
             for split in ("train", "test")
         )
     except TypeError as error:  # an unknown dataset option
@@ -138,6 +154,7 @@ def initialise_loss(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     ctx: distributed.DistributedContext,
+    bad_images_log: str | os.PathLike | None = None,
 ) -> None:
     """Data-dependent loss initialisation before epoch 0 (DAAL: 2-means line vertices).
 
@@ -150,7 +167,11 @@ def initialise_loss(
     from dmlkit.evaluate import embed
 
     clean = get_dataset(
-        cfg.dataset, "train", root=cfg.data_root, transform="test", **cfg.dataset_options
+        cfg.dataset,
+        "train",
+        root=cfg.data_root,
+        transform="test",
+        **dataset_options(cfg, bad_images_log),
     )
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         embeddings, labels = embed(
@@ -163,3 +184,17 @@ def initialise_loss(
         )
     loss_fn.init_from_embeddings(embeddings.to(device), labels.to(device))
     distributed.broadcast_module_state(loss_fn, ctx)
+
+
+def check_device(device: torch.device) -> None:
+    """ValueError when ``device`` (cuda, mps) is not available on this machine."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None
+        and torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, True):
+        raise ValueError(
+            f"device {device} is not available on this machine; use device=None "
+            "(cuda → mps → cpu) or 'cpu'"
+        )

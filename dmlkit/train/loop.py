@@ -8,9 +8,10 @@ and are read back every ``_SYNC_EVERY`` steps (progress bar, NaN check) and at e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from dmlkit.train.build import (
     build_loss_module,
     build_optimizer,
     build_scheduler,
+    check_device,
     initialise_loss,
     wrap_model,
 )
@@ -43,10 +45,14 @@ from dmlkit.train.checkpoint import (
 )
 from dmlkit.train.config import TrainConfig
 from dmlkit.train.outputs import (
+    bad_images_log,
+    check_out_dir,
     curve_metrics,
     epoch_line,
     evaluate_retrieval,
     final_evaluation,
+    forget_bad_images,
+    read_bad_images,
     write_outputs,
 )
 
@@ -74,6 +80,9 @@ class RunResult:
     model: EmbeddingModel
     loss: nn.Module
     out_dir: Path | None
+    bad_images: list[str] = field(default_factory=list)
+    """Images skipped as undecodable (``dataset_options={"skip_bad_images": True}``), by
+    every process and session of the run; also in metrics.json."""
 
 
 @dataclass
@@ -93,6 +102,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    bad_images_log: Path | None = None  # where every process records skipped images
     epoch: int = 0  # finished epochs
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -171,11 +181,16 @@ def fit(
         ValueError: a configuration the data cannot serve (e.g. p > number of classes).
         CheckpointError: resume from an unreadable or differently configured checkpoint.
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+        DatasetError: an image cannot be decoded (without ``skip_bad_images``); the last
+            good checkpoint is kept.
+        OSError: a file of the run folder cannot be written (e.g. a full disk); the message
+            names it and its previous version is intact.
     """
     started = time.perf_counter()
-    ctx = distributed.setup(cfg.device)
-    try:
-        run = _prepare(cfg, ctx, log)
+    with contextlib.ExitStack() as stack:
+        ctx = distributed.setup(cfg.device)
+        stack.callback(distributed.cleanup, ctx)
+        run = _prepare(cfg, ctx, log, stack)
         final = None
         for epoch in range(run.epoch, cfg.epochs):
             record = _train_epoch(run, epoch, on_step)
@@ -192,26 +207,30 @@ def fit(
         metrics = write_outputs(run, final, time.perf_counter() - started) if final else {}
         distributed.barrier(ctx)
         out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        return RunResult(cfg, run.history, metrics, run.model, run.loss_fn, out_dir)
-    finally:
-        distributed.cleanup(ctx)
+        bad = read_bad_images(run.bad_images_log)
+        return RunResult(cfg, run.history, metrics, run.model, run.loss_fn, out_dir, bad)
 
 
 def _prepare(
-    cfg: TrainConfig, ctx: distributed.DistributedContext, log: Callable[[str], None] | None
+    cfg: TrainConfig,
+    ctx: distributed.DistributedContext,
+    log: Callable[[str], None] | None,
+    stack: contextlib.ExitStack,
 ) -> _Run:
     log = (log if log is not None else logger.info) if ctx.is_main else _silent
+    check_out_dir(cfg)
     checkpoint = _resume_state(cfg, log)  # read and checked before anything is built
     device = distributed.rank_device(ctx, cfg.device) or default_device(cfg.device)
-    _check_device(device)
+    check_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cudnn.deterministic = cfg.deterministic
-    run = _assemble(cfg, ctx, device, log)
+    run = _assemble(cfg, ctx, device, log, bad_images_log(cfg, stack))
     if checkpoint is not None:
         _restore(run, checkpoint)
     else:
-        initialise_loss(run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx)
+        forget_bad_images(run)  # a fresh start: the log of an earlier run no longer counts
+        initialise_loss(run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx, run.bad_images_log)
         # Each rank's own augmentation/dropout stream, started from the seed.
         seed_everything(int(np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]))
     log(
@@ -222,26 +241,14 @@ def _prepare(
     return run
 
 
-def _check_device(device: torch.device) -> None:
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": getattr(torch.backends, "mps", None) is not None
-        and torch.backends.mps.is_available(),
-    }
-    if not available.get(device.type, True):
-        raise ValueError(
-            f"device {device} is not available on this machine; use device=None "
-            "(cuda → mps → cpu) or 'cpu'"
-        )
-
-
 def _assemble(
     cfg: TrainConfig,
     ctx: distributed.DistributedContext,
     device: torch.device,
     log: Callable[[str], None],
+    bad_images: Path | None,
 ) -> _Run:
-    train_set, test_set = build_datasets(cfg)
+    train_set, test_set = build_datasets(cfg, bad_images_log=bad_images)
     seed_everything(cfg.seed)  # identical model and loss initialisation on every rank
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(
@@ -269,6 +276,7 @@ def _assemble(
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg, len(loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+        bad_images_log=bad_images,
     )
 
 
@@ -354,33 +362,47 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
         disable=not (cfg.progress and run.ctx.is_main),
     )
     start = time.perf_counter()
-    for step, (images, labels) in enumerate(run.loader):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
-        loss, step_terms = train_step(
-            run.network,
-            run.loss_fn,
-            run.optimizer,
-            images,
-            labels,
-            scaler=run.scaler,
-            amp_dtype=run.amp_dtype,
-            gather=gather,
-            grad_clip=cfg.grad_clip,
-        )
-        run.scheduler.step()
-        losses[step] = loss
-        for name, value in step_terms.items():
-            terms.setdefault(name, torch.zeros(num_steps, device=device))[step] = value
-        if on_step is not None:
-            on_step(epoch, step)
-        bar.update(batch)
-        if (step + 1) % _SYNC_EVERY == 0:
-            _check_finite(run, epoch, losses[: step + 1], terms)
-            bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
+    with _batches(run.loader) as batches:
+        for step, (images, labels) in enumerate(batches):
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            loss, step_terms = train_step(
+                run.network,
+                run.loss_fn,
+                run.optimizer,
+                images,
+                labels,
+                scaler=run.scaler,
+                amp_dtype=run.amp_dtype,
+                gather=gather,
+                grad_clip=cfg.grad_clip,
+            )
+            run.scheduler.step()
+            losses[step] = loss
+            for name, value in step_terms.items():
+                terms.setdefault(name, torch.zeros(num_steps, device=device))[step] = value
+            if on_step is not None:
+                on_step(epoch, step)
+            bar.update(batch)
+            if (step + 1) % _SYNC_EVERY == 0:
+                _check_finite(run, epoch, losses[: step + 1], terms)
+                bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
     bar.close()
     _check_finite(run, epoch, losses, terms)  # also waits for the device: timing below is true
     return _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)``, whose worker processes are stopped even when the epoch fails."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        # An exception out of the epoch (an undecodable image, a NaN loss, Ctrl-C) would
+        # leave the workers running until garbage collection, when DataLoader's finaliser
+        # stalls ~5 s per worker. Stop them now; a no-op after a complete epoch.
+        getattr(batches, "_shutdown_workers", lambda: None)()
 
 
 def _start_epoch(run: _Run, epoch: int) -> None:

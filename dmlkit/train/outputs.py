@@ -1,24 +1,78 @@
-"""Evaluation during and after training, and the run folder's metrics.json / embeddings.npz."""
+"""Evaluation during and after training, and the run folder's metrics.json / embeddings.npz.
+
+Also the run folder's checks and its log of skipped images (``bad_images.jsonl``: every
+process that skips an undecodable image appends its path; metrics.json counts them).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import os
 import platform
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.io import atomic_writer, write_json
+from dmlkit.io import atomic_writer, json_bytes
 from dmlkit.runtime import git_commit, library_versions
-from dmlkit.train.config import resolve_eval_ks
+from dmlkit.train import distributed
+from dmlkit.train.config import TrainConfig, resolve_eval_ks
 
 if TYPE_CHECKING:
     from dmlkit.train.loop import _Run
 
 _MODES = ("family", "style")  # glyph sub-cluster labels, in order of coarseness
+BAD_IMAGES_LOG = "bad_images.jsonl"
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """ValueError, before anything is built or written, if ``out_dir`` cannot be a folder."""
+    if cfg.out_dir is None:
+        return
+    path = Path(cfg.out_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ValueError(f"out_dir: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir: cannot write in {existing} (permission denied)")
+
+
+def bad_images_log(cfg: TrainConfig, stack: contextlib.ExitStack) -> Path | None:
+    """The file the datasets append skipped images to; None unless ``skip_bad_images``.
+
+    ``dataset_options["bad_images_log"]`` if given, else ``out_dir/bad_images.jsonl``, else
+    a file in a temporary folder that ``stack`` removes when ``fit`` returns.
+    """
+    options = cfg.dataset_options
+    if not options.get("skip_bad_images"):
+        return None
+    if options.get("bad_images_log") is not None:
+        return Path(options["bad_images_log"])
+    if cfg.out_dir is not None:
+        return Path(cfg.out_dir) / BAD_IMAGES_LOG
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dmlkit-"))) / "bad.jsonl"
+
+
+def forget_bad_images(run: _Run) -> None:
+    """On a fresh start, delete the run folder's log of an earlier run (kept on resume)."""
+    cfg = run.cfg
+    if cfg.out_dir is not None and run.bad_images_log == Path(cfg.out_dir) / BAD_IMAGES_LOG:
+        if run.ctx.is_main:
+            run.bad_images_log.unlink(missing_ok=True)
+        distributed.barrier(run.ctx)  # no rank logs a bad image before the old log is gone
+
+
+def read_bad_images(log: Path | None) -> list[str]:
+    """The distinct skipped images recorded in ``log`` (sorted); [] for None."""
+    from dmlkit.data.images import read_bad_images as read_log
+
+    return read_log(log) if log is not None else []
 
 
 def evaluate_retrieval(run: _Run) -> tuple[dict[str, Any], Tensor, Tensor]:
@@ -76,36 +130,65 @@ def write_outputs(
     final: tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]],
     session_seconds: float,
 ) -> dict[str, Any]:
-    """Write embeddings.npz and metrics.json (atomically) into ``out_dir``; return metrics."""
+    """Write embeddings.npz, then metrics.json (each atomically) into ``out_dir``.
+
+    Returns: the final metrics. Raises: OSError naming the file that could not be written.
+    """
     metrics, arrays, _ = final
-    cfg = run.cfg
-    wall = run.wall_seconds + session_seconds
     run.log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if _is_float(v)))
-    if cfg.out_dir is None:
+    if run.cfg.out_dir is None:
         return metrics
-    out_dir = Path(cfg.out_dir)
-    with atomic_writer(out_dir / "embeddings.npz", "wb") as handle:
-        np.savez(handle, **arrays)
-    write_json(
-        out_dir / "metrics.json",
-        {
-            "config": cfg.to_dict(),
-            "metrics": metrics,
-            "history": run.history,
-            "git_commit": git_commit(),
-            "versions": library_versions(),
-            "device": _device_name(run.device),
-            "world_size": run.ctx.world_size,
-            "torch_threads": torch.get_num_threads(),
-            "wall_time_s": wall,
-            "train_time_s": run.train_seconds,
-            "images_per_s": run.images_seen / run.train_seconds if run.train_seconds else None,
-            "num_train_images": len(run.train_set),
-            "num_test_images": len(run.test_set),
-            "eval_ks": list(resolve_eval_ks(cfg)),
-        },
-    )
+    out_dir = Path(run.cfg.out_dir)
+    record = _metrics_record(run, metrics, run.wall_seconds + session_seconds)
+    if record.get("num_bad_images"):
+        run.log(f"skipped {record['num_bad_images']} undecodable image(s): see metrics.json")
+    _write(run, out_dir / "embeddings.npz", lambda handle: np.savez(handle, **arrays))
+    # Last: a metrics.json newer than embeddings.npz marks a finished run.
+    _write(run, out_dir / "metrics.json", lambda handle: handle.write(json_bytes(record)))
     return metrics
+
+
+def _metrics_record(run: _Run, metrics: dict[str, Any], wall: float) -> dict[str, Any]:
+    cfg = run.cfg
+    record = {
+        "config": cfg.to_dict(),
+        "metrics": metrics,
+        "history": run.history,
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "device": _device_name(run.device),
+        "world_size": run.ctx.world_size,
+        "torch_threads": torch.get_num_threads(),
+        "wall_time_s": wall,
+        "train_time_s": run.train_seconds,
+        "images_per_s": run.images_seen / run.train_seconds if run.train_seconds else None,
+        "num_train_images": len(run.train_set),
+        "num_test_images": len(run.test_set),
+        "eval_ks": list(resolve_eval_ks(cfg)),
+    }
+    if run.bad_images_log is not None:
+        bad = read_bad_images(run.bad_images_log)
+        record.update(num_bad_images=len(bad), bad_images=bad)
+    return record
+
+
+def _write(run: _Run, path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write(handle)`` into ``path`` atomically; an OSError names the file and what is kept."""
+    try:
+        with atomic_writer(path, "wb") as handle:
+            write(handle)
+    except OSError as error:
+        checkpoint = run.checkpoint_path
+        rerun = (
+            f"; {checkpoint} holds the trained model: rerun with resume=True to write it"
+            if checkpoint is not None and checkpoint.is_file()
+            else ""
+        )
+        raise OSError(
+            error.errno,
+            f"cannot write {path}: {error.strerror or error}; its previous version (if any) "
+            f"is intact{rerun}",
+        ) from error
 
 
 def curve_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
