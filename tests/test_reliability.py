@@ -1,0 +1,929 @@
+"""Reliability and security: bad input, injected faults and untrusted files (issue 7).
+
+Every case is listed, with what dmlkit does, in the README section "What happens when
+things go wrong". Training runs use a tiny ``folder`` dataset of real JPEG files (5 + 5
+classes of 3 images; glyphnet on 224 px crops; one run ≈ 1 s), so image decoding, the
+DataLoader workers and the run folder are the real ones. Faults are injected for real
+where that is cheap (SIGKILL of a training subprocess, a kill between the temporary write
+and the rename, a full tmpfs in a private mount namespace) and by monkeypatching
+otherwise. Slow tests (``make test-all``): the real notebook through the sweep runner, the
+SOP-scale memory bound, more SIGKILL seeds.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import errno
+import json
+import multiprocessing
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dmlkit.data import DatasetError, get_dataset
+from dmlkit.io import atomic_write_bytes, remove_stale_temporaries
+from dmlkit.train import CheckpointError, TrainConfig, fit, load_checkpoint
+from tests.fixtures_datasets import make_cars, make_cub, make_folder, make_sop
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [f"class{c:02d}" for c in range(10)]  # sorted names: 5 train, 5 test classes
+TIMING = ("seconds", "images_per_s")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """root/<class>/<k>.jpg: 10 classes × 3 JPEGs (read-only for the tests: copy to break)."""
+    return make_folder(tmp_path_factory.mktemp("data") / "tree", CLASSES, images_per_class=3)
+
+
+def tiny(root: Path, out_dir: Path | None = None, **overrides) -> TrainConfig:
+    """A whole fit in about a second: every step sees all 15 training images (p·k = 15)."""
+    values = dict(
+        dataset="folder",
+        data_root=str(root),
+        embedding_dim=8,
+        p=5,
+        k=3,
+        num_batches=2,
+        epochs=3,
+        eval_ks=(1, 2),
+        batch_size_eval=16,
+        progress=False,
+        out_dir=None if out_dir is None else str(out_dir),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """``python -m dmlkit.train`` flags for the fields of ``cfg`` that ``tiny`` sets."""
+    args = ["--threads", "1", "--no-progress"]
+    for name in ("dataset", "data_root", "embedding_dim", "p", "k", "num_batches", "epochs"):
+        args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+    args += ["--eval-ks", ",".join(map(str, cfg.eval_ks)), "--batch-size-eval", "16"]
+    return [*args, "--out-dir", cfg.out_dir]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` → (content, mtime in ns); {} when it does not exist."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
+
+
+def break_jpeg(path: str | Path) -> None:
+    """A JPEG header followed by garbage: opens as a JPEG, fails to decode."""
+    Path(path).write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after all")
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------- undecodable images
+
+
+def test_dataset_error_keeps_its_type_through_dataloader_workers_and_pickle(tmp_path, tree):
+    root = shutil.copytree(tree, tmp_path / "tree")
+    ds = get_dataset("folder", "train", root=root, transform="test")
+    break_jpeg(ds.paths[4])
+    batches = iter(DataLoader(ds, batch_size=15, num_workers=1))
+    # Before the fix DataLoader re-raised it as a bare RuntimeError (the constructor
+    # needed two arguments), which `except DatasetError` does not catch.
+    with pytest.raises(DatasetError, match="cannot decode image") as info:
+        next(batches)
+    batches._shutdown_workers()  # now, not in a later test's garbage collection
+    assert ds.paths[4] in str(info.value) and "worker process" in str(info.value)
+    clone = pickle.loads(pickle.dumps(DatasetError("folder", "broken", file=ds.paths[4])))
+    assert isinstance(clone, DatasetError) and ds.paths[4] in str(clone)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_undecodable_image_stops_training_naming_it_and_keeps_the_last_checkpoint(
+    tmp_path, tree, workers
+):
+    root = shutil.copytree(tree, tmp_path / "tree")
+    victim = root / "class01" / "1.jpg"  # a training image, seen by every step
+    cfg = tiny(root, tmp_path / "run", num_workers=workers)
+
+    def break_after_epoch_1(epoch, step):
+        if (epoch, step) == (0, cfg.num_batches - 1):  # epoch 2's loader reads it again
+            break_jpeg(victim)
+
+    with pytest.raises(DatasetError, match="cannot decode image") as info:
+        fit(cfg, on_step=break_after_epoch_1)
+    assert str(victim) in str(info.value)
+    # The workers are stopped with the error, not left to a later garbage collection
+    # (whose DataLoader finaliser then stalled ~5 s per worker).
+    assert multiprocessing.active_children() == []
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_images_finishes_and_metrics_json_counts_them(tmp_path, tree, workers):
+    root = shutil.copytree(tree, tmp_path / "tree")
+    bad = sorted([str(root / "class02" / "0.jpg"), str(root / "class07" / "2.jpg")])  # train, test
+    for path in bad:
+        break_jpeg(path)
+    cfg = tiny(
+        root, tmp_path / "run", num_workers=workers, dataset_options={"skip_bad_images": True}
+    )
+    result = fit(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # With workers, the main process's datasets never decode a training image: only the
+    # shared log sees what the worker processes skipped.
+    assert (saved["num_bad_images"], saved["bad_images"]) == (2, bad)
+    assert result.bad_images == bad
+    assert saved["metrics"]["num_queries"] == 15  # the broken test image was substituted
+
+
+def test_skipped_images_count_once_across_a_resume_and_not_from_an_old_run(tmp_path, tree):
+    root = shutil.copytree(tree, tmp_path / "tree")
+    break_jpeg(root / "class03" / "2.jpg")
+    cfg = tiny(root, tmp_path / "run", dataset_options={"skip_bad_images": True})
+    log = tmp_path / "run" / "bad_images.jsonl"
+    log.parent.mkdir()
+    log.write_text(json.dumps(str(root / "class00" / "0.jpg")) + "\n{torn")  # an old run's
+
+    def crash(epoch, step):
+        if (epoch, step) == (1, 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, on_step=crash)
+    victim = json.dumps(str(root / "class03" / "2.jpg"))
+    assert log.read_text().splitlines() == [victim]  # the fresh start dropped the old log
+    resumed = fit(dataclasses.replace(cfg, resume=True))
+    assert log.read_text().splitlines() == [victim, victim]  # each session logs it
+    assert resumed.bad_images == [str(root / "class03" / "2.jpg")]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["num_bad_images"] == 1
+
+
+def test_skip_bad_images_without_out_dir_still_counts_across_workers(tmp_path, tree):
+    root = shutil.copytree(tree, tmp_path / "tree")
+    break_jpeg(root / "class04" / "1.jpg")
+    cfg = tiny(root, num_workers=2, epochs=1, dataset_options={"skip_bad_images": True})
+    assert fit(cfg).bad_images == [str(root / "class04" / "1.jpg")]
+
+
+# ---------------------------------------------------------------- configuration errors
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tree) -> Path:
+    """A finished 3-epoch run folder (checkpoint.pt, metrics.json, embeddings.npz)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    fit(tiny(tree, out))
+    return out
+
+
+def never(epoch: int, step: int) -> None:
+    raise AssertionError(f"training started (epoch {epoch}, step {step})")
+
+
+CONFIG_ERRORS = [
+    ({"loss": "arcface"}, ValueError, "loss: unknown value 'arcface'; valid: contrastive"),
+    ({"backbone": "alexnet"}, ValueError, "backbone: unknown value 'alexnet'; valid: glyphnet"),
+    ({"dataset": "mnist"}, ValueError, "dataset: unknown value 'mnist'; valid: glyphs"),
+    ({"p": 6}, ValueError, r"p=6 classes x k=3 .* \(5 classes, 15 images\): choose p <= 5"),
+    ({"p": 5, "k": 4}, ValueError, r"p\*k <= 15"),
+    ({"p": 2, "k": 5, "epochs": 1}, None, None),  # k > images of a class: topped up, trains
+    ({"p": 0}, ValueError, "p: must be >= 2, got 0"),
+    ({"k": 0}, ValueError, "k: must be >= 1, got 0"),
+    ({"embedding_dim": 0}, ValueError, "embedding_dim: must be >= 1, got 0"),
+    ({"embedding_dim": -8}, ValueError, "embedding_dim: must be >= 1, got -8"),
+    ({"epochs": -1}, ValueError, "epochs: must be >= 0, got -1"),
+    ({"num_batches": 0}, ValueError, "num_batches: must be >= 1 or None, got 0"),
+    ({"batch_size_eval": 0}, ValueError, "batch_size_eval: must be >= 1, got 0"),
+    ({"num_workers": -1}, ValueError, "num_workers: must be >= 0, got -1"),
+    ({"lr": -0.1}, ValueError, "lr: must be > 0, got -0.1"),
+    ({"loss_params": {"margn": 0.1}}, ValueError, "margn"),
+    ({"dataset_options": {"size": 64}}, ValueError, "dataset_options for 'folder'.*size"),
+    ({"data_root": "/nonexistent/tree"}, DatasetError, "/nonexistent/tree: dataset root does"),
+    (
+        {"dataset": "glyphs-mini", "dataset_options": {"seed": -1}},
+        ValueError,
+        "glyphs: seed must be an int >= 0, got -1",
+    ),
+    (
+        {"dataset": "glyphs-mini", "dataset_options": {"size": 0}},
+        ValueError,
+        "glyphs: size must be an int >= 8, got 0",
+    ),
+    ({"resume": True, "embedding_dim": 16}, CheckpointError, "embedding_dim: checkpoint 8, con"),
+    ({"resume": True, "loss": "contrastive"}, CheckpointError, "loss: checkpoint 'triplet'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    CONFIG_ERRORS,
+    ids=[",".join(f"{k}={v}" for k, v in case[0].items()) for case in CONFIG_ERRORS],
+)
+def test_config_errors_stop_before_training_and_write_nothing(
+    tmp_path, tree, finished, overrides, error, message
+):
+    run = shutil.copytree(finished, tmp_path / "run")
+    fresh = tmp_path / "fresh"  # a run folder that does not exist yet
+    before = snapshot(run)
+    folders = [run] if overrides.get("resume") else [run, fresh]
+    for out_dir in folders:
+        if error is None:  # the control case: the same path trains
+            with pytest.warns(UserWarning, match="drawn with replacement"):
+                assert len(fit(tiny(tree, out_dir, **overrides)).history) == 1
+            continue
+        with pytest.raises(error, match=message):
+            fit(tiny(tree, out_dir, **overrides), on_step=never)
+    if error is not None:
+        assert snapshot(run) == before and not fresh.exists()
+
+
+def test_out_dir_that_is_a_file_is_refused_before_anything_is_built(tmp_path, tree, monkeypatch):
+    import dmlkit.train.loop as loop
+
+    def no_datasets(*args, **kwargs):
+        raise AssertionError("datasets were built")
+
+    monkeypatch.setattr(loop, "build_datasets", no_datasets)
+    (tmp_path / "taken").write_text("a file")
+    for out_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ValueError, match=f"out_dir: {tmp_path / 'taken'} exists and is not"):
+            fit(tiny(tree, out_dir))
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+@pytest.mark.slow  # a kernel start: ~8 s
+def test_papermill_run_with_an_unknown_loss_fails_at_the_configuration_cell(tmp_path):
+    import nbformat
+    import papermill
+
+    out_dir = tmp_path / "run"
+    with pytest.raises(papermill.PapermillExecutionError) as info:
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / "train_eval.ipynb"),
+            str(tmp_path / "executed.ipynb"),
+            parameters={"loss": "arcface", "out_dir": str(out_dir), "smoke": True},
+            kernel_name="dmlkit",
+            cwd=str(ROOT),
+            progress_bar=False,
+        )
+    assert info.value.ename == "ValueError"
+    assert "loss: unknown value 'arcface'" in info.value.evalue
+    executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    failed = [c for c in executed.cells if any(o.get("ename") for o in c.get("outputs", []))]
+    assert len(failed) == 1 and "notebook.train_config(" in failed[0].source
+    assert not out_dir.exists()
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+class Payload:
+    """Unpickling this would create a folder: proof that no code runs at load time."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _reshaped(state: dict) -> dict:
+    state["model"] = {k: v[..., :1] if v.ndim > 1 else v for k, v in state["model"].items()}
+    return state
+
+
+DAMAGE = {
+    "truncated": lambda path, data: path.write_bytes(data[: len(data) // 2]),
+    "empty": lambda path, data: path.write_bytes(b""),
+    "random bytes": lambda path, data: path.write_bytes(np.random.default_rng(0).bytes(4096)),
+    "foreign torch file": lambda path, data: torch.save({"state_dict": torch.zeros(2)}, path),
+    "not a dict": lambda path, data: torch.save([torch.zeros(2)], path),
+    "pickled object": lambda path, data: torch.save(Payload(path.parent.parent / "pwned"), path),
+    "future version": lambda path, data: torch.save(
+        {**torch.load(path, weights_only=True), "version": 99}, path
+    ),
+    "other shapes": lambda path, data: torch.save(
+        _reshaped(torch.load(path, weights_only=True)), path
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_a_clear_error_and_the_folder_stays_byte_identical(
+    tmp_path, tree, finished, damage
+):
+    run = shutil.copytree(finished, tmp_path / "run")
+    path = run / "checkpoint.pt"
+    DAMAGE[damage](path, path.read_bytes())
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match=str(path)):
+        fit(tiny(tree, run, epochs=4, resume=True), on_step=never)
+    assert snapshot(run) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- hard kills
+
+
+LONGER = {"epochs": 4, "num_batches": 3}  # the SIGKILL runs: time to land a kill anywhere
+
+
+@pytest.fixture(scope="module")
+def longer(tmp_path_factory, tree) -> dict:
+    """metrics.json of an uninterrupted ``LONGER`` run (this process, 1 torch thread)."""
+    out = tmp_path_factory.mktemp("longer") / "run"
+    fit(tiny(tree, out, **LONGER))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def assert_same_run(run: Path, reference: dict) -> None:
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["metrics"] == reference["metrics"]
+    assert comparable(saved["history"]) == comparable(reference["history"])
+
+
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3))])
+def test_sigkill_at_a_random_moment_then_resume_gives_identical_metrics(
+    tmp_path, tree, longer, seed
+):
+    cfg = tiny(tree, tmp_path / "killed", **LONGER)
+    reference = longer
+    chooser = random.Random(seed)
+    epoch, delay = chooser.randint(1, cfg.epochs - 1), chooser.uniform(0.0, 1.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmlkit.train", *cli_args(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    # The epoch line is logged just before that epoch's checkpoint is written: the kill
+    # lands `delay` s later, in the checkpoint write or in one of the next epoch's steps.
+    for line in proc.stderr:
+        if line.startswith(f"epoch {epoch}/{cfg.epochs}:"):
+            break
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    kept = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"]
+    assert epoch - 1 <= kept <= epoch + 1 and kept < cfg.epochs
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dmlkit.train", *cli_args(cfg), "--resume"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"after epoch {kept}" in resumed.stderr
+    assert json.loads(resumed.stdout) == reference["metrics"]
+    assert_same_run(tmp_path / "killed", reference)
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # a torn write's file, cleaned
+
+
+KILL_AT_RENAME = """
+import json, os, signal, sys
+from pathlib import Path
+from dmlkit.train import TrainConfig, fit
+
+target, nth, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+real_replace, seen = os.replace, []
+
+def replace(src, dst):
+    # Killed with the new content complete in the temporary file, before the rename.
+    if Path(dst).name == target:
+        seen.append(dst)
+        if len(seen) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+os.replace = replace
+fit(TrainConfig(**config))
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "nth", "first_epochs"),
+    [
+        ("checkpoint.pt", 2, None),  # epoch 2 of 3: epoch 1's checkpoint must survive
+        ("metrics.json", 1, 2),  # extending a finished 2-epoch run to 3 epochs
+        pytest.param("embeddings.npz", 1, 2, marks=pytest.mark.slow),
+    ],
+)
+def test_kill_between_temporary_write_and_rename_keeps_the_previous_file(
+    tmp_path, tree, finished, target, nth, first_epochs
+):
+    run = tmp_path / "run"
+    reference = json.loads((finished / "metrics.json").read_text())
+    if first_epochs:
+        fit(tiny(tree, run, epochs=first_epochs))
+    before = snapshot(run)
+    config = tiny(tree, run, resume=True).to_dict()
+    child = subprocess.run(
+        [sys.executable, "-c", KILL_AT_RENAME, target, str(nth), json.dumps(config)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (stale,) = run.glob(f".{target}.*.tmp")  # the complete, never renamed, new version
+    assert stale.stat().st_size > 0
+    if first_epochs:  # the finished run's files are as they were (or newer and complete)
+        assert before[target] == snapshot(run)[target]
+        assert json.loads((run / "metrics.json").read_text())["history"][-1]["epoch"] == 2
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == (nth - 1 if not first_epochs else 3)
+    fit(tiny(tree, run, resume=True))
+    assert_same_run(run, reference)
+    assert not stale.exists() and not list(run.glob(".*.tmp"))
+
+
+def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):
+    import dmlkit.io as io
+
+    dead_pid = 4_194_305  # above the largest pid_max Linux allows (2**22): never running
+    names = {
+        f".metrics.json.{dead_pid}@{io._HOST}.abc123_x.tmp": False,  # killed writer: removed
+        f".metrics.json.{os.getpid()}@{io._HOST}.abc123_x.tmp": True,  # a live writer
+        f".metrics.json.{dead_pid}@another-host.abc123_x.tmp": True,  # other host, shared folder
+        f".metrics.json.5.{dead_pid}@{io._HOST}.abc123_x.tmp": True,  # metrics.json.5's
+        ".metrics.json.abc123_x.tmp": True,  # old naming: not ours to judge
+        "metrics.json.bak": True,
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    atomic_write_bytes(tmp_path / "metrics.json", b"{}")
+    assert {name: (tmp_path / name).exists() for name in names} == names
+    assert remove_stale_temporaries(tmp_path / "metrics.json") == []
+
+
+# ---------------------------------------------------------------- full disk
+
+
+class FullDisk:
+    """A file object whose writes fail with ENOSPC once ``quota`` bytes are written."""
+
+    def __init__(self, handle, quota: int) -> None:
+        self.handle, self.left = handle, quota
+
+    def write(self, data) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.handle.__exit__(*exc_info)
+
+
+def fill_disk_for(monkeypatch, target: str, quota: int = 64) -> None:
+    """Writes to the temporary file of ``target`` (see dmlkit.io) hit a full disk."""
+    import dmlkit.io
+
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        handle = real_fdopen(fd, *args, **kwargs)
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        return FullDisk(handle, quota) if name.startswith(f".{target}.") else handle
+
+    monkeypatch.setattr(dmlkit.io.os, "fdopen", fdopen)
+
+
+@pytest.mark.parametrize("target", ["embeddings.npz", "metrics.json"])
+def test_full_disk_on_final_outputs_names_the_file_and_keeps_the_previous_one(
+    tmp_path, tree, finished, monkeypatch, target
+):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(run)
+    fill_disk_for(monkeypatch, target)
+    with pytest.raises(OSError, match=f"cannot write {run / target}: No space left") as info:
+        fit(tiny(tree, run, epochs=4, resume=True))
+    assert info.value.errno == errno.ENOSPC
+    assert "checkpoint.pt holds the trained model: rerun with resume=True" in str(info.value)
+    after = snapshot(run)
+    assert after[target] == before[target] and json.loads((run / "metrics.json").read_text())
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 4  # the training is kept
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.undo()  # space freed: the rerun only evaluates and writes the outputs
+    result = fit(tiny(tree, run, epochs=4, resume=True), on_step=never)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert json.loads((run / "metrics.json").read_text())["metrics"] == result.metrics
+
+
+FULL_TMPFS = """
+import json, os, sys
+from pathlib import Path
+from dmlkit.train import TrainConfig, fit, load_checkpoint
+
+disk, config = Path(sys.argv[1]), json.loads(sys.argv[2])
+run, out = disk / "run", {}
+def files():
+    return {p.name: p.read_bytes() for p in run.iterdir()}
+fit(TrainConfig(**{**config, "epochs": 1}))
+with open(disk / "filler", "wb") as filler:  # fill the tmpfs up
+    try:
+        while True:
+            filler.write(b"\\0" * 65536)
+            filler.flush()
+    except OSError as error:
+        out["filler_errno"] = error.errno
+before = files()
+for name, epochs in (("checkpoint", 2), ("outputs", 1)):
+    try:
+        fit(TrainConfig(**{**config, "epochs": epochs, "resume": True}))
+    except OSError as error:
+        out[name] = [error.errno, str(error)]
+    out[name + "_unchanged"] = files() == before
+out["epoch_kept"] = load_checkpoint(run / "checkpoint.pt")["epoch"]
+(disk / "filler").unlink()
+out["rerun"] = len(fit(TrainConfig(**{**config, "epochs": 2, "resume": True})).history)
+out["left"] = sorted(p.name for p in run.iterdir())
+print(json.dumps(out))
+"""
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || mount -t tmpfs tmpfs /tmp"
+    return (
+        subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -rm and a tmpfs mount")
+def test_a_real_full_tmpfs_stops_with_enospc_and_keeps_the_run_folder(tmp_path, tree):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    config = tiny(tree, disk / "run").to_dict()
+    # A private mount namespace: the 24 MiB tmpfs exists for the child only.
+    mount = 'mount -t tmpfs -o size=24m tmpfs "$1" && shift && exec "$@"'
+    child = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", mount, "sh", str(disk)]
+        + [sys.executable, "-c", FULL_TMPFS, str(disk), json.dumps(config)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=180,
+    )
+    assert child.returncode == 0, child.stderr
+    out = json.loads(child.stdout.splitlines()[-1])
+    assert out["filler_errno"] == errno.ENOSPC
+    assert out["checkpoint"][0] == errno.ENOSPC
+    assert f"cannot write checkpoint {disk / 'run' / 'checkpoint.pt'}" in out["checkpoint"][1]
+    assert out["outputs"][0] == errno.ENOSPC and "cannot write" in out["outputs"][1]
+    assert out["checkpoint_unchanged"] and out["outputs_unchanged"] and out["epoch_kept"] == 1
+    assert out["rerun"] == 2
+    assert out["left"] == ["checkpoint.pt", "embeddings.npz", "metrics.json"]
+    assert not (disk / "run").exists()  # it was all on the private tmpfs
+
+
+# ---------------------------------------------------------------- untrusted metadata
+
+
+def _edit(path: Path, edit) -> None:
+    lines = path.read_bytes().rstrip(b"\n").split(b"\n")
+    path.write_bytes(b"\n".join(edit(lines)) + b"\n")
+
+
+def _cars_b_fname(root: Path, value: str) -> None:
+    import scipy.io
+
+    path = root / "devkit" / "cars_train_annos.mat"
+    annotations = scipy.io.loadmat(path)["annotations"]
+    annotations[0, 0]["fname"] = np.array([value])
+    scipy.io.savemat(path, {"annotations": annotations})
+
+
+def _cars_a_mat(root: Path, change: str) -> None:
+    import scipy.io
+
+    mat = scipy.io.loadmat(root / "cars_annos.mat")
+    variables = {k: v for k, v in mat.items() if not k.startswith("__")}
+    if change == "no annotations":
+        del variables["annotations"]
+    else:
+        variables["annotations"][0, 0]["class"] = np.array([[197]], dtype=np.uint8)
+    scipy.io.savemat(root / "cars_annos.mat", variables)
+
+
+def _load(name: str, split: str, root: Path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the small-fixture count warning
+        return get_dataset(name, split, root=root)
+
+
+def _one_dataset_error(name: str, split: str, root: Path, message: str) -> None:
+    with pytest.raises(DatasetError, match=message) as info:
+        _load(name, split, root)
+    assert "expected layout" in str(info.value) and "published at" in str(info.value)
+
+
+# Cases beyond tests/test_data.py (CUB truncated/garbled/duplicate/missing ids, '..' and
+# absolute paths; SOP header, duplicates, '..'; Cars missing fields, bad paths, duplicates;
+# non-UTF-8 metadata and file names) and tests/test_data_fuzz.py (random corruption).
+OUTSIDE = "not inside the dataset root"
+
+
+@pytest.mark.parametrize(
+    ("split", "edit", "message"),
+    [
+        ("train", lambda ls: [*ls, b"99 1 1 /etc/passwd"], OUTSIDE),
+        ("train", lambda ls: [*ls, b"99 1 1 ..\\..\\etc\\passwd"], OUTSIDE),
+        ("train", lambda ls: [*ls, b"99 1 1 C:/Windows/win.ini"], OUTSIDE),
+        ("train", lambda ls: [*ls, b"99 1 1 mug_final/\x01.JPG"], OUTSIDE),
+        ("train", lambda ls: [*ls, b"-5 1 1 mug_final/x.JPG"], "image_id must be a non-negative"),
+        ("train", lambda ls: ls[:1], "the train split has no images"),
+        ("test", lambda ls: [*ls[:3], ls[3][:7], *ls[4:]], "test.txt, line 4: expected 4 fields"),
+        ("test", lambda ls: [*ls[:2], b"\xff\xfe\x00", *ls[2:]], "test.txt, line 3: not UTF-8"),
+    ],
+    ids=["absolute", "backslash-dotdot", "drive", "control", "negative", "empty", "cut", "bytes"],
+)
+def test_malformed_sop_metadata_is_one_dataset_error(tmp_path, split, edit, message):
+    root = make_sop(tmp_path / "Stanford_Online_Products")
+    _edit(root / f"Ebay_{split}.txt", edit)
+    _one_dataset_error("sop", split, root, message)
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "message"),
+    [
+        ("images.txt", lambda ls: [], "images.txt: metadata file is empty"),
+        ("image_class_labels.txt", lambda ls: [*ls, ls[0]], "duplicate id 1"),
+        ("classes.txt", lambda ls: [*ls, ls[1]], "classes.txt, line 5: duplicate id 2"),
+        ("images.txt", lambda ls: [*ls[:-1], ls[-1].split()[0]], "expected '<image_id> <path>'"),
+        ("images.txt", lambda ls: [*ls[:-1], b"9 " + ls[-1].split()[1]], "has no entry in"),
+    ],
+    ids=["empty", "duplicate-label", "duplicate-class", "no-path", "id-mismatch"],
+)
+def test_malformed_cub_metadata_is_one_dataset_error(tmp_path, file, edit, message):
+    root = make_cub(tmp_path / "CUB_200_2011", classes=4)
+    _edit(root / file, edit)
+    _one_dataset_error("cub200", "train", root, message)
+
+
+@pytest.mark.parametrize(
+    ("layout", "split", "change", "message"),
+    [
+        ("B", "train", "../../etc/passwd", OUTSIDE),
+        ("B", "test", "/etc/passwd", OUTSIDE),
+        ("A", "train", "no annotations", "no variable 'annotations'"),
+        ("A", "test", "class 197", "outside 1..196"),
+    ],
+)
+def test_malformed_cars_mat_is_one_dataset_error(tmp_path, layout, split, change, message):
+    root = make_cars(tmp_path / "cars196", layout)
+    if layout == "B":
+        _cars_b_fname(root, change)
+    else:
+        _cars_a_mat(root, change)
+    _one_dataset_error("cars196", split, root, message)
+
+
+def test_folder_dataset_with_too_few_classes_is_a_dataset_error(tmp_path):
+    root = make_folder(tmp_path / "tree", ["only"])
+    with pytest.raises(DatasetError, match="needs at least 2 class folders, found 1"):
+        get_dataset("folder", "train", root=root)
+
+
+# ---------------------------------------------------------------- untrusted files: no code runs
+
+UNSAFE = {
+    ("torch", "load"): "torch.load without weights_only=True",
+    ("yaml", "load"): "yaml.load (use yaml.safe_load)",
+    ("yaml", "unsafe_load"): "yaml.unsafe_load",
+    ("yaml", "full_load"): "yaml.full_load",
+    ("yaml", "Loader"): "yaml.Loader",
+    ("yaml", "UnsafeLoader"): "yaml.UnsafeLoader",
+    ("pickle", "load"): "pickle.load",
+    ("pickle", "loads"): "pickle.loads",
+    ("pickle", "Unpickler"): "pickle.Unpickler",
+    ("marshal", "loads"): "marshal.loads",
+    ("shelve", "open"): "shelve.open",
+}
+
+
+def unsafe_calls(source: str, where: str) -> list[str]:
+    """Places in ``source`` that could run code from a file: the security audit's rule."""
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            rule = UNSAFE.get((node.value.id, node.attr))
+            if rule and (node.value.id, node.attr) != ("torch", "load"):
+                problems.append(f"{where}:{node.lineno}: {rule}")
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        keywords = {k.arg: k.value for k in node.keywords}
+        flag = keywords.get("weights_only")
+        if name == "torch.load" and not (isinstance(flag, ast.Constant) and flag.value is True):
+            problems.append(f"{where}:{node.lineno}: {UNSAFE['torch', 'load']}")
+        pickle_flag = keywords.get("allow_pickle")
+        if name in ("np.load", "numpy.load") and not (
+            pickle_flag is None or (isinstance(pickle_flag, ast.Constant) and not pickle_flag.value)
+        ):
+            problems.append(f"{where}:{node.lineno}: np.load with allow_pickle")
+        if name in ("eval", "exec"):
+            problems.append(f"{where}:{node.lineno}: {name}()")
+    return problems
+
+
+def test_the_audit_rule_catches_unsafe_loading():
+    bad = "torch.load(p)\ntorch.load(p, weights_only=False)\nyaml.load(t)\npickle.loads(b)\n"
+    bad += "np.load(f, allow_pickle=True)\neval(s)\n"
+    assert len(unsafe_calls(bad, "x")) == 6
+    good = "torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(t)\n"
+    assert unsafe_calls(good + "np.load(f)\nnp.load(f, allow_pickle=False)\n", "x") == []
+
+
+def test_no_library_code_or_notebook_loads_files_unsafely():
+    import nbformat
+
+    problems = []
+    for path in sorted([*ROOT.glob("dmlkit/**/*.py"), *ROOT.glob("benchmarks/*.py")]):
+        problems += unsafe_calls(path.read_text(), str(path.relative_to(ROOT)))
+    for path in sorted(ROOT.glob("notebooks/*.ipynb")):
+        cells = nbformat.read(path, as_version=4).cells
+        code = "\n".join(c.source for c in cells if c.cell_type == "code")
+        code = "\n".join(line for line in code.splitlines() if not line.startswith("%"))
+        problems += unsafe_calls(code, str(path.relative_to(ROOT)))
+    assert problems == []
+
+
+def test_a_yaml_spec_with_a_python_tag_runs_nothing(tmp_path):
+    from dmlkit.sweep import SpecError, load_spec
+
+    marker = tmp_path / "pwned"
+    spec = tmp_path / "evil.yaml"
+    spec.write_text(f"name: x\ngrid:\n  seed: !!python/object/apply:os.mkdir ['{marker}']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(spec)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- load (slow)
+
+SOP_SCALE = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from bench_eval import sop_like
+from dmlkit.evaluate import retrieval_metrics
+
+embeddings, labels = sop_like(60_502)  # (60502, 512) unit vectors, SOP-like classes
+metrics = retrieval_metrics(embeddings, labels, ks=(1, 10, 100), nmi=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+print(json.dumps({"peak_bytes": peak, **metrics}))
+"""
+
+
+@pytest.mark.slow  # ~25 s on 2 cores
+def test_sop_scale_evaluation_stays_within_the_memory_bound():
+    child = subprocess.run(
+        [sys.executable, "-c", SOP_SCALE, str(ROOT / "benchmarks")],
+        capture_output=True,
+        text=True,
+        env=child_env() | {"OMP_NUM_THREADS": str(os.cpu_count() or 1)},
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr
+    out = json.loads(child.stdout.splitlines()[-1])
+    assert out["num_queries"] == 60_502 and 0.5 < out["recall@1"] <= out["recall@100"] <= 1
+    assert out["peak_bytes"] <= 1.5e9, f"peak RSS {out['peak_bytes'] / 1e9:.2f} GB"
+
+
+@pytest.fixture
+def notebook_project(tmp_path, tmp_path_factory, monkeypatch) -> Path:
+    """A repository-like folder with train_eval.ipynb, and glyphs-mini rendered in a private
+    cache that the sweep's kernels use (``DMLKIT_CACHE`` is inherited)."""
+    from tests.fixtures_datasets import glyph_cache_dir
+
+    cache = glyph_cache_dir(tmp_path_factory)
+    for split in ("train", "test"):
+        get_dataset("glyphs-mini", split, cache_dir=cache)
+    monkeypatch.setenv("DMLKIT_CACHE", str(cache))
+    (tmp_path / "notebooks" / "sweeps").mkdir(parents=True)
+    shutil.copy(ROOT / "notebooks" / "train_eval.ipynb", tmp_path / "notebooks")
+    return tmp_path
+
+
+def write_spec(project: Path, name: str, fixed: dict, grid: dict) -> Path:
+    import yaml
+
+    spec = {"name": name, "notebook": "notebooks/train_eval.ipynb", "fixed": fixed, "grid": grid}
+    path = project / "notebooks" / "sweeps" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow  # 8 notebook executions, two at a time: ~2 min on 2 cores
+def test_eight_real_notebook_runs_with_two_jobs_keep_a_consistent_manifest(notebook_project):
+    from dmlkit.sweep import load_spec, plan, read_manifest, run_sweep
+
+    spec = write_spec(
+        notebook_project,
+        "load",
+        {"dataset": "glyphs-mini", "progress": False},
+        {"loss": ["contrastive", "triplet", "ms", "proxy_anchor"], "density": [False, True]},
+    )
+    result = run_sweep(spec, jobs=2, smoke=True, progress=False)
+    assert result.exit_code == 0, result.table()
+    folder = notebook_project / "papermill_runs" / "load"
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole JSON
+    assert records == read_manifest(folder) and len(records) == 8
+    assert sorted(r["run"] for r in records) == sorted(job.key for job in plan(load_spec(spec)))
+    assert all(r["status"] == "ok" and r["params"]["smoke"] is True for r in records)
+    for record in records:
+        saved = json.loads((folder / record["run"] / "metrics.json").read_text())
+        assert saved["config"]["loss"] == record["params"]["loss"]
+        assert saved["config"]["density"] == record["params"]["density"]
+        assert 0 <= saved["metrics"]["recall@1"] <= 1
+        assert (folder / record["run"] / "notebook.ipynb").is_file()
+
+
+@pytest.mark.slow  # three notebook executions: ~1.5 min on 2 cores
+def test_sigint_during_a_real_training_notebook_keeps_the_checkpoint_and_resumes(
+    notebook_project,
+):
+    import nbformat
+
+    from dmlkit.sweep import read_manifest, run_sweep
+
+    fixed = {
+        "dataset": "glyphs-mini",
+        "epochs": 4,
+        "num_batches": 6,
+        "p": 16,
+        "eval_every": 0,
+        "resume": True,
+        "progress": False,
+    }
+    spec = write_spec(notebook_project, "stopped", fixed, {"seed": [0]})
+    run = notebook_project / "papermill_runs" / "stopped" / "seed=0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmlkit.sweep", str(spec), "--jobs", "2"],
+        cwd=notebook_project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pt").exists():  # epoch 1 is done: stop it in epoch 2
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    (record,) = read_manifest(run.parent)
+    assert (record["status"], record["error"]) == ("interrupted", "Interrupted: stopped by SIGINT")
+    kept = load_checkpoint(run / "checkpoint.pt")["epoch"]
+    assert 1 <= kept < 4 and not (run / "metrics.json").exists()
+
+    assert run_sweep(spec, jobs=2, progress=False).exit_code == 0  # the same command again
+    executed = nbformat.read(run / "notebook.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert f"resuming from {Path('papermill_runs/stopped/seed=0/checkpoint.pt')}" in text
+    assert f"after epoch {kept}" in text
+    assert [r["status"] for r in read_manifest(run.parent)] == ["interrupted", "ok"]
+    reference = write_spec(notebook_project, "reference", fixed, {"seed": [0]})
+    assert run_sweep(reference, jobs=2, progress=False).exit_code == 0
+    uninterrupted = notebook_project / "papermill_runs" / "reference" / "seed=0"
+    assert_same_run(run, json.loads((uninterrupted / "metrics.json").read_text()))
