@@ -155,8 +155,11 @@ def test_scatter_by_mode_one_panel_per_class_marker_per_class_colour_per_mode():
 
 def test_scatter_by_mode_explicit_classes_and_grid():
     xy, labels = _clusters()
-    fig = scatter_by_mode(xy, labels, labels % 2, classes=[2, 0], ncols=1)
-    assert [ax.get_title() for ax in fig.axes] == ["class 2", "class 0"]
+    fig = scatter_by_mode(
+        xy, labels, labels % 2, classes=[2, 0], ncols=1, class_names={2: "B"}, mode_title="font"
+    )
+    assert [ax.get_title() for ax in fig.axes] == ["B (class 2)", "class 0"]
+    assert fig.legends[0].get_title().get_text() == "font"
     for ax, cls in zip(fig.axes, [2, 0], strict=True):
         x0, x1 = ax.get_xlim()
         own = xy[labels == cls]

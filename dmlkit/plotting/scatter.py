@@ -86,6 +86,8 @@ def scatter_by_mode(
     classes: Sequence[Any] | None = None,
     num_classes: int = 4,
     mode_names: Mapping[Any, str] | None = None,
+    class_names: Mapping[Any, str] | None = None,
+    mode_title: str = "mode",
     ncols: int = 4,
     zoom: bool = True,
     point_size: float = 18.0,
@@ -99,6 +101,9 @@ def scatter_by_mode(
         classes: the classes to show; default the ``num_classes`` classes with the most
             distinct modes, then the most points, then the smallest label (deterministic).
         mode_names: display name per mode value (legend), default ``str(mode)``.
+        class_names: display name per class for the panel titles (e.g. the glyph's
+            character), shown as "name (class id)"; default "class id".
+        mode_title: the legend's title (e.g. "font family").
         ncols: panels per row. zoom: limit each panel to its class (the rest of the map
             stays as grey context); else every panel shows the whole map.
     Returns: the Figure: one Axes per class, each with a grey context collection and one
@@ -137,13 +142,14 @@ def scatter_by_mode(
                 )
         lo, hi = (xy[own] if zoom else xy).min(0) - pad, (xy[own] if zoom else xy).max(0) + pad
         set_equal_limits(ax, lo[0], hi[0], lo[1], hi[1])
-        _map_axes(ax, f"class {cls}", axis_labels=False)
+        name = (class_names or {}).get(cls)
+        _map_axes(ax, f"{name} (class {cls})" if name else f"class {cls}", axis_labels=False)
     names = mode_names or {}
     handles = [
         Line2D([], [], marker="o", linestyle="", color=mode_colors[m], label=names.get(m, str(m)))
         for m in all_modes
     ]
-    fig.legend(handles=handles, title="mode", loc="center right", frameon=False)
+    fig.legend(handles=handles, title=mode_title, loc="center right", frameon=False)
     return fig
 
 
