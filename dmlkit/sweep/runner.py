@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
 from .manifest import MANIFEST, append_record, latest_records, lock_manifest, now_iso
 from .manifest import read_manifest as _read_manifest
