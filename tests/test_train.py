@@ -480,7 +480,8 @@ def test_unavailable_device_is_a_clear_error(tiny):
 def test_compiled_model_trains_like_the_eager_one(tiny):
     compiled, eager = fit(tiny_config(compile=True)), fit(tiny_config())
     losses = [[r["loss"] for r in run.history] for run in (compiled, eager)]
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
+    # Inductor fuses kernels, so float rounding differs and drifts a little over the steps.
+    np.testing.assert_allclose(losses[0], losses[1], rtol=5e-3)
     assert abs(compiled.metrics["recall@1"] - eager.metrics["recall@1"]) <= 0.1
 
 

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
+from dmlkit.data.loader import loader_batches
 from dmlkit.runtime import default_device
 
 
@@ -45,8 +46,9 @@ def embed(
     model.eval()
     embeddings, labels = [], []
     try:
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc="embed", unit="batch", disable=not progress):
+        with torch.inference_mode(), loader_batches(loader) as batches:
+            bar = tqdm(batches, total=len(loader), desc="embed", unit="batch", disable=not progress)
+            for batch in bar:
                 images, targets = batch[0], batch[1]
                 out = model(images.to(device, non_blocking=True))
                 embeddings.append(out.float().cpu())

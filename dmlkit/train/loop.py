@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
+from dmlkit.data.loader import loader_batches
 from dmlkit.models import EmbeddingModel, build_model
 from dmlkit.runtime import default_device, seed_everything
 from dmlkit.train import distributed
@@ -362,7 +363,7 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
         disable=not (cfg.progress and run.ctx.is_main),
     )
     start = time.perf_counter()
-    with _batches(run.loader) as batches:
+    with loader_batches(run.loader) as batches:
         for step, (images, labels) in enumerate(batches):
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
@@ -390,19 +391,6 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
     bar.close()
     _check_finite(run, epoch, losses, terms)  # also waits for the device: timing below is true
     return _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def _batches(loader: DataLoader) -> Iterator[Any]:
-    """``iter(loader)``, whose worker processes are stopped even when the epoch fails."""
-    batches = iter(loader)
-    try:
-        yield batches
-    finally:
-        # An exception out of the epoch (an undecodable image, a NaN loss, Ctrl-C) would
-        # leave the workers running until garbage collection, when DataLoader's finaliser
-        # stalls ~5 s per worker. Stop them now; a no-op after a complete epoch.
-        getattr(batches, "_shutdown_workers", lambda: None)()
 
 
 def _start_epoch(run: _Run, epoch: int) -> None:
