@@ -296,6 +296,7 @@ def test_plan_injects_fixed_point_out_dir_and_smoke(project):
         "smoke": True,
     }
     assert jobs[1].output == project.resolve() / "papermill_runs/toy/x=1,flag=true/notebook.ipynb"
+    assert [j.key for j in plan(spec.path)] == [j.key for j in jobs]  # a path is loaded
     outside = plan(spec, out=project.parent / "elsewhere")[0]
     assert outside.parameters["out_dir"] == str(
         project.parent.resolve() / "elsewhere/toy/x=1,flag=false"

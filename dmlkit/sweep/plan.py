@@ -18,7 +18,15 @@ from urllib.parse import quote
 
 import yaml
 
-from .spec import RUN_PARAMETER, SMOKE_PARAMETER, STEP_PARAMETERS, SpecError, SweepSpec, ThenStep
+from .spec import (
+    RUN_PARAMETER,
+    SMOKE_PARAMETER,
+    STEP_PARAMETERS,
+    SpecError,
+    SweepSpec,
+    ThenStep,
+    load_spec,
+)
 from .values import same_value
 
 RUN_NOTEBOOK = "notebook.ipynb"
@@ -150,7 +158,11 @@ def _grid_value(spec: SweepSpec, key: str, raw: Any) -> Any:
 
 
 def plan(
-    spec: SweepSpec, *, only: OnlyFilter = None, smoke: bool = False, out: str | Path | None = None
+    spec: SweepSpec | str | os.PathLike,
+    *,
+    only: OnlyFilter = None,
+    smoke: bool = False,
+    out: str | Path | None = None,
 ) -> list[Job]:
     """The grid jobs of a sweep, in grid order, restricted by ``only``.
 
@@ -158,12 +170,15 @@ def plan(
     matching override (in spec order), then ``out_dir`` and ``smoke``.
 
     Args:
-        spec: from :func:`load_spec`.  only: see :func:`parse_only`.
+        spec: from :func:`load_spec`, or the path of a spec file (loaded and checked).
+        only: see :func:`parse_only`.
         smoke: inject ``smoke=True`` (every notebook must declare ``smoke``).
         out: parent of the sweep folder (default ``<root>/papermill_runs``).
     Raises:
         SpecError: bad ``only``, ``smoke`` not declared, or two grid points with one name.
     """
+    if not isinstance(spec, SweepSpec):
+        spec = load_spec(spec)
     allowed = parse_only(spec, only)
     if smoke:
         _check_smoke(spec)
