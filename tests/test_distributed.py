@@ -12,6 +12,7 @@ One ``torch.multiprocessing.spawn`` of 2 ranks checks, in order:
 import json
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -90,15 +91,21 @@ def _crash_at_epoch_2(epoch, step):
         raise Crash
 
 
-def _fit_runs(rank: int, out: str) -> None:
+def _fit_runs(rank: int, out: str, ports: list[int]) -> None:
     dmlkit.data.get_dataset = tiny_get_dataset  # this process's own module: no monkeypatch
     os.environ["WORLD_SIZE"] = str(WORLD_SIZE)  # fit joins the job through the environment
+    # Each fit creates and ends its own process group. A fresh port per group: rank 1 could
+    # otherwise reach the previous group's store, still listening on the old port, and wait
+    # there forever while rank 0 cannot bind a new one (seen as a rare hang).
+    os.environ["MASTER_PORT"] = str(ports[0])
     whole = fit(tiny_config(out_dir=os.path.join(out, "whole")))
     crashed = tiny_config(out_dir=os.path.join(out, "crashed"))
+    os.environ["MASTER_PORT"] = str(ports[1])
     try:
         fit(crashed, on_step=_crash_at_epoch_2)
     except Crash:
         pass
+    os.environ["MASTER_PORT"] = str(ports[2])
     resumed = fit(tiny_config(out_dir=os.path.join(out, "crashed"), resume=True))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump(
@@ -112,10 +119,10 @@ def _fit_runs(rank: int, out: str) -> None:
         )
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, ports: list[int], out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), LOCAL_RANK=str(rank)
     )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -125,19 +132,31 @@ def _worker(rank: int, port: int, out: str) -> None:
                 torch.save(snapshots, os.path.join(out, f"{loss_name}.pt"))
     finally:
         dist.destroy_process_group()
-    _fit_runs(rank, out)
+    _fit_runs(rank, out, ports[1:])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all bound at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
+    context = mp.spawn(_worker, args=(_free_ports(4), str(out)), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2 DDP workers did not finish within 300 s (a hang)")
     return out
 
 
