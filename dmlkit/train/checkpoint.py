@@ -4,6 +4,7 @@ A checkpoint is a plain dict of tensors and Python scalars/containers (no pickle
 objects): model, loss module, optimizer, scheduler and gradient-scaler state, the number
 of finished epochs, every rank's RNG states, the history and the configuration. It is
 written atomically (``dmlkit.io.atomic_writer``: a kill mid-write keeps the old file).
+Also how ``fit`` finds, restores and saves the checkpoint of its run folder.
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ import os
 import pickle
 import random
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from dmlkit.io import atomic_writer
+from dmlkit.train import distributed
 from dmlkit.train.config import RESUMABLE_CHANGES, TrainConfig
+
+if TYPE_CHECKING:
+    from dmlkit.train.loop import _Run
 
 FORMAT = "dmlkit-checkpoint"
 VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
 _REQUIRED = ("format", "version", "config", "epoch", "model", "loss", "optimizer", "rng")
 
 
@@ -94,6 +101,74 @@ def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str | os.Pat
             + "\n  ".join(differences)
             + "\nUse another out_dir, or resume=False to start over."
         )
+
+
+def resume_state(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The checkpoint ``fit`` continues from: read and checked, or None to start afresh."""
+    if cfg.out_dir is None:
+        return None
+    path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        if cfg.resume:
+            log(f"resume: no checkpoint at {path}; starting from scratch")
+        return None
+    if not cfg.resume:
+        log(f"{path} exists and resume=False: starting over (it will be overwritten)")
+        return None
+    state = load_checkpoint(path)
+    check_compatible(state, cfg, path)
+    log(f"resuming from {path} after epoch {state['epoch']}")
+    return state
+
+
+def restore_run(run: _Run, state: dict[str, Any]) -> None:
+    """Load a resumed run's model, loss, optimizer, counters and this rank's RNG state."""
+    try:
+        run.model.load_state_dict(state["model"])
+        run.loss_fn.load_state_dict(state["loss"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{run.checkpoint_path} does not fit this model/loss: {error}"
+        ) from error
+    run.epoch, run.history = int(state["epoch"]), list(state["history"])
+    run.train_seconds, run.wall_seconds = state["train_seconds"], state["wall_seconds"]
+    run.images_seen = int(state["images_seen"])
+    rng = state["rng"]
+    if len(rng) != run.ctx.world_size:
+        run.log(
+            f"checkpoint has RNG states of {len(rng)} ranks, job has {run.ctx.world_size}: "
+            "the resumed run will not be bit-identical"
+        )
+    restore_rng_state(rng[run.ctx.rank % len(rng)])
+
+
+def save_run(run: _Run, finished_epochs: int, session_seconds: float) -> None:
+    """Checkpoint the run after ``finished_epochs`` (rank 0 writes; every rank takes part)."""
+    rng = distributed.gather_objects(capture_rng_state(), run.ctx)  # a collective: every rank
+    run.epoch = finished_epochs
+    if run.ctx.is_main and run.checkpoint_path is not None:
+        save_checkpoint(
+            run.checkpoint_path,
+            {
+                "config": run.cfg.to_dict(),
+                "epoch": finished_epochs,
+                "model": run.model.state_dict(),
+                "loss": run.loss_fn.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "sampler": run.loader.batch_sampler.state_dict(),
+                "rng": rng,
+                "history": run.history,
+                "train_seconds": run.train_seconds,
+                "wall_seconds": run.wall_seconds + session_seconds,
+                "images_seen": run.images_seen,
+            },
+        )
+    distributed.barrier(run.ctx)
 
 
 def _normal(value: Any) -> Any:

@@ -36,14 +36,7 @@ from dmlkit.train.build import (
     initialise_loss,
     wrap_model,
 )
-from dmlkit.train.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    check_compatible,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from dmlkit.train.checkpoint import CHECKPOINT_NAME, restore_run, resume_state, save_run
 from dmlkit.train.config import TrainConfig
 from dmlkit.train.outputs import (
     bad_images_log,
@@ -59,7 +52,6 @@ from dmlkit.train.outputs import (
 
 logger = logging.getLogger("dmlkit.train")
 
-CHECKPOINT_NAME = "checkpoint.pt"
 _SYNC_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
 _AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -202,7 +194,7 @@ def fit(
                 record.update(curve_metrics(evaluate_retrieval(run)[0]))
             run.history.append(record)
             run.log(epoch_line(record, cfg.epochs))
-            _save(run, epoch + 1, time.perf_counter() - started)
+            save_run(run, epoch + 1, time.perf_counter() - started)
         if final is None and ctx.is_main:
             final = final_evaluation(run)
         metrics = write_outputs(run, final, time.perf_counter() - started) if final else {}
@@ -220,7 +212,7 @@ def _prepare(
 ) -> _Run:
     log = (log if log is not None else logger.info) if ctx.is_main else _silent
     check_out_dir(cfg)
-    checkpoint = _resume_state(cfg, log)  # read and checked before anything is built
+    checkpoint = resume_state(cfg, log)  # read and checked before anything is built
     device = distributed.rank_device(ctx, cfg.device) or default_device(cfg.device)
     check_device(device)
     if device.type == "cuda":
@@ -228,7 +220,7 @@ def _prepare(
         torch.backends.cudnn.deterministic = cfg.deterministic
     run = _assemble(cfg, ctx, device, log, bad_images_log(cfg, stack))
     if checkpoint is not None:
-        _restore(run, checkpoint)
+        restore_run(run, checkpoint)
     else:
         forget_bad_images(run)  # a fresh start: the log of an earlier run no longer counts
         initialise_loss(run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx, run.bad_images_log)
@@ -279,71 +271,6 @@ def _assemble(
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
         bad_images_log=bad_images,
     )
-
-
-def _resume_state(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
-    if cfg.out_dir is None:
-        return None
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME
-    if not path.exists():
-        if cfg.resume:
-            log(f"resume: no checkpoint at {path}; starting from scratch")
-        return None
-    if not cfg.resume:
-        log(f"{path} exists and resume=False: starting over (it will be overwritten)")
-        return None
-    state = load_checkpoint(path)
-    check_compatible(state, cfg, path)
-    log(f"resuming from {path} after epoch {state['epoch']}")
-    return state
-
-
-def _restore(run: _Run, state: dict[str, Any]) -> None:
-    try:
-        run.model.load_state_dict(state["model"])
-        run.loss_fn.load_state_dict(state["loss"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.scaler.load_state_dict(state["scaler"])
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise CheckpointError(
-            f"{run.checkpoint_path} does not fit this model/loss: {error}"
-        ) from error
-    run.epoch, run.history = int(state["epoch"]), list(state["history"])
-    run.train_seconds, run.wall_seconds = state["train_seconds"], state["wall_seconds"]
-    run.images_seen = int(state["images_seen"])
-    rng = state["rng"]
-    if len(rng) != run.ctx.world_size:
-        run.log(
-            f"checkpoint has RNG states of {len(rng)} ranks, job has {run.ctx.world_size}: "
-            "the resumed run will not be bit-identical"
-        )
-    restore_rng_state(rng[run.ctx.rank % len(rng)])
-
-
-def _save(run: _Run, finished_epochs: int, session_seconds: float) -> None:
-    rng = distributed.gather_objects(capture_rng_state(), run.ctx)  # a collective: every rank
-    run.epoch = finished_epochs
-    if run.ctx.is_main and run.checkpoint_path is not None:
-        save_checkpoint(
-            run.checkpoint_path,
-            {
-                "config": run.cfg.to_dict(),
-                "epoch": finished_epochs,
-                "model": run.model.state_dict(),
-                "loss": run.loss_fn.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict(),
-                "sampler": run.loader.batch_sampler.state_dict(),
-                "rng": rng,
-                "history": run.history,
-                "train_seconds": run.train_seconds,
-                "wall_seconds": run.wall_seconds + session_seconds,
-                "images_seen": run.images_seen,
-            },
-        )
-    distributed.barrier(run.ctx)
 
 
 def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | None) -> dict:
