@@ -867,7 +867,7 @@ def test_eight_real_notebook_runs_with_two_jobs_keep_a_consistent_manifest(noteb
     )
     result = run_sweep(spec, jobs=2, smoke=True, progress=False)
     assert result.exit_code == 0, result.table()
-    folder = notebook_project / "papermill_runs" / "load"
+    folder = notebook_project / "papermill_runs" / "load-smoke"
     lines = (folder / "manifest.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line whole JSON
     assert records == read_manifest(folder) and len(records) == 8

@@ -43,6 +43,7 @@ from dmlkit.sweep import (
 from dmlkit.sweep.__main__ import main as sweep_main
 from dmlkit.sweep.manifest import lock_manifest
 from dmlkit.sweep.outcome import Outcome, SweepResult
+from dmlkit.sweep.plan import plan_steps, sweep_folder
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 BASE = {"name": "toy", "notebook": "notebooks/toy_run.ipynb", "grid": {"x": [1, 2]}}
@@ -292,10 +293,13 @@ def test_plan_injects_fixed_point_out_dir_and_smoke(project):
         "label": "b",
         "x": 1,
         "flag": True,
-        "out_dir": "papermill_runs/toy/x=1,flag=true",
+        "out_dir": "papermill_runs/toy-smoke/x=1,flag=true",  # smoke runs live apart
         "smoke": True,
     }
-    assert jobs[1].output == project.resolve() / "papermill_runs/toy/x=1,flag=true/notebook.ipynb"
+    assert jobs[1].output == (
+        project.resolve() / "papermill_runs/toy-smoke/x=1,flag=true/notebook.ipynb"
+    )
+    assert plan(spec)[1].parameters["out_dir"] == "papermill_runs/toy/x=1,flag=true"
     assert [j.key for j in plan(spec.path)] == [j.key for j in jobs]  # a path is loaded
     outside = plan(spec, out=project.parent / "elsewhere")[0]
     assert outside.parameters["out_dir"] == str(
@@ -330,7 +334,7 @@ def test_overrides_set_parameters_on_matching_points_later_entries_win(project):
         "label": "a",
         "x": 1,
         "flag": False,
-        "out_dir": "papermill_runs/toy/x=1,flag=false",
+        "out_dir": "papermill_runs/toy-smoke/x=1,flag=false",
         "smoke": True,
     }
     assert jobs["x=2,flag=true"].parameters == {
@@ -338,7 +342,7 @@ def test_overrides_set_parameters_on_matching_points_later_entries_win(project):
         "x": 2,
         "flag": True,
         "mode": "no-metrics",
-        "out_dir": "papermill_runs/toy/x=2,flag=true",
+        "out_dir": "papermill_runs/toy-smoke/x=2,flag=true",
         "smoke": True,
     }
 
@@ -381,6 +385,22 @@ def test_smoke_requires_a_smoke_parameter(project):
     assert len(plan(spec)) == 2
     with pytest.raises(SpecError, match="declares no 'smoke' parameter"):
         plan(spec, smoke=True)
+
+
+def test_smoke_steps_draw_their_figures_inside_the_smoke_folder():
+    # The shipped demo spec: a smoke sweep must never overwrite the committed figures/.
+    spec = load_spec(Path(__file__).parents[1] / "notebooks" / "sweeps" / "quickstart.yaml")
+    triplet = next(j for j in plan(spec, smoke=True) if j.point["loss"] == "triplet")
+    folder = sweep_folder(spec, smoke=True)
+    assert folder.name == "quickstart-smoke" and triplet.folder.parent == folder
+    steps = plan_steps(spec, triplet, smoke=True, folder=folder)
+    steps += plan_steps(spec, None, smoke=True, folder=folder)
+    assert [s.key.split("/")[-1] for s in steps] == ["tsne", "compare"]
+    figures = {s.parameters["figures_dir"] for s in steps}
+    assert figures == {"papermill_runs/quickstart-smoke/figures"}
+    real = next(j for j in plan(spec) if j.point["loss"] == "triplet")
+    real_steps = plan_steps(spec, real, smoke=False, folder=sweep_folder(spec))
+    assert real_steps and all("figures_dir" not in s.parameters for s in real_steps)
 
 
 @pytest.mark.parametrize(
@@ -544,10 +564,10 @@ def test_cli_only_and_parallel_jobs(project):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "x=1  ok" in done.stdout and "x=3  ok" in done.stdout and "x=2" not in done.stdout
-    first, second = read_manifest(out / "toy")
+    first, second = read_manifest(out / "toy-smoke")
     assert {first["run"], second["run"]} == {"x=1", "x=3"}
     assert second["started"] < first["ended"]  # both ran at once
-    assert json.loads((out / "toy" / "x=3" / "metrics.json").read_text())["config"]["smoke"]
+    assert json.loads((out / "toy-smoke" / "x=3" / "metrics.json").read_text())["config"]["smoke"]
 
 
 def test_overrides_reach_the_notebook_and_the_manifest_and_show_in_dry_run(project, capsys):
@@ -744,7 +764,8 @@ def test_eight_runs_with_two_jobs_keep_a_consistent_manifest(project):
     )
     result = run_sweep(spec, jobs=2, smoke=True, progress=False)
     assert result.exit_code == 0
-    folder = project / "papermill_runs" / "toy"
+    folder = project / "papermill_runs" / "toy-smoke"
+    assert not (project / "papermill_runs" / "toy").exists()  # the real sweep's folder
     records = read_manifest(folder)
     runs = [r["run"] for r in records if r["kind"] == "run"]
     assert sorted(runs) == sorted(j.key for j in plan(load_spec(spec))) and len(set(runs)) == 8
@@ -753,4 +774,5 @@ def test_eight_runs_with_two_jobs_keep_a_consistent_manifest(project):
     assert len(folder.joinpath("manifest.jsonl").read_text().splitlines()) == 9
     lines = (folder / "figure.txt").read_text().split()  # the step saw all 8 runs
     assert lines[0] == "smoke=True" and len(lines) == 9
-    assert all(o.status == "skipped" for o in run_sweep(spec, jobs=2, progress=False).outcomes)
+    again = run_sweep(spec, jobs=2, smoke=True, progress=False).outcomes
+    assert all(o.status == "skipped" for o in again)

@@ -52,7 +52,7 @@ def dry_run(args: argparse.Namespace) -> int:
     """Print what a real invocation would run or skip (with ``--figures``: redraw)."""
     spec = load_spec(args.spec)
     jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
-    folder = sweep_folder(spec, args.out)
+    folder = sweep_folder(spec, args.out, smoke=args.smoke)
     if args.figures:
         check_some_finished(spec, jobs, folder)
     latest = latest_records(read_records(folder / MANIFEST))

@@ -32,6 +32,8 @@ from .values import same_value
 RUN_NOTEBOOK = "notebook.ipynb"
 METRICS_FILE = "metrics.json"
 RUNS_FOLDER = "papermill_runs"
+SMOKE_SUFFIX = "-smoke"
+FIGURES_PARAMETER = "figures_dir"  # a step notebook's output folder; smoke steps get their own
 # Run folders must stay well under the usual 255-byte file-name limit.
 _MAX_NAME_BYTES = 200
 
@@ -103,10 +105,14 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in products]
 
 
-def sweep_folder(spec: SweepSpec, out: str | Path | None = None) -> Path:
-    """``<out>/<name>``; ``out`` defaults to ``<root>/papermill_runs``."""
+def sweep_folder(spec: SweepSpec, out: str | Path | None = None, *, smoke: bool = False) -> Path:
+    """``<out>/<name>`` (``<out>/<name>-smoke`` for a smoke sweep); ``out`` defaults to
+    ``<root>/papermill_runs``."""
+    # Smoke runs live apart, so that a later real sweep neither skips them as finished nor
+    # finds their models in its folder.
     base = Path(out) if out is not None else spec.root / RUNS_FOLDER
-    return (base if base.is_absolute() else Path.cwd() / base).resolve() / spec.name
+    name = f"{spec.name}{SMOKE_SUFFIX}" if smoke else spec.name
+    return (base if base.is_absolute() else Path.cwd() / base).resolve() / name
 
 
 def parse_only(spec: SweepSpec, only: OnlyFilter) -> dict[str, list[Any]]:
@@ -182,7 +188,7 @@ def plan(
     allowed = parse_only(spec, only)
     if smoke:
         _check_smoke(spec)
-    folder = sweep_folder(spec, out)
+    folder = sweep_folder(spec, out, smoke=smoke)
     jobs: list[Job] = []
     names: dict[str, dict[str, Any]] = {}
     for point in grid_points(spec):
@@ -227,6 +233,9 @@ def _step_job(
     parameters = {**step.parameters, STEP_PARAMETERS[step.per]: shown_path(target, spec.root)}
     if smoke:
         parameters[SMOKE_PARAMETER] = True
+        if FIGURES_PARAMETER in spec.notebook_parameters.get(step.notebook, ()):
+            # Smoke figures stay in the smoke sweep's folder, never over the real ones.
+            parameters[FIGURES_PARAMETER] = shown_path(folder / "figures", spec.root)
     key = f"{run.key}/{step.name}" if run is not None else step.name
     kind = "then-run" if run is not None else "then-sweep"
     point = dict(run.point) if run is not None else {}

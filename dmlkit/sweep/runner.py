@@ -73,7 +73,7 @@ def run_sweep(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
     grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
-    folder = sweep_folder(spec, out)
+    folder = sweep_folder(spec, out, smoke=smoke)
     if figures_only:
         # Before taking the lock, which would create the sweep folder.
         check_some_finished(spec, grid_jobs, folder)
