@@ -66,6 +66,17 @@ def test_train_eval_parameters_mirror_train_config():
     assert set(parameters) - {f.name for f in dataclasses.fields(TrainConfig)} == {"smoke"}
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_parameter_named_like_a_train_config_field_has_its_default(path):
+    # A name shared with TrainConfig must mean the same thing, with the same default.
+    defaults = TrainConfig()
+    for name, info in pm.inspect_notebook(str(path)).items():
+        if name in TrainConfig.__dataclass_fields__:
+            value = ast.literal_eval(info["default"])
+            expected = NOTEBOOK_ONLY_DEFAULTS.get(name, getattr(defaults, name))
+            assert value == expected, f"{path.name}: {name} = {value!r}, TrainConfig {expected!r}"
+
+
 def _execute(name: str, output: Path, **parameters) -> nbformat.NotebookNode:
     pm.execute_notebook(
         str(ROOT / "notebooks" / name),
@@ -136,7 +147,16 @@ def test_compare_and_ablation_smoke(trained_run, tmp_path):
         figures_dir=str(tmp_path),
     )
     table = (tmp_path / "smoke_sweep_table.md").read_text()
-    assert "| triplet |" in table and "recall@1" in table
+    assert "| triplet |" in table and "recall@1" in table and "recall@8" in table  # every K
+    assert not (tmp_path / "smoke_sweep_papers.md").exists()  # glyphs: no paper numbers
+    with pytest.raises(pm.PapermillExecutionError, match="no readable metrics.json"):
+        _execute(
+            "compare.ipynb",
+            tmp_path / "typo.ipynb",
+            sweep_dir=str(sweep.parent / "typo"),
+            figures_dir=str(tmp_path / "typo"),
+        )
+    assert not (tmp_path / "typo").exists()  # nothing written
     assert (tmp_path / "smoke_sweep_density_gain.png").is_file()
     _execute(
         "density_ablation.ipynb",

@@ -144,6 +144,29 @@ def test_load_runs_of_nothing_warns_and_returns_an_empty_table(tmp_path):
     assert df.empty and list(df.columns) == ["sweep", "run", "path"]
 
 
+def test_load_runs_of_nothing_raises_when_runs_are_required(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no readable metrics.json under .*typo"):
+        load_runs(tmp_path / "typo", missing_ok=False)
+
+
+def test_summarize_reports_every_recall_column_by_k_by_default(tmp_path):
+    metrics = {"recall@10": 0.8, "recall@2": 0.6, "recall@1": 0.5, "recall@100": 0.9, "nmi": 0.4}
+    write_run(tmp_path / "run", {"dataset": "sop", "loss": "ms", "density": False}, metrics)
+    summary = summarize(load_runs(tmp_path))
+    means = [c for c in summary.columns if c.endswith("_mean")]
+    assert means == [
+        "recall@1_mean",
+        "recall@2_mean",
+        "recall@10_mean",
+        "recall@100_mean",
+        "map@r_mean",
+        "nmi_mean",
+        "pi_ratio_mean",
+        "subcluster_preservation_mean",
+    ]
+    assert summary["recall@10_mean"].item() == 0.8 and summary["map@r_mean"].isna().all()
+
+
 def test_summarize_matches_mean_and_sample_std_over_seeds(sweep):
     summary = summarize(load_runs(sweep), metrics=("recall@1", "map@r", "not_measured"))
     assert list(summary.columns) == [

@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,18 +23,24 @@ import pandas as pd
 
 METRICS_FILE = "metrics.json"
 DEFAULT_BY = ("dataset", "loss", "density")
-DEFAULT_METRICS = ("recall@1", "map@r", "nmi", "pi_ratio", "subcluster_preservation")
+DEFAULT_METRICS = ("map@r", "nmi", "pi_ratio", "subcluster_preservation")
+"""What :func:`summarize` reports after every ``recall@K`` column the table has."""
 PROVENANCE = ("wall_time_s", "images_per_s", "device", "git_commit")
 _BASE_COLUMNS = ("sweep", "run")
 _SECTIONS = ("config", "metrics", "history")
 
 
-def load_runs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+def load_runs(
+    source: str | os.PathLike | Iterable[str | os.PathLike], *, missing_ok: bool = True
+) -> pd.DataFrame:
     """One row per run folder holding a ``metrics.json``.
 
     Args:
         source: a sweep folder (searched recursively), a run folder, a ``metrics.json``,
             a glob pattern (``"papermill_runs/*/*"``; ``**`` allowed), or several of these.
+        missing_ok: with no readable ``metrics.json``, warn and return an empty table
+            (True) or raise FileNotFoundError (False: what a notebook that writes a
+            table from the runs wants, before it writes anything).
     Returns:
         Columns ``sweep``, ``run`` (folder names), the flattened ``config`` (nested dicts as
         ``a.b``), the flattened scalar ``metrics`` as floats (a metric whose name clashes
@@ -50,7 +57,10 @@ def load_runs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Dat
     for problem in problems:
         warnings.warn(problem, stacklevel=2)
     if not rows:
-        warnings.warn(f"no readable {METRICS_FILE} under {source!r}", stacklevel=2)
+        message = f"no readable {METRICS_FILE} under {source!r}"
+        if not missing_ok:
+            raise FileNotFoundError(f"{message}: is the path right, and has the sweep run?")
+        warnings.warn(message, stacklevel=2)
         return pd.DataFrame(columns=[*_BASE_COLUMNS, "path"])
     frame = pd.DataFrame(rows)
     ordered = [*_BASE_COLUMNS, *(c for c in frame.columns if c not in (*_BASE_COLUMNS, "path"))]
@@ -144,23 +154,32 @@ def _number(value: Any) -> float:
 def summarize(
     df: pd.DataFrame,
     by: Sequence[str] = DEFAULT_BY,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Mean and sample std (ddof=1; NaN for one run) of each metric per group, and ``n``.
 
     Args:
         df: from :func:`load_runs`.  by: grouping columns (those absent are dropped with a
-            warning).  metrics: metric columns (absent ones give NaN).
+            warning).  metrics: metric columns (absent ones give NaN); default: every
+            ``recall@K`` column in ``df`` by K (at least ``recall@1``), then
+            :data:`DEFAULT_METRICS`.
     Returns:
         ``by`` columns, ``n`` (runs in the group), then ``<metric>_mean``, ``<metric>_std``.
     """
     by = _present(df, by)
+    if metrics is None:
+        metrics = [*_recall_columns(df), *DEFAULT_METRICS]
     groups = _numeric(df, metrics).groupby(by or ["_all"], dropna=False, sort=True)
     out = groups.size().rename("n").to_frame()
     for metric in metrics:
         out[f"{metric}_mean"] = groups[metric].mean()
         out[f"{metric}_std"] = groups[metric].std(ddof=1)
     return out.reset_index().drop(columns="_all", errors="ignore")
+
+
+def _recall_columns(df: pd.DataFrame) -> list[str]:
+    ks = sorted(int(c[len("recall@") :]) for c in df.columns if re.fullmatch(r"recall@\d+", c))
+    return [f"recall@{k}" for k in ks] or ["recall@1"]
 
 
 def _numeric(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
