@@ -12,9 +12,23 @@ DATA ?= $(DMLKIT_DATA)
 
 setup: $(STAMP)
 
+# A venv whose interpreter no longer runs (its Python removed or upgraded, the folder copied
+# from elsewhere) is stale as well: forget the stamp so that the recipe below rebuilds it.
+ifneq ($(shell $(PY) -c "" 2>/dev/null && echo ok),ok)
+$(shell rm -f $(STAMP))
+endif
+
+# constraints.txt is the lock of the tested Python (3.11: CI, the demo, the committed
+# figures); another Python gets pyproject.toml's ranges instead.
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@$(PY) -c "" 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
+	@if $(PY) -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))"; then \
+	  echo "$(PY) -m pip install --quiet -c constraints.txt -e .[dev]"; \
+	  $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"; \
+	else \
+	  echo "note: constraints.txt locks Python 3.11; installing pyproject.toml's ranges"; \
+	  $(PY) -m pip install --quiet -e ".[dev]"; \
+	fi
 	$(PY) -m ipykernel install --sys-prefix --name dmlkit --display-name "Python (dmlkit)"
 	@touch $(STAMP)
 
@@ -68,7 +82,7 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 lock: $(STAMP)
-	{ echo "# Exact versions used by 'make setup', CI, the demo and the committed figures (pip -c)."; \
+	{ echo "# Exact versions used by 'make setup' on Python 3.11, CI, the demo and the committed figures (pip -c)."; \
 	  echo "# Regenerate: make lock"; \
 	  $(PY) -m pip freeze --exclude-editable | sort -f; } > constraints.txt
 
