@@ -103,14 +103,16 @@ def daal_terms(
         radii: (C,) tube radii ρ_c (no gradient). lengths: (C,) ||b_c − a_c||.
     Returns: dict of 0-dim tensors: pull and push are means over the B samples, spread a
         mean over the classes with ≥ 2 samples (0 if none), length a mean over all C
-        segments. O(B·C) time and memory.
+        segments; all four are 0 (graph-connected) for an empty batch. O(B·C) time and
+        memory.
     """
-    count = len(radii)
+    count, batch = len(radii), len(rows)
     own = rows[:, None] == torch.arange(count, device=rows.device)  # (B, C)
     own_dist = dist.gather(1, rows[:, None]).squeeze(1)  # (B,)
-    pull = (own_dist - radii[rows]).clamp_min(0).mean()
+    # ÷ max(B, 1), not .mean(): a mean over an empty batch is NaN.
+    pull = (own_dist - radii[rows]).clamp_min(0).sum() / max(batch, 1)
     logits = gamma * (radii[None, :] + margin - dist)  # (B, C)
-    push = (masked_logsumexp(logits, ~own, dim=1, add_one=True) / gamma).mean()
+    push = masked_logsumexp(logits, ~own, dim=1, add_one=True).sum() / (gamma * max(batch, 1))
     own_t = t.gather(1, rows[:, None]).squeeze(1)  # (B,)
     counts = torch.bincount(rows, minlength=count).to(own_t.dtype)  # (C,)
     mean_t = own_t.new_zeros(count).index_add_(0, rows, own_t) / counts.clamp_min(1)
@@ -119,11 +121,16 @@ def daal_terms(
     several = counts >= 2
     shortfall = (min_spread - variance).clamp_min(0)
     spread = torch.where(several, shortfall, torch.zeros_like(shortfall)).sum()
+    length = (lengths - max_length).clamp_min(0).mean()
+    if batch == 0:
+        # The length hinge does not depend on the batch; kept, it would be the whole loss
+        # of an empty batch and move the vertices on a step that saw no data.
+        length = length * 0
     return {
         "pull": pull,
         "push": push,
         "spread": spread / several.sum().clamp_min(1),
-        "length": (lengths - max_length).clamp_min(0).mean(),
+        "length": length,
     }
 
 
@@ -186,7 +193,8 @@ class DAALLoss(nn.Module):
     ``radius_seen`` (C,) are buffers. The radii of the classes in a batch are updated
     (training mode only) *before* the loss is computed, a class's first median taken as
     is. ``last_terms``: pull, push, spread, length, mean_rho (mean ρ over classes seen),
-    and ``pair`` with a base loss.
+    and ``pair`` with a base loss. An empty batch gives a graph-connected 0 and leaves the
+    buffers as they are. O(B·C·D) time, O(B·C + C·D) memory.
     """
 
     def __init__(

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmlkit.numerics import check_labels
+
 
 class ClassStatistics(NamedTuple):
     """Per-class statistics; rows follow ``classes`` (sorted unique labels)."""
@@ -138,6 +140,9 @@ class DensityAdaptive(nn.Module):
     ``base_loss``: a function ``(embeddings, labels) -> loss`` or a module (its
     ``last_terms``, ``high_lr_parameters`` and ``init_from_embeddings`` pass through).
     ``last_terms``: detached ``base``, ``R``, ``mean_r`` (batch mean r_c), ``tau``.
+    Float, complex or bool labels are a ValueError; an empty batch adds 0 (no barrier)
+    and leaves the EMA as it is. O(B·D + C_b²·D) time, O(B·D + C_b²) memory for the C_b
+    classes in the batch, on top of the base loss.
     """
 
     def __init__(
@@ -171,6 +176,7 @@ class DensityAdaptive(nn.Module):
         self.last_terms: dict[str, Tensor] = {}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_labels(labels)  # a user base loss may not check, and r_c groups by label
         base = self.base_loss(embeddings, labels)
         with torch.autocast(embeddings.device.type, enabled=False):
             stats = class_statistics(embeddings, labels, eps=self.eps)
@@ -180,7 +186,8 @@ class DensityAdaptive(nn.Module):
             tau = self._tau(mean_r, valid_count > 0)
             reg = _hinge_mean(relative, stats.valid, tau)
             total = base + self.weight * reg
-            if self.target == "learned":
+            # Not for an empty batch: the barrier alone would make its loss non-zero.
+            if self.target == "learned" and len(labels) > 0:
                 total = total - self.beta * torch.log(tau)
         self.last_terms = {
             **getattr(self.base_loss, "last_terms", {}),

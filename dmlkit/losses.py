@@ -5,7 +5,8 @@ values and returns a 0-dim tensor. Formulas, defaults and sources: docs/methods.
 Numerics shared by all of them: distances and exponentials are computed in fp32 even
 under autocast (half inputs are cast up; float64 stays float64), ``sqrt`` only sees
 clamped arguments, exponentials go through a log-sum-exp, and a batch without a valid
-pair/triplet gives a graph-connected 0 with zero gradients — never NaN.
+pair/triplet (an empty batch, B = 0, included) gives a graph-connected 0 with zero
+gradients — never NaN. Float, complex and bool label tensors are a ValueError.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dmlkit.daal import DAALLoss
 from dmlkit.density import DensityAdaptive
 from dmlkit.numerics import (  # noqa: F401 - pairwise_distance and DISTANCES are public here
     DISTANCES,
+    checked_batch,
     class_rows,
     full_precision,
     masked_logsumexp,
@@ -50,6 +52,7 @@ def _pair_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @full_precision
+@checked_batch
 def contrastive_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -78,6 +81,7 @@ def contrastive_loss(
 
 
 @full_precision
+@checked_batch
 def triplet_margin_loss(
     embeddings: Tensor, labels: Tensor, *, margin: float = 0.2, mining: str = "all"
 ) -> Tensor:
@@ -120,6 +124,7 @@ def triplet_margin_loss(
 
 
 @full_precision
+@checked_batch
 def npair_loss(
     embeddings: Tensor, labels: Tensor, *, scale: float = 10.0, l2_reg: float = 0.0
 ) -> Tensor:
@@ -153,6 +158,7 @@ def npair_loss(
 
 
 @full_precision
+@checked_batch
 def multi_similarity_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -246,7 +252,7 @@ class ProxyAnchorLoss(nn.Module):
     Proxies: kaiming-normal (fan-out) from a generator seeded with ``seed``, as in the
     authors' code; they want a learning rate ~100× the backbone's
     (``high_lr_parameters``). ``classes``: the label values (any integers) in row order
-    after sorting; default 0..num_classes−1.
+    after sorting; default 0..num_classes−1. O(B·C·D) time, O(B·C) memory.
     """
 
     def __init__(

@@ -34,6 +34,32 @@ def full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return wrapper
 
 
+def checked_batch(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Reject non-integer ``labels``; an empty batch (B = 0) gives a graph-connected 0."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        check_labels(labels)
+        if len(labels) == 0 and len(embeddings) == 0:
+            # max/argmax over an empty dimension raise and a mean over nothing is NaN; a
+            # batch of nothing has no valid pair or triplet, so it gets that case's 0.
+            return embeddings.sum() * 0
+        return loss_fn(embeddings, labels, *args, **kwargs)
+
+    return wrapper
+
+
+def check_labels(labels: Tensor) -> None:
+    """ValueError unless ``labels`` has an integer dtype (int8…int64, uint8)."""
+    # A float label 1.5 would be truncated to class 1 (class_rows) or form a class of its
+    # own (the pair losses), and bool labels are two classes by accident. An empty tensor
+    # passes whatever its dtype, as in resolve_classes: torch.tensor([]) is float32.
+    if labels.numel() and (
+        labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+    ):
+        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+
+
 def upcast(x: Tensor) -> Tensor:
     """fp16/bf16 → fp32; other dtypes unchanged (float64 tests stay float64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -47,7 +73,11 @@ def masked_logsumexp(x: Tensor, mask: Tensor, dim: int, *, add_one: bool = False
     backward pass; a row with nothing selected gives a finite, gradient-free value (0
     with ``add_one``, a large negative number without) that callers mask out.
     """
-    peak = x.detach().masked_fill(~mask, -math.inf).amax(dim, keepdim=True)
+    masked = x.detach().masked_fill(~mask, -math.inf)
+    if x.shape[dim]:
+        peak = masked.amax(dim, keepdim=True)
+    else:  # amax over an empty dimension raises; the max of nothing is −inf
+        peak = torch.full_like(masked.sum(dim, keepdim=True), -math.inf)
     if add_one:
         peak = peak.clamp_min(0)  # the implicit term exp(0)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
@@ -118,8 +148,10 @@ def resolve_classes(
 def class_rows(classes: Tensor, labels: Tensor) -> Tensor:
     """Row of each label in the sorted ``classes`` (C,); ValueError naming unknown labels.
 
-    The membership check reads one boolean back from the device (a host sync).
+    ValueError for a float, complex or bool ``labels`` tensor (``check_labels``). The
+    membership check reads one boolean back from the device (a host sync).
     """
+    check_labels(labels)
     labels = labels.to(classes.device, torch.long)
     rows = torch.searchsorted(classes, labels).clamp_max(len(classes) - 1)  # (B,)
     unknown = classes[rows] != labels

@@ -246,3 +246,36 @@ def test_base_pair_loss_on_top_and_half_inputs():
         value = alone(half, y)
         value.backward()
         assert value.dtype == torch.float32 and torch.isfinite(half.grad.float()).all()
+
+
+def test_empty_batch_gives_zero_terms_and_leaves_the_radii():
+    z, rows, vertices, radii = _setup(3)
+    vertices = 3 * vertices  # long segments: the length hinge is active
+    empty = torch.zeros(0, 3, dtype=F64, requires_grad=True)
+    no_rows = torch.zeros(0, dtype=torch.long)
+    terms = daal_terms(*segment_geometry(empty, vertices)[:2], no_rows, radii,
+                       (vertices[:, 1] - vertices[:, 0]).norm(dim=1))  # fmt: skip
+    assert {key: term.item() for key, term in terms.items()} == dict.fromkeys(terms, 0.0)
+    module = _module(vertices, radii, base="triplet").train()
+    module(z, rows)
+    assert module.last_terms["length"].item() > 0
+    radii_before, seen_before = module.radii.clone(), module.radius_seen.clone()
+    total = module(empty, no_rows)
+    assert total.item() == 0 and module.last_terms["pair"].item() == 0
+    (grad,) = torch.autograd.grad(total, module.vertices)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    assert torch.equal(module.radii, radii_before)
+    assert torch.equal(module.radius_seen, seen_before)
+
+
+def test_float_and_bool_labels_are_rejected():
+    module = DAALLoss(None, 4, classes=[1, 2, 3]).eval()  # fixed radii: calls comparable
+    z = torch.nn.functional.normalize(torch.randn(3, 4, generator=torch.Generator()), dim=1)
+    for labels in (torch.tensor([1.5, 2.0, 3.0]), torch.tensor([True, False, True])):
+        with pytest.raises(ValueError, match="integer class ids"):
+            module(z, labels)
+    with pytest.raises(ValueError, match="integer class ids"):
+        module.init_from_embeddings(z, torch.tensor([1.0, 2.0, 3.0]))
+    assert_close(
+        module(z, torch.tensor([1, 2, 3], dtype=torch.uint8)), module(z, torch.tensor([1, 2, 3]))
+    )

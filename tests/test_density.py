@@ -259,3 +259,24 @@ def test_deepcopy_keeps_the_forwarded_init():
     clone.init_from_embeddings(z.float(), y)
     assert not torch.equal(clone.base_loss.vertices, wrapped.base_loss.vertices)
     assert torch.equal(clone.high_lr_parameters()[0], clone.base_loss.vertices)
+
+
+@pytest.mark.parametrize("target", ["ema", "batch", "fixed", "learned"])
+def test_empty_batch_adds_nothing_and_keeps_the_ema(target):
+    module = DensityAdaptive(PairLoss(triplet_margin_loss), target=target).double().train()
+    module(*_batch(2))
+    before = {key: buffer.clone() for key, buffer in module.named_buffers()}
+    empty = torch.zeros(0, 4, dtype=F64, requires_grad=True)
+    total = module(empty, torch.zeros(0, dtype=torch.long))
+    assert total.item() == 0 and module.last_terms["R"].item() == 0  # no log-barrier either
+    total.backward()
+    for key, buffer in module.named_buffers():
+        assert torch.equal(buffer, before[key]), key
+
+
+def test_float_labels_are_rejected_even_with_a_base_that_ignores_labels():
+    module = DensityAdaptive(lambda e, l: e.sum() * 0)
+    z, y = _batch(3)
+    with pytest.raises(ValueError, match="integer class ids.*float64"):
+        module(z, y.double())
+    assert module.num_batches_tracked.item() == 0

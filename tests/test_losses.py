@@ -401,3 +401,72 @@ def test_build_loss_errors():
         build_loss("triplet", density=True, density_target="median")
     with pytest.raises(ValueError, match="mining"):
         build_loss("triplet", mining="easy")  # at construction, not at the first step
+
+
+@pytest.mark.parametrize(
+    ("name", "fn", "kwargs"), [(c[0], c[1], c[3]) for c in PAIR_CASES], ids=CASE_IDS
+)
+def test_pure_pair_losses_give_connected_zero_for_an_empty_batch(name, fn, kwargs):
+    z = torch.zeros(0, 5, dtype=F64, requires_grad=True)
+    value = fn(z, torch.zeros(0, dtype=torch.long), **kwargs)
+    assert value.dim() == 0 and value.requires_grad and value.item() == 0, name
+    value.backward()
+    assert z.grad.shape == (0, 5)
+
+
+def test_proxy_anchor_loss_of_an_empty_batch_is_zero_and_reaches_the_proxies():
+    proxies = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    value = proxy_anchor_loss(
+        torch.zeros(0, 4, dtype=F64), torch.zeros(0, dtype=torch.long), proxies
+    )
+    assert value.item() == 0
+    (grad,) = torch.autograd.grad(value, proxies)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_empty_batch_gives_connected_zero_and_leaves_buffers(name, density):
+    module = build_loss(name, num_classes=4, embedding_dim=6, density=density).train()
+    z, y = _random_batch(5, n=12, dim=6)
+    module(z.float(), y)  # moves the EMA buffers away from their initial values
+    before = {key: buffer.clone() for key, buffer in module.named_buffers()}
+    empty = torch.zeros(0, 6, requires_grad=True)
+    value = module(empty, torch.zeros(0, dtype=torch.long))
+    assert value.dim() == 0 and value.requires_grad and value.item() == 0
+    assert all(torch.isfinite(term) for term in module.last_terms.values())
+    value.backward()
+    assert empty.grad.shape == (0, 6)
+    for parameter in module.parameters():
+        assert parameter.grad is None or torch.equal(parameter.grad, torch.zeros_like(parameter))
+    after = dict(module.named_buffers())
+    assert before.keys() == after.keys()
+    assert ("running_r" in "".join(before)) == density and ("radii" in "".join(before)) == (
+        name == "daal"
+    )
+    for key, buffer in before.items():
+        assert torch.equal(after[key], buffer), key
+
+
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_float_and_bool_labels_are_rejected_and_integer_dtypes_agree(name, density):
+    module = build_loss(name, num_classes=4, embedding_dim=6, density=density).eval()
+    z, y = _random_batch(6, n=12, dim=6)
+    z = z.float()
+    expected = module(z, y)
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        assert_close(module(z, y.to(dtype)), expected, msg=f"{name} {dtype}")
+    for labels in (y + 0.5, y.double(), y.half(), y % 2 == 0):
+        with pytest.raises(ValueError, match=f"integer class ids.*{labels.dtype}"):
+            module(z, labels)
+
+
+def test_fractional_labels_are_not_truncated_to_a_class():
+    module = ProxyAnchorLoss(None, 6, classes=[1, 2, 3, 4])
+    z = torch.nn.functional.normalize(torch.randn(4, 6, generator=torch.Generator()), dim=1)
+    with pytest.raises(ValueError, match="torch.float32"):
+        module(z, torch.tensor([1.5, 2, 3, 4]))
+    for fn in (contrastive_loss, triplet_margin_loss, npair_loss, multi_similarity_loss):
+        with pytest.raises(ValueError, match="integer class ids"):
+            fn(z, torch.tensor([1.5, 1.5, 3.0, 3.0]))
