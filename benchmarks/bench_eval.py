@@ -34,14 +34,22 @@ METHODS = ("dmlkit", "dmlkit-fp32", "dmlkit-cuda", "torch-naive", "sklearn", "fa
 def sop_like(
     n: int, dim: int = 512, seed: int = 0, noise: float = 1.9
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, dim) unit-norm embeddings and labels of ~n/5.4 classes in 12 super-classes.
+    """(n, dim) unit-norm embeddings and labels of ~n/5.4 classes in 12 super-classes;
+    every class has at least 2 items (as in SOP).
 
     Drawn a chunk of rows at a time, so generating the data adds little to peak RSS.
     """
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(2, 10, (n,), generator=g)
     num_classes = int((torch.cumsum(sizes, 0) < n).sum()) + 1
-    labels = torch.repeat_interleave(torch.arange(num_classes), sizes[:num_classes])[:n]
+    sizes = sizes[:num_classes]
+    sizes[-1] = n - sizes[:-1].sum()  # the last class takes what is left: 1..9 items
+    if sizes[-1] == 1 and num_classes > 1:
+        # A singleton class has no positive: retrieval_metrics skips such queries while
+        # the reference averages over all n, and the `identical` column would say NO.
+        sizes[-2] += 1
+        sizes, num_classes = sizes[:-1], num_classes - 1
+    labels = torch.repeat_interleave(torch.arange(num_classes), sizes)
     labels = labels[torch.randperm(n, generator=g)]
     supers = torch.randn(12, dim, generator=g)
     centers = supers[torch.randint(0, 12, (num_classes,), generator=g)]

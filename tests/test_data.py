@@ -281,6 +281,30 @@ def test_malformed_cars_mat(tmp_path, variables, match):
     assert "cars_annos.mat" in str(info.value) and URLS["cars196"] in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("layout", "names", "first_unnamed"),
+    [
+        ("A", 150, "class id 151 in cars_annos.mat annotation 151"),
+        ("A", 1, "class id 2 in cars_annos.mat annotation 2"),
+        # Layout B lists the odd classes (test flag 0) first, from the train file.
+        ("B", 150, "class id 151 in cars_train_annos.mat annotation 76"),
+        ("B", 1, "class id 3 in cars_train_annos.mat annotation 2"),
+    ],
+)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_malformed_cars_class_names_too_short(tmp_path, layout, names, first_unnamed, split):
+    root = make_cars(tmp_path / "cars196", layout)
+    names_file = "cars_annos.mat" if layout == "A" else "devkit/cars_meta.mat"
+    mat = scipy.io.loadmat(root / names_file)
+    mat["class_names"] = mat["class_names"][:, :names]
+    scipy.io.savemat(root / names_file, {k: v for k, v in mat.items() if not k.startswith("__")})
+    with pytest.raises(
+        DatasetError, match=rf"{first_unnamed} has no name: 'class_names' has {names} entries"
+    ) as info:
+        load("cars196", split, root)
+    assert info.value.file == str(root / names_file) and URLS["cars196"] in str(info.value)
+
+
 def test_unreadable_mat_file(tmp_path):
     root = make_cars(tmp_path / "cars196", "A")
     (root / "cars_annos.mat").write_bytes(b"MATLAB 5.0 MAT-file, truncated")

@@ -37,7 +37,7 @@ def _layout_a(root: str) -> Listing:
     mat = load_mat(path)
     records = struct_records(mat, path, "annotations", ("relative_im_path", "class"))
     listing = _records_to_listing(records, path, "relative_im_path", prefix="")
-    listing.class_names = _class_names(mat, path)
+    listing.class_names = _class_names(mat, path, listing)
     return listing
 
 
@@ -55,7 +55,7 @@ def _layout_b(root: str) -> Listing:
         listing.labels += part.labels
         listing.sources += part.sources
     _no_duplicates(listing)
-    listing.class_names = _class_names(load_mat(meta_path), meta_path)
+    listing.class_names = _class_names(load_mat(meta_path), meta_path, listing)
     return listing
 
 
@@ -99,15 +99,27 @@ def _records_to_listing(records: np.ndarray, path: str, path_field: str, prefix:
     return listing
 
 
-def _class_names(mat: dict, path: str) -> dict[int, str]:
+def _class_names(mat: dict, path: str, listing: Listing) -> dict[int, str]:
+    """``class_names`` as {class id: name}, checked to name every class id in ``listing``."""
     if "class_names" not in mat:
         raise DatasetError(_NAME, "no variable 'class_names' in the .mat file", file=path)
     names = np.atleast_1d(mat["class_names"])
     if names.dtype.kind not in "UO":
         raise DatasetError(_NAME, "'class_names' is not an array of strings", file=path)
-    return {
+    by_id = {
         i + 1: _scalar_str(n, "class_names", path, f"entry {i + 1}") for i, n in enumerate(names)
     }
+    # Checked here, not when the dataset looks names up: a short list would otherwise
+    # surface as a bare KeyError far from the file that is wrong.
+    for label, source in zip(listing.labels, listing.sources, strict=True):
+        if label not in by_id:
+            raise DatasetError(
+                _NAME,
+                f"class id {label} in {source} has no name: 'class_names' has "
+                f"{len(by_id)} entries, one per class id from 1",
+                file=path,
+            )
+    return by_id
 
 
 def _scalar_str(value, field: str, path: str, where: str) -> str:
