@@ -776,3 +776,13 @@ def test_eight_runs_with_two_jobs_keep_a_consistent_manifest(project):
     assert lines[0] == "smoke=True" and len(lines) == 9
     again = run_sweep(spec, jobs=2, smoke=True, progress=False).outcomes
     assert all(o.status == "skipped" for o in again)
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2", "two"])
+def test_cli_rejects_a_bad_jobs_count_even_in_a_dry_run(project, capsys, jobs):
+    spec = write_spec(project, BASE)
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_main([str(spec), "--jobs", jobs, "--dry-run"])
+    assert exit_info.value.code == 2
+    assert f"--jobs: must be a whole number >= 1, got '{jobs}'" in capsys.readouterr().err
+    assert not (project / "papermill_runs").exists()

@@ -21,6 +21,13 @@ from .spec import SpecError, load_spec
 from .worker import skip_slow_optional_imports
 
 
+def _positive(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dmlkit.sweep",
@@ -28,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "skipping runs that already finished. See docs/sweeps.md.",
     )
     parser.add_argument("spec", help="sweep spec (YAML), e.g. notebooks/sweeps/quickstart.yaml")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel runs (default 1)")
+    parser.add_argument("--jobs", type=_positive, default=1, help="parallel runs (default 1)")
     parser.add_argument("--smoke", action="store_true", help="inject smoke=True (seconds per run)")
     parser.add_argument(
         "--only",
