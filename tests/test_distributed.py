@@ -6,13 +6,19 @@ One ``torch.multiprocessing.spawn`` of 2 ranks checks, in order:
    proxies live outside DDP): parameters after every step within float tolerance;
 2. ``fit`` under a torchrun-like environment: only rank 0 writes files and gets metrics,
    the checkpoint holds both ranks' RNG states, and a run crashed on both ranks and
-   resumed ends with the same metrics as an uninterrupted DDP run.
+   resumed ends with the same metrics as an uninterrupted DDP run;
+3. only rank 0 reports: dataset lines, warnings and progress bars (DAAL's initial embed
+   included) appear in rank 0's captured output, never in rank 1's.
 """
 
+import contextlib
+import io
 import json
+import logging
 import os
 import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -91,6 +97,31 @@ def _crash_at_epoch_2(epoch, step):
         raise Crash
 
 
+def _reporting_get_dataset(name, split, root=None, transform=None, **options):
+    """``tiny_get_dataset`` that reports like the real loaders: an info line, a warning."""
+    dataset = tiny_get_dataset(name, split, root, transform, **options)
+    logging.getLogger("dmlkit.data.tiny").info(f"tiny/{split}: {len(dataset)} images")
+    warnings.warn(f"tiny/{split}: not the official split", UserWarning, stacklevel=2)
+    return dataset
+
+
+def _captured_fit(cfg: TrainConfig) -> str:
+    """What ``fit(cfg)`` writes to stderr, logs (INFO and up) and warns, as text."""
+    stream = io.StringIO()
+    handler, root = logging.StreamHandler(stream), logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(stream), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(cfg)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return stream.getvalue() + "".join(f"warning: {w.message}\n" for w in caught)
+
+
 def _fit_runs(rank: int, out: str, ports: list[int]) -> None:
     dmlkit.data.get_dataset = tiny_get_dataset  # this process's own module: no monkeypatch
     os.environ["WORLD_SIZE"] = str(WORLD_SIZE)  # fit joins the job through the environment
@@ -107,6 +138,12 @@ def _fit_runs(rank: int, out: str, ports: list[int]) -> None:
         pass
     os.environ["MASTER_PORT"] = str(ports[2])
     resumed = fit(tiny_config(out_dir=os.path.join(out, "crashed"), resume=True))
+    os.environ["MASTER_PORT"] = str(ports[3])
+    dmlkit.data.get_dataset = _reporting_get_dataset
+    # DAAL: its initialisation embeds the training set on every rank, with a bar.
+    output = _captured_fit(tiny_config(loss="daal", epochs=1, progress=True))
+    with open(os.path.join(out, f"rank{rank}.log"), "w") as handle:
+        handle.write(output)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump(
             {
@@ -150,7 +187,7 @@ def _free_ports(count: int) -> list[int]:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(_free_ports(4), str(out)), nprocs=WORLD_SIZE, join=False)
+    context = mp.spawn(_worker, args=(_free_ports(5), str(out)), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + 300
     while not context.join(timeout=5):  # re-raises a worker's exception
         if time.monotonic() > deadline:
@@ -202,3 +239,18 @@ def test_fit_under_ddp_rank0_writes_and_resume_is_exact(ddp_results):
     assert len(checkpoint["rng"]) == WORLD_SIZE
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
     assert np.isfinite(saved["metrics"]["recall@1"])
+
+
+def test_under_ddp_only_rank0_reports(ddp_results):
+    rank0, rank1 = ((ddp_results / f"rank{r}.log").read_text() for r in range(WORLD_SIZE))
+    expected = [
+        "tiny/train: 48 images",  # dataset lines (logging)
+        "tiny/test: 48 images",
+        "warning: tiny/train: not the official split",  # warnings while building
+        "training glyphnet + daal",  # fit's own log
+        "epoch 1/1:",  # the training bar
+        "embed:",  # DAAL's initial embed and the evaluation
+    ]
+    for line in expected:
+        assert line in rank0, f"{line!r} missing from rank 0's output:\n{rank0}"
+    assert rank1 == "", f"rank 1 reported:\n{rank1}"

@@ -424,6 +424,15 @@ def test_amp_and_channels_last_smoke(tiny):
     assert np.isfinite(result.metrics["recall@1"]) and np.isfinite(result.history[0]["loss"])
 
 
+def test_progress_bar_of_a_short_epoch_ends_with_its_loss(tiny, capsys):
+    # 4 steps per epoch, fewer than _SYNC_EVERY: only the last step's read shows a loss.
+    result = fit(tiny_config(epochs=2, progress=True))
+    screens = capsys.readouterr().err.split("\r")  # tqdm redraws its line after a \r
+    for record in result.history:
+        bar = [s for s in screens if s.startswith(f"epoch {record['epoch']}/2: 100%")]
+        assert any(f"loss={record['loss']:.4f}" in s for s in bar), bar
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -459,6 +468,21 @@ def test_cli_maps_every_flag_to_the_config(tmp_path):
     defaults = vars(parser.parse_args([]))
     defaults.pop("threads")
     assert TrainConfig(**defaults) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--classes-per-batch", "8", "--samples-per-class", "3"],  # the torchrun-safe forms
+        ["--p", "8", "--k", "3"],
+        ["--classes-per-batch=8", "--k", "3"],
+    ],
+)
+def test_cli_long_aliases_for_p_and_k(argv):
+    args = vars(build_parser().parse_args(argv))
+    args.pop("threads")
+    cfg = TrainConfig(**args)
+    assert (cfg.p, cfg.k) == (8, 3)
 
 
 def test_cli_reports_an_invalid_config_without_a_traceback(capsys):

@@ -2,7 +2,12 @@
 
 Examples:
     python -m dmlkit.train --loss triplet --density --out-dir runs/triplet-da
-    torchrun --nproc_per_node=2 -m dmlkit.train --dataset glyphs-mini --out-dir runs/ddp
+    torchrun --nproc_per_node=2 -m dmlkit.train --dataset glyphs-mini \
+        --classes-per-batch 8 --samples-per-class 4 --out-dir runs/ddp
+
+Under torchrun, give P and K as ``--classes-per-batch``/``--samples-per-class`` (or put
+``--`` before the script's flags): torchrun's own parser takes ``--p`` for an abbreviation
+of its options and stops with "ambiguous option".
 
 Dict fields take JSON (``--loss-params '{"margin": 0.1}'``), eval_ks a comma list
 (``--eval-ks 1,10,100``); booleans have ``--x/--no-x``. The final metrics are printed as
@@ -26,12 +31,18 @@ import torch
 from dmlkit.train.config import TrainConfig, field_docs
 from dmlkit.train.loop import fit
 
+# Long spellings that no torchrun option starts with: torchrun's argparse expands
+# abbreviations in the whole command line, script flags included, so "--p" is ambiguous.
+_ALIASES = {"p": ("--classes-per-batch",), "k": ("--samples-per-class",)}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one option per TrainConfig field, help = the field's docstring."""
     parser = argparse.ArgumentParser(
         prog="python -m dmlkit.train",
         description="Train and evaluate a deep-metric-learning model (dmlkit.train.fit).",
+        epilog="Under torchrun use --classes-per-batch/--samples-per-class for --p/--k (or "
+        "put -- before the script's flags): torchrun reads --p as an ambiguous abbreviation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
@@ -39,18 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         default = (
             item.default if item.default is not dataclasses.MISSING else item.default_factory()
         )
-        flag = "--" + item.name.replace("_", "-")
+        flags = ("--" + item.name.replace("_", "-"), *_ALIASES.get(item.name, ()))
         kind = _parser_type(hints[item.name])
         if kind is bool:
             parser.add_argument(
-                flag,
+                *flags,
                 action=argparse.BooleanOptionalAction,
                 default=default,
                 help=docs.get(item.name, ""),
             )
         else:
             parser.add_argument(
-                flag,
+                *flags,
+                dest=item.name,
                 type=kind,
                 default=default,
                 help=docs.get(item.name, ""),

@@ -180,7 +180,7 @@ def initialise_loss(
             batch_size=cfg.batch_size_eval,
             device=device,
             num_workers=cfg.num_workers,
-            progress=cfg.progress,
+            progress=cfg.progress and ctx.is_main,
         )
     loss_fn.init_from_embeddings(embeddings.to(device), labels.to(device))
     distributed.broadcast_module_state(loss_fn, ctx)

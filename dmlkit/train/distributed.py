@@ -7,7 +7,11 @@ everything here is a no-op and ``fit`` is a plain single-process loop.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +55,28 @@ def setup(device: str | None = None) -> DistributedContext:
         torch.cuda.set_device(_local_rank())
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), _local_rank(), True)
+
+
+@contextlib.contextmanager
+def quiet_unless_main(ctx: DistributedContext) -> Iterator[None]:
+    """On ranks other than 0: drop ``dmlkit.data``'s info lines and Python warnings.
+
+    Every rank loads the same data and builds the same model, so rank 0's lines (dataset
+    "cached", missing ImageNet weights) say it all; W copies only bury them. A no-op on
+    rank 0 and in a single process.
+    """
+    if ctx.is_main:
+        yield
+        return
+    data_logger = logging.getLogger("dmlkit.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        data_logger.setLevel(level)
 
 
 def rank_device(ctx: DistributedContext, device: str | None) -> torch.device | None:

@@ -3,7 +3,8 @@
 fit: datasets → P×K sampler → model (+DDP/compile) → loss → optimizer → epochs of
 train_step → evaluation → checkpoint.pt every epoch → metrics.json + embeddings.npz.
 No host sync per step: losses and loss terms stay on the device in per-epoch buffers
-and are read back every ``_SYNC_EVERY`` steps (progress bar, NaN check) and at epoch end.
+and are read back every ``_SYNC_EVERY`` steps and at an epoch's last step (progress bar,
+NaN check). Under torchrun only rank 0 logs, warns and draws progress bars.
 """
 
 from __future__ import annotations
@@ -218,14 +219,19 @@ def _prepare(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cudnn.deterministic = cfg.deterministic
-    run = _assemble(cfg, ctx, device, log, bad_images_log(cfg, stack))
-    if checkpoint is not None:
-        restore_run(run, checkpoint)
-    else:
-        forget_bad_images(run)  # a fresh start: the log of an earlier run no longer counts
-        initialise_loss(run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx, run.bad_images_log)
-        # Each rank's own augmentation/dropout stream, started from the seed.
-        seed_everything(int(np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]))
+    # Every rank builds the same datasets and model: rank 0 alone reports on them.
+    with distributed.quiet_unless_main(ctx):
+        run = _assemble(cfg, ctx, device, log, bad_images_log(cfg, stack))
+        if checkpoint is not None:
+            restore_run(run, checkpoint)
+        else:
+            forget_bad_images(run)  # a fresh start: the log of an earlier run no longer counts
+            initialise_loss(
+                run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx, run.bad_images_log
+            )
+            # Each rank's own augmentation/dropout stream, started from the seed.
+            seed = np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]
+            seed_everything(int(seed))
     log(
         f"training {cfg.backbone} + {cfg.loss}{' + density' if cfg.density else ''} on "
         f"{cfg.dataset} ({len(run.train_set)} train / {len(run.test_set)} test images) on "
@@ -312,9 +318,12 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
             if on_step is not None:
                 on_step(epoch, step)
             bar.update(batch)
-            if (step + 1) % _SYNC_EVERY == 0:
+            # Also at the last step, so every bar ends with a loss (epochs shorter than
+            # _SYNC_EVERY would show none); the epoch end syncs anyway.
+            if (step + 1) % _SYNC_EVERY == 0 or step + 1 == num_steps:
                 _check_finite(run, epoch, losses[: step + 1], terms)
-                bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
+                since = step // _SYNC_EVERY * _SYNC_EVERY  # the first step since the last read
+                bar.set_postfix(loss=f"{losses[since : step + 1].mean():.4f}")
     bar.close()
     _check_finite(run, epoch, losses, terms)  # also waits for the device: timing below is true
     return _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
