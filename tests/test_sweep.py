@@ -786,3 +786,15 @@ def test_cli_rejects_a_bad_jobs_count_even_in_a_dry_run(project, capsys, jobs):
     assert exit_info.value.code == 2
     assert f"--jobs: must be a whole number >= 1, got '{jobs}'" in capsys.readouterr().err
     assert not (project / "papermill_runs").exists()
+
+
+SHIPPED_SPECS = sorted((Path(__file__).parents[1] / "notebooks" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_is_valid_and_plans_its_whole_grid(path):
+    spec = load_spec(path)  # every parameter checked against its notebook
+    jobs = plan(spec)
+    assert spec.name == path.stem and len(jobs) == spec.num_points > 0
+    assert len({job.key for job in jobs}) == len(jobs)
+    assert all(job.folder.parent.name == spec.name for job in jobs)
