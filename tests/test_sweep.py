@@ -798,3 +798,20 @@ def test_every_shipped_spec_is_valid_and_plans_its_whole_grid(path):
     assert spec.name == path.stem and len(jobs) == spec.num_points > 0
     assert len({job.key for job in jobs}) == len(jobs)
     assert all(job.folder.parent.name == spec.name for job in jobs)
+
+
+def test_a_dry_run_piped_into_head_ends_quietly(project):
+    # 5,000 lines overflow the pipe, so the listing is still writing when `head` exits.
+    spec = write_spec(project, {**BASE, "grid": {"x": list(range(5000))}})
+    done = subprocess.run(
+        f"set -o pipefail; {sys.executable} -m dmlkit.sweep {spec} --dry-run | head -n 2",
+        shell=True,
+        executable="/bin/bash",
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("toy: 5000 of 5000 grid points")
+    assert "Traceback" not in done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -92,6 +93,15 @@ def _flow_yaml(value: Any) -> str:
     return text.strip()
 
 
+def _piped(command: Any, args: argparse.Namespace) -> int:
+    # A listing piped into `head` that stops reading is not an error worth a traceback.
+    try:
+        return command(args)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     skip_slow_optional_imports()
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill").setLevel(logging.WARNING)
     try:
         if args.dry_run:
-            return dry_run(args)
+            return _piped(dry_run, args)
         with logging_redirect_tqdm():
             result = run_sweep(
                 args.spec,
