@@ -1,10 +1,14 @@
-"""Facts about where a run happens: device choice, seeding, versions, git commit."""
+"""Facts about where a run happens: device choice, seeding, versions, git commit; and
+handing freed heap memory back to the OS."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import platform
 import random
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -72,3 +76,26 @@ def _git(folder: Path, *args: str) -> str:
         ["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=10
     )
     return out.stdout.strip()
+
+
+def release_free_heap() -> None:
+    """Return heap memory that malloc keeps but no longer uses to the OS (glibc; else no-op).
+
+    Many mid-sized temporaries freed by several threads (the blocked kNN search) stay in
+    glibc's per-thread arenas: without this, every evaluation of a training run would start
+    from a few hundred MB more resident memory than the one before.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and other C libraries: nothing to trim
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None

@@ -464,3 +464,28 @@ def test_retrieval_metrics_on_cuda_match_cpu(name):
     expected = retrieval_metrics(z, y, ks=(1, 2, 4, 8), nmi=False)
     got = retrieval_metrics(z.to(CUDA), y.to(CUDA), ks=(1, 2, 4, 8), nmi=False)
     assert got == expected
+
+
+def test_threaded_block_search_hands_freed_heap_back_once_done(monkeypatch):
+    # The worker threads' malloc arenas would otherwise keep every freed temporary, and
+    # each evaluation of a training run would start from a higher resident size.
+    from dmlkit.evaluate import _exact
+
+    calls = []
+    monkeypatch.setattr(_exact, "release_free_heap", lambda: calls.append("trim"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    seen = []
+    _exact.run_blocks(seen.append, range(0, 100, 10), "cpu")
+    assert sorted(seen) == list(range(0, 100, 10)) and calls == ["trim"]
+    with pytest.raises(ZeroDivisionError):  # also after a failing block
+        _exact.run_blocks(lambda start: 1 / 0, range(3), "cpu")
+    assert calls == ["trim", "trim"]
+
+
+def test_release_free_heap_smoke():
+    from dmlkit.runtime import _glibc, release_free_heap
+
+    release_free_heap()
+    release_free_heap()
+    assert _glibc() is None or hasattr(_glibc(), "malloc_trim")

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dmlkit.runtime import release_free_heap
+
 _FP32_UNIT = 2.0**-24
 _BF16_UNIT = 2.0**-8
 # Norms spread by more than this (relative) are folded into the candidate score.
@@ -122,8 +124,11 @@ def run_blocks(function: Callable[[int], None], starts: Iterable[int], device) -
     """
     with _coarse_threads(torch.device(device)) as workers:
         if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(function, starts))  # list(): re-raise worker errors
+            try:
+                with ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(function, starts))  # list(): re-raise worker errors
+            finally:
+                release_free_heap()  # the threads' arenas keep their freed blocks otherwise
         else:
             for start in starts:
                 function(start)
