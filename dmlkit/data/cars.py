@@ -19,7 +19,7 @@ from dmlkit.data.errors import DatasetError
 from dmlkit.data.images import Listing, safe_relative_path
 
 _NAME = "cars196"
-_NUM_CLASSES = 196
+NUM_CLASSES = 196  # class ids 1..196; official.py splits them 1..98 / 99..196
 
 
 def parse_cars(root: str) -> Listing:
@@ -114,7 +114,7 @@ def _class_names(mat: dict, path: str, listing: Listing) -> dict[int, str]:
     # surface as a bare KeyError far from the file that is wrong. Ids outside 1..196 are
     # left to the caller's range check, whose message says what is wrong with them.
     for label, source in zip(listing.labels, listing.sources, strict=True):
-        if 1 <= label <= _NUM_CLASSES and label not in by_id:
+        if 1 <= label <= NUM_CLASSES and label not in by_id:
             raise DatasetError(
                 _NAME,
                 f"class id {label} in {source} has no name: 'class_names' has "

@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 
+from dmlkit.data.cars import NUM_CLASSES as CARS_CLASSES
 from dmlkit.data.cars import parse_cars
 from dmlkit.data.errors import DatasetError
 from dmlkit.data.images import (
@@ -30,7 +31,8 @@ OFFICIAL_COUNTS = {
     "cars196": {"train": 8054, "test": 8131},
     "sop": {"train": 59551, "test": 60502},
 }
-CLASS_SPLITS = {"cub200": (100, 200), "cars196": (98, 196)}  # (last train class, last class)
+# (last train class, last class)
+CLASS_SPLITS = {"cub200": (100, 200), "cars196": (98, CARS_CLASSES)}
 SOP_HEADER = ["image_id", "class_id", "super_class_id", "path"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 

@@ -318,14 +318,13 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
             if on_step is not None:
                 on_step(epoch, step)
             bar.update(batch)
-            # Also at the last step, so every bar ends with a loss (epochs shorter than
-            # _SYNC_EVERY would show none); the epoch end syncs anyway.
-            if (step + 1) % _SYNC_EVERY == 0 or step + 1 == num_steps:
+            if (step + 1) % _SYNC_EVERY == 0:
                 _check_finite(run, epoch, losses[: step + 1], terms)
-                since = step // _SYNC_EVERY * _SYNC_EVERY  # the first step since the last read
-                bar.set_postfix(loss=f"{losses[since : step + 1].mean():.4f}")
-    bar.close()
+                bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
     _check_finite(run, epoch, losses, terms)  # also waits for the device: timing below is true
+    if num_steps % _SYNC_EVERY:  # steps since the last read: every bar ends with its loss
+        bar.set_postfix(loss=f"{losses[num_steps - num_steps % _SYNC_EVERY :].mean():.4f}")
+    bar.close()
     return _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
 
 
