@@ -1,4 +1,4 @@
-"""Numerically safe building blocks shared by the losses (dmlkit.losses, dmlkit.daal).
+"""Numerically safe building blocks shared by the losses (dmlkit.losses).
 
 Distances and exponentials in fp32 even under autocast (half inputs are cast up; float64
 stays float64), ``sqrt`` only of clamped arguments, masked log-sum-exp, and the mapping

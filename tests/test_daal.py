@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmlkit.daal import DAALLoss, class_medians, daal_terms, segment_geometry, two_means
 from dmlkit.losses import triplet_margin_loss
+from dmlkit.losses.daal import DAALLoss, class_medians, daal_terms, segment_geometry, two_means
 
 F64 = torch.float64
 

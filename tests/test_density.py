@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmlkit.density import DensityAdaptive, density_regularizer
 from dmlkit.losses import PairLoss, contrastive_loss, npair_loss, triplet_margin_loss
+from dmlkit.losses.density import DensityAdaptive, density_regularizer
 from tests.test_losses import ref_contrastive, ref_npair, ref_triplet
 
 F64 = torch.float64
@@ -215,7 +215,7 @@ def test_learned_target_trains_tau_with_its_log_barrier():
 
 
 def test_module_base_passes_terms_parameters_and_init_through():
-    from dmlkit.daal import DAALLoss
+    from dmlkit.losses.daal import DAALLoss
 
     daal = DAALLoss(3, 4)
     wrapped = DensityAdaptive(daal)
@@ -251,7 +251,7 @@ def test_no_valid_tuple_and_no_valid_class_gives_connected_zero(name, fn):
 def test_deepcopy_keeps_the_forwarded_init():
     import copy
 
-    from dmlkit.daal import DAALLoss
+    from dmlkit.losses.daal import DAALLoss
 
     wrapped = DensityAdaptive(DAALLoss(3, 4))
     clone = copy.deepcopy(wrapped)

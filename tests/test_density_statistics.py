@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmlkit.density import class_statistics
+from dmlkit.losses.density import class_statistics
 
 
 def _reference(z: np.ndarray, y: np.ndarray, eps: float = 1e-8):

@@ -10,7 +10,6 @@ from scipy.stats import entropy
 from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
-from dmlkit.density import class_statistics
 from dmlkit.evaluate import (
     _exact,
     density_metrics,
@@ -22,6 +21,7 @@ from dmlkit.evaluate import (
     retrieval_metrics,
     subcluster_preservation,
 )
+from dmlkit.losses.density import class_statistics
 
 # ---------------------------------------------------------------- float64 references
 

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.density import class_statistics
 from dmlkit.evaluate.neighbours import knn
 from dmlkit.evaluate.retrieval import as_labels
+from dmlkit.losses.density import class_statistics
 
 
 def density_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def density_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, Any]:
     class means; π_ratio = π_intra / π_inter (Roth et al. 2020, "Revisiting training
     strategies ... in DML", their ``dists`` metric). ρ = KL(uniform ‖ s/Σs) over the
     min(N, D) singular values s of the embedding matrix (their ``rho_spectrum@1``).
-    r_c = s_c / (δ_c + ε) from ``dmlkit.density.class_statistics`` (METHODS.md).
+    r_c = s_c / (δ_c + ε) from ``dmlkit.losses.density.class_statistics`` (METHODS.md).
 
     Args: embeddings (N, D); labels (N,) integer classes.
     Returns: floats ``pi_intra``, ``pi_inter``, ``pi_ratio``, ``spectral_decay``,

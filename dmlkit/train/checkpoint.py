@@ -15,7 +15,7 @@ import random
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,13 +23,10 @@ import torch
 from dmlkit.io import atomic_writer
 from dmlkit.train import distributed
 from dmlkit.train.config import RESUMABLE_CHANGES, TrainConfig
-
-if TYPE_CHECKING:
-    from dmlkit.train.loop import _Run
+from dmlkit.train.state import CHECKPOINT_NAME, RunState
 
 FORMAT = "dmlkit-checkpoint"
 VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
 _REQUIRED = ("format", "version", "config", "epoch", "model", "loss", "optimizer", "rng")
 
 
@@ -121,7 +118,7 @@ def resume_state(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]
     return state
 
 
-def restore_run(run: _Run, state: dict[str, Any]) -> None:
+def restore_run(run: RunState, state: dict[str, Any]) -> None:
     """Load a resumed run's model, loss, optimizer, counters and this rank's RNG state."""
     try:
         run.model.load_state_dict(state["model"])
@@ -145,7 +142,7 @@ def restore_run(run: _Run, state: dict[str, Any]) -> None:
     restore_rng_state(rng[run.ctx.rank % len(rng)])
 
 
-def save_run(run: _Run, finished_epochs: int, session_seconds: float) -> None:
+def save_run(run: RunState, finished_epochs: int, session_seconds: float) -> None:
     """Checkpoint the run after ``finished_epochs`` (rank 0 writes; every rank takes part)."""
     rng = distributed.gather_objects(capture_rng_state(), run.ctx)  # a collective: every rank
     run.epoch = finished_epochs

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
 from dmlkit.data.loader import loader_batches
@@ -37,7 +36,7 @@ from dmlkit.train.build import (
     initialise_loss,
     wrap_model,
 )
-from dmlkit.train.checkpoint import CHECKPOINT_NAME, restore_run, resume_state, save_run
+from dmlkit.train.checkpoint import restore_run, resume_state, save_run
 from dmlkit.train.config import TrainConfig
 from dmlkit.train.outputs import (
     bad_images_log,
@@ -50,11 +49,11 @@ from dmlkit.train.outputs import (
     read_bad_images,
     write_outputs,
 )
+from dmlkit.train.state import RunState
 
 logger = logging.getLogger("dmlkit.train")
 
 _SYNC_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
-_AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,39 +76,6 @@ class RunResult:
     bad_images: list[str] = field(default_factory=list)
     """Images skipped as undecodable (``dataset_options={"skip_bad_images": True}``), by
     every process and session of the run; also in metrics.json."""
-
-
-@dataclass
-class _Run:
-    """Everything ``fit``'s helpers share (a plain record, not a trainer object)."""
-
-    cfg: TrainConfig
-    ctx: distributed.DistributedContext
-    device: torch.device
-    log: Callable[[str], None]
-    train_set: Dataset
-    test_set: Dataset
-    loader: DataLoader
-    model: EmbeddingModel
-    network: nn.Module  # what train_step calls: the model, wrapped by DDP / torch.compile
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    bad_images_log: Path | None = None  # where every process records skipped images
-    epoch: int = 0  # finished epochs
-    history: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    wall_seconds: float = 0.0  # of earlier sessions of a resumed run
-    images_seen: int = 0
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return _AMP_DTYPES[self.cfg.amp]
-
-    @property
-    def checkpoint_path(self) -> Path | None:
-        return Path(self.cfg.out_dir) / CHECKPOINT_NAME if self.cfg.out_dir else None
 
 
 def train_step(
@@ -210,7 +176,7 @@ def _prepare(
     ctx: distributed.DistributedContext,
     log: Callable[[str], None] | None,
     stack: contextlib.ExitStack,
-) -> _Run:
+) -> RunState:
     log = (log if log is not None else logger.info) if ctx.is_main else _silent
     check_out_dir(cfg)
     checkpoint = resume_state(cfg, log)  # read and checked before anything is built
@@ -246,7 +212,7 @@ def _assemble(
     device: torch.device,
     log: Callable[[str], None],
     bad_images: Path | None,
-) -> _Run:
+) -> RunState:
     train_set, test_set = build_datasets(cfg, bad_images_log=bad_images)
     seed_everything(cfg.seed)  # identical model and loss initialisation on every rank
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -261,7 +227,7 @@ def _assemble(
     loader = build_loader(
         cfg, train_set, rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda"
     )
-    return _Run(
+    return RunState(
         cfg=cfg,
         ctx=ctx,
         device=device,
@@ -279,7 +245,7 @@ def _assemble(
     )
 
 
-def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | None) -> dict:
+def _train_epoch(run: RunState, epoch: int, on_step: Callable[[int, int], None] | None) -> dict:
     cfg, device = run.cfg, run.device
     _start_epoch(run, epoch)
     num_steps = len(run.loader)
@@ -328,7 +294,7 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, int], None] | No
     return _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
 
 
-def _start_epoch(run: _Run, epoch: int) -> None:
+def _start_epoch(run: RunState, epoch: int) -> None:
     """Point every random stream of the epoch at (seed, epoch) and switch to training."""
     run.loader.batch_sampler.set_epoch(epoch)
     if hasattr(run.train_set, "set_epoch"):  # the dataset's own augmentation generator
@@ -339,7 +305,7 @@ def _start_epoch(run: _Run, epoch: int) -> None:
 
 
 def _epoch_record(
-    run: _Run, epoch: int, losses: Tensor, terms: dict[str, Tensor], seconds: float
+    run: RunState, epoch: int, losses: Tensor, terms: dict[str, Tensor], seconds: float
 ) -> dict[str, Any]:
     images = len(losses) * run.cfg.p * run.cfg.k * run.ctx.world_size  # global batches
     run.train_seconds += seconds
@@ -350,7 +316,7 @@ def _epoch_record(
     return {**record, "lr": lr, "seconds": seconds, "images_per_s": images / seconds}
 
 
-def _check_finite(run: _Run, epoch: int, losses: Tensor, terms: dict[str, Tensor]) -> None:
+def _check_finite(run: RunState, epoch: int, losses: Tensor, terms: dict[str, Tensor]) -> None:
     bad = ~torch.isfinite(losses)
     if not bad.any():
         return

@@ -13,7 +13,7 @@ import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -23,9 +23,7 @@ from dmlkit.io import atomic_writer, json_bytes
 from dmlkit.runtime import git_commit, library_versions
 from dmlkit.train import distributed
 from dmlkit.train.config import TrainConfig, resolve_eval_ks
-
-if TYPE_CHECKING:
-    from dmlkit.train.loop import _Run
+from dmlkit.train.state import EMBEDDINGS_NAME, METRICS_NAME, RunState
 
 _MODES = ("family", "style")  # glyph sub-cluster labels, in order of coarseness
 BAD_IMAGES_LOG = "bad_images.jsonl"
@@ -59,7 +57,7 @@ def bad_images_log(cfg: TrainConfig, stack: contextlib.ExitStack) -> Path | None
     return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dmlkit-"))) / "bad.jsonl"
 
 
-def forget_bad_images(run: _Run) -> None:
+def forget_bad_images(run: RunState) -> None:
     """On a fresh start, delete the run folder's log of an earlier run (kept on resume)."""
     cfg = run.cfg
     if cfg.out_dir is not None and run.bad_images_log == Path(cfg.out_dir) / BAD_IMAGES_LOG:
@@ -75,7 +73,7 @@ def read_bad_images(log: Path | None) -> list[str]:
     return read_log(log) if log is not None else []
 
 
-def evaluate_retrieval(run: _Run) -> tuple[dict[str, Any], Tensor, Tensor]:
+def evaluate_retrieval(run: RunState) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Embed the test split with the current model; Recall@K, MAP@R, R-precision, NMI.
 
     Returns: (metrics, embeddings (N, D) float32 CPU, labels (N,) int64 CPU).
@@ -98,7 +96,7 @@ def evaluate_retrieval(run: _Run) -> tuple[dict[str, Any], Tensor, Tensor]:
     return dict(metrics), embeddings, labels
 
 
-def final_evaluation(run: _Run) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+def final_evaluation(run: RunState) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
     """Retrieval + density diagnostics (+ glyph sub-cluster preservation) of the final model.
 
     Returns: (all scalar metrics, arrays for embeddings.npz, the retrieval metrics alone).
@@ -126,7 +124,7 @@ def final_evaluation(run: _Run) -> tuple[dict[str, Any], dict[str, np.ndarray], 
 
 
 def write_outputs(
-    run: _Run,
+    run: RunState,
     final: tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]],
     session_seconds: float,
 ) -> dict[str, Any]:
@@ -142,13 +140,13 @@ def write_outputs(
     record = _metrics_record(run, metrics, run.wall_seconds + session_seconds)
     if record.get("num_bad_images"):
         run.log(f"skipped {record['num_bad_images']} undecodable image(s): see metrics.json")
-    _write(run, out_dir / "embeddings.npz", lambda handle: np.savez(handle, **arrays))
+    _write(run, out_dir / EMBEDDINGS_NAME, lambda handle: np.savez(handle, **arrays))
     # Last: a metrics.json newer than embeddings.npz marks a finished run.
-    _write(run, out_dir / "metrics.json", lambda handle: handle.write(json_bytes(record)))
+    _write(run, out_dir / METRICS_NAME, lambda handle: handle.write(json_bytes(record)))
     return metrics
 
 
-def _metrics_record(run: _Run, metrics: dict[str, Any], wall: float) -> dict[str, Any]:
+def _metrics_record(run: RunState, metrics: dict[str, Any], wall: float) -> dict[str, Any]:
     cfg = run.cfg
     record = {
         "config": cfg.to_dict(),
@@ -172,7 +170,7 @@ def _metrics_record(run: _Run, metrics: dict[str, Any], wall: float) -> dict[str
     return record
 
 
-def _write(run: _Run, path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+def _write(run: RunState, path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """``write(handle)`` into ``path`` atomically; an OSError names the file and what is kept."""
     try:
         with atomic_writer(path, "wb") as handle:

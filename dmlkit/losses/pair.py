@@ -1,39 +1,21 @@
-"""Metric-learning losses: pure functions, the stateful modules around them, a registry.
+"""The pair- and triplet-based losses: pure functions and the module that holds one.
 
-Every loss takes L2-normalized ``embeddings`` (B, D) and integer ``labels`` (B,) of any
-values and returns a 0-dim tensor. Formulas, defaults and sources: docs/methods.md.
-Numerics shared by all of them: distances and exponentials are computed in fp32 even
-under autocast (half inputs are cast up; float64 stays float64), ``sqrt`` only sees
-clamped arguments, exponentials go through a log-sum-exp, and a batch without a valid
-pair/triplet (an empty batch, B = 0, included) gives a graph-connected 0 with zero
-gradients — never NaN. Float, complex and bool label tensors are a ValueError.
+Contrastive, triplet (all / semihard / hard mining), multi-class N-pair and
+Multi-Similarity. Formulas, defaults and sources: docs/methods.md, "Base losses"; the
+numerical conventions shared by every loss: ``dmlkit.losses``.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmlkit.daal import DAALLoss
-from dmlkit.density import DensityAdaptive
-from dmlkit.numerics import (  # noqa: F401 - pairwise_distance and DISTANCES are public here
-    DISTANCES,
-    checked_batch,
-    class_rows,
-    full_precision,
-    masked_logsumexp,
-    pairwise_distance,
-    resolve_classes,
-    safe_sqrt,
-    upcast,
-)
+from dmlkit.numerics import checked_batch, full_precision, masked_logsumexp, pairwise_distance
 
 MINING = ("all", "semihard", "hard")
 
@@ -193,35 +175,6 @@ def multi_similarity_loss(
     return (pos_loss + neg_loss).sum() / max(len(labels), 1)
 
 
-@full_precision
-def proxy_anchor_loss(
-    embeddings: Tensor,
-    targets: Tensor,
-    proxies: Tensor,
-    *,
-    margin: float = 0.1,
-    alpha: float = 32.0,
-) -> Tensor:
-    """Proxy-Anchor loss (Kim et al. 2020, eq. 4).
-
-    With s = cos(z_i, p_c): (1/|P+|) Σ_{c∈P+} log(1 + Σ_{i: y_i=c} exp(−α(s − δ)))
-    + (1/C) Σ_c log(1 + Σ_{i: y_i≠c} exp(α(s + δ))), P+ the proxies with a sample in the
-    batch, δ = ``margin``.
-
-    Args:
-        embeddings: (B, D). targets: (B,) row of each sample's proxy in 0..C−1.
-        proxies: (C, D) (normalized here).
-    Returns: 0-dim tensor. O(B·C·D) time, O(B·C) memory.
-    """
-    proxies = upcast(proxies)
-    cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T  # (B, C)
-    own = targets[:, None] == torch.arange(len(proxies), device=targets.device)  # (B, C)
-    pos_term = masked_logsumexp(-alpha * (cos - margin), own, dim=0, add_one=True)  # (C,)
-    neg_term = masked_logsumexp(alpha * (cos + margin), ~own, dim=0, add_one=True)  # (C,)
-    with_positives = own.any(0).sum().clamp_min(1)
-    return pos_term.sum() / with_positives + neg_term.sum() / len(proxies)
-
-
 class PairLoss(nn.Module):
     """A pure pair/triplet loss function with fixed hyper-parameters, as a module."""
 
@@ -246,102 +199,10 @@ class PairLoss(nn.Module):
         return f"{getattr(self.loss_fn, '__name__', self.loss_fn)}({options})"
 
 
-class ProxyAnchorLoss(nn.Module):
-    """Proxy-Anchor loss with one learnable proxy per class (Kim et al. 2020).
-
-    Proxies: kaiming-normal (fan-out) from a generator seeded with ``seed``, as in the
-    authors' code; they want a learning rate ~100× the backbone's
-    (``high_lr_parameters``). ``classes``: the label values (any integers) in row order
-    after sorting; default 0..num_classes−1. O(B·C·D) time, O(B·C) memory.
-    """
-
-    def __init__(
-        self,
-        num_classes: int | None,
-        embedding_dim: int,
-        *,
-        classes: Sequence[int] | np.ndarray | Tensor | None = None,
-        margin: float = 0.1,
-        alpha: float = 32.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.register_buffer("classes", resolve_classes(num_classes, classes))
-        self.margin, self.alpha = margin, alpha
-        generator = torch.Generator().manual_seed(seed)
-        count = len(self.classes)
-        scale = math.sqrt(2.0 / count)
-        self.proxies = nn.Parameter(torch.randn(count, embedding_dim, generator=generator) * scale)
-        self.last_terms: dict[str, Tensor] = {}
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        targets = class_rows(self.classes, labels)
-        loss = proxy_anchor_loss(
-            embeddings, targets, self.proxies, margin=self.margin, alpha=self.alpha
-        )
-        self.last_terms = {"base": loss.detach()}
-        return loss
-
-    def high_lr_parameters(self) -> list[nn.Parameter]:
-        return [self.proxies]
-
-
-LOSSES: dict[str, Callable[..., Any]] = {
+PAIR_LOSSES: dict[str, Callable[..., Tensor]] = {
     "contrastive": contrastive_loss,
     "triplet": triplet_margin_loss,
     "npair": npair_loss,
     "ms": multi_similarity_loss,
-    "proxy_anchor": ProxyAnchorLoss,
-    "daal": DAALLoss,
 }
-
-
-def _check_keywords(
-    target: Callable[..., Any], given: dict[str, Any], what: str, exclude: tuple[str, ...] = ()
-) -> None:
-    """TypeError naming every key of ``given`` that ``target`` does not accept by keyword."""
-    parameters = inspect.signature(target).parameters
-    accepted = {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY} - set(exclude)
-    unknown = sorted(set(given) - accepted)
-    if unknown:
-        raise TypeError(
-            f"unknown hyper-parameter(s) {unknown} for {what}; valid: {sorted(accepted)}"
-        )
-
-
-def build_loss(
-    name: str,
-    *,
-    num_classes: int | None = None,
-    embedding_dim: int | None = None,
-    classes: Sequence[int] | np.ndarray | Tensor | None = None,
-    density: bool = False,
-    density_weight: float = 1.0,
-    density_target: str = "ema",
-    density_options: dict[str, Any] | None = None,
-    **hyperparams: Any,
-) -> nn.Module:
-    """The loss module named ``name`` (a key of ``LOSSES``), optionally density-adaptive.
-
-    ``num_classes``/``embedding_dim``/``classes`` are used by losses with per-class
-    parameters (proxy_anchor, daal) and ignored by the others. ``density=True`` wraps the
-    loss in ``DensityAdaptive(weight=density_weight, target=density_target,
-    **density_options)``. Raises ValueError for an unknown name, TypeError for an unknown
-    hyper-parameter.
-    """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
-    factory = LOSSES[name]
-    _check_keywords(factory, hyperparams, f"loss {name!r}", exclude=("classes",))
-    options = dict(density_options or {})
-    # weight and target have their own build_loss arguments (density_weight, density_target).
-    _check_keywords(DensityAdaptive, options, "density_options", exclude=("weight", "target"))
-    if isinstance(factory, type):
-        if embedding_dim is None:
-            raise ValueError(f"loss {name!r} has per-class parameters: give embedding_dim")
-        loss: nn.Module = factory(num_classes, embedding_dim, classes=classes, **hyperparams)
-    else:
-        loss = PairLoss(factory, **hyperparams)
-    if density:
-        loss = DensityAdaptive(loss, weight=density_weight, target=density_target, **options)
-    return loss
+"""The pure pair/triplet losses by name (the registry and DAAL's ``base=`` read it)."""

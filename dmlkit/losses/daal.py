@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dmlkit.losses.pair import PAIR_LOSSES
 from dmlkit.numerics import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
 
 __all__ = [
@@ -302,9 +303,6 @@ def _unit(x: Tensor) -> Tensor:
 def _resolve_base(base: Any) -> Callable[[Tensor, Tensor], Tensor] | None:
     if base is None or callable(base):
         return base
-    from dmlkit.losses import LOSSES  # imported here: dmlkit.losses imports this module
-
-    pair_losses = [name for name, loss in LOSSES.items() if not isinstance(loss, type)]
-    if base not in pair_losses:
-        raise ValueError(f"unknown base loss {base!r} for DAAL; valid: {', '.join(pair_losses)}")
-    return LOSSES[base]
+    if base not in PAIR_LOSSES:
+        raise ValueError(f"unknown base loss {base!r} for DAAL; valid: {', '.join(PAIR_LOSSES)}")
+    return PAIR_LOSSES[base]
