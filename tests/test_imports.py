@@ -23,6 +23,7 @@ LAYERS = {
     "dmlkit.numerics": 0,
     "dmlkit.io": 0,
     "dmlkit.runtime": 0,
+    "dmlkit.grouped": 0,
     "dmlkit.data": 1,
     "dmlkit.models": 1,
     "dmlkit.losses": 1,

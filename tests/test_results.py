@@ -176,16 +176,25 @@ def test_summarize_matches_mean_and_sample_std_over_seeds(sweep):
         "n",
         "recall@1_mean",
         "recall@1_std",
+        "recall@1_ci_low",
+        "recall@1_ci_high",
         "map@r_mean",
         "map@r_std",
+        "map@r_ci_low",
+        "map@r_ci_high",
         "not_measured_mean",
         "not_measured_std",
+        "not_measured_ci_low",
+        "not_measured_ci_high",
     ]
     assert len(summary) == 4 and (summary["n"] == 3).all()
     for _, row in summary.iterrows():
         values = np.array([recall(row["loss"], row["density"], s) for s in SEEDS], np.float64)
         assert row["recall@1_mean"] == pytest.approx(values.mean())
         assert row["recall@1_std"] == pytest.approx(values.std(ddof=1))
+        half = 4.302652729911275 * values.std(ddof=1) / math.sqrt(3)  # t_{0.975, 2}
+        assert row["recall@1_ci_low"] == pytest.approx(values.mean() - half)
+        assert row["recall@1_ci_high"] == pytest.approx(values.mean() + half)
         assert row["map@r_mean"] == pytest.approx(0.1)
     assert summary["not_measured_mean"].isna().all()
 
@@ -194,7 +203,13 @@ def test_summarize_without_grouping_columns_warns_and_uses_one_group(sweep):
     with pytest.warns(UserWarning, match="not grouped on: \\['backbone'\\]"):
         summary = summarize(load_runs(sweep), by=("backbone",), metrics=("nmi",))
     assert summary.to_dict("records") == [
-        {"n": 12, "nmi_mean": pytest.approx(0.6), "nmi_std": pytest.approx(0.0)}
+        {
+            "n": 12,
+            "nmi_mean": pytest.approx(0.6),
+            "nmi_std": pytest.approx(0.0),
+            "nmi_ci_low": pytest.approx(0.6),
+            "nmi_ci_high": pytest.approx(0.6),
+        }
     ]
 
 
@@ -205,12 +220,14 @@ def test_mean_std_table_formats_cells():
             "n": [3, 1],
             "recall@1_mean": [0.5, 0.25],
             "recall@1_std": [0.0125, math.nan],
+            "recall@1_ci_low": [0.469, math.nan],
+            "recall@1_ci_high": [0.531, math.nan],
         }
     )
-    table = mean_std_table(summary, floatfmt=".1f", scale=100)
+    table = mean_std_table(summary, floatfmt=".1f", scale=100, intervals=("recall@1",))
     assert table.to_dict("records") == [
-        {"loss": "a", "n": 3, "recall@1": "50.0 ± 1.2"},
-        {"loss": "b", "n": 1, "recall@1": "25.0"},
+        {"loss": "a", "n": 3, "recall@1": "50.0 ± 1.2", "recall@1 95% CI": "[46.9, 53.1]"},
+        {"loss": "b", "n": 1, "recall@1": "25.0", "recall@1 95% CI": "–"},
     ]
 
 
@@ -222,7 +239,10 @@ def test_density_gain_per_loss(sweep):
         "without",
         "with",
         "gain",
-        "gain_se",
+        "gain_ci_low",
+        "gain_ci_high",
+        "n_pairs",
+        "verdict",
         "n_without",
         "n_with",
     ]
@@ -231,8 +251,9 @@ def test_density_gain_per_loss(sweep):
         off = np.array([recall(row["loss"], False, s) for s in SEEDS])
         on = np.array([recall(row["loss"], True, s) for s in SEEDS])
         assert row["gain"] == pytest.approx(on.mean() - off.mean()) == pytest.approx(0.05)
-        se = math.sqrt(on.var(ddof=1) / 3 + off.var(ddof=1) / 3)
-        assert row["gain_se"] == pytest.approx(se)
+        # every seed gains exactly 0.05: the paired interval has no width
+        assert row["gain_ci_low"] == pytest.approx(0.05) == row["gain_ci_high"]
+        assert row["verdict"] == "higher" and row["n_pairs"] == 3
         assert (row["n_without"], row["n_with"]) == (3, 3)
 
 
@@ -243,7 +264,8 @@ def test_density_gain_reads_truthy_flags_and_leaves_one_sided_groups_nan(off, on
     )
     gain = density_gain(df, by=("loss",)).set_index("loss")
     assert gain.loc["x", "gain"] == pytest.approx(0.25)
-    assert math.isnan(gain.loc["x", "gain_se"])  # one run per side
+    assert math.isnan(gain.loc["x", "gain_ci_low"])  # one run per side: no interval
+    assert gain.loc["x", "verdict"] == "no interval (one seed)"
     assert math.isnan(gain.loc["y", "gain"]) and gain.loc["y", "n_with"] == 0
 
 

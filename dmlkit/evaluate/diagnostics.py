@@ -1,15 +1,13 @@
-"""Embedding-space diagnostics: density (Roth et al. 2020, per-class r_c) and sub-clusters."""
+"""Embedding-space diagnostics: density (Roth et al. 2020) and the per-class r_c."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.evaluate.neighbours import knn
 from dmlkit.evaluate.retrieval import as_labels
 from dmlkit.losses.density import class_statistics
 
@@ -70,44 +68,6 @@ def spectral_decay(embeddings: Tensor, eps: float = 1e-12) -> float:
         return 0.0
     p = (s / total).clamp_min(eps)
     return float((math.log(1 / len(s)) - p.log()).mean())
-
-
-def subcluster_preservation(embeddings: Tensor, labels: Tensor, modes: Any) -> dict[str, Any]:
-    """How often a query's nearest *same-class* neighbour shares its mode (sub-cluster).
-
-    For each query whose class has ≥ 2 items: its exact nearest neighbour among the other
-    items of its class (Euclidean, ties by lower index). ``preservation`` = fraction of
-    those queries whose neighbour has the query's mode (e.g. the glyph's font family);
-    ``chance`` = the same expected for a uniformly random other item of the class,
-    (m_{c,mode} − 1)/(n_c − 1) averaged over the queries. New in dmlkit; the measurable
-    form of DAAL's sub-cluster claim.
-
-    Args: embeddings (N, D); labels (N,) integer classes; modes (N,) any comparable ids.
-    Returns: ``preservation``, ``chance`` (floats), ``num_queries`` (int).
-    """
-    labels = as_labels(labels, len(embeddings))
-    modes = np.asarray(torch.as_tensor(modes) if isinstance(modes, Tensor) else modes)
-    if len(modes) != len(labels):
-        raise ValueError(f"{len(modes)} modes for {len(labels)} embeddings")
-    mode_ids = torch.from_numpy(np.unique(modes.reshape(-1), return_inverse=True)[1].reshape(-1))
-    order = torch.argsort(labels, stable=True)
-    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    hits, chances = [], []
-    for members in torch.split(order, counts.tolist()):
-        if len(members) < 2:
-            continue
-        _, nearest = knn(embeddings[members.to(embeddings.device)], k=1)
-        own = mode_ids[members]
-        hits.append(mode_ids[members[nearest[:, 0].cpu()]] == own)
-        same_mode = torch.bincount(own)[own].double()  # members sharing each one's mode
-        chances.append((same_mode - 1) / (len(members) - 1))
-    if not hits:
-        return {"preservation": 0.0, "chance": 0.0, "num_queries": 0}
-    return {
-        "preservation": float(torch.cat(hits).double().mean()),
-        "chance": float(torch.cat(chances).mean()),
-        "num_queries": int(sum(len(h) for h in hits)),
-    }
 
 
 def _mean_pairwise_cosine_distance(unit: Tensor) -> float:

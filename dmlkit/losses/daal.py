@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dmlkit.grouped import grouped_kmeans
 from dmlkit.losses.pair import PAIR_LOSSES
 from dmlkit.numerics import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
 
@@ -138,42 +139,14 @@ def daal_terms(
 def two_means(
     embeddings: Tensor, rows: Tensor, num_classes: int, *, iterations: int = 20
 ) -> tuple[Tensor, Tensor]:
-    """2-means of each class's embeddings, all classes at once (no per-class loop).
+    """2-means of each class's embeddings, all classes at once (``dmlkit.grouped``).
 
     Deterministic: centre 1 is the sample farthest from the class mean, centre 2 the
     sample farthest from centre 1 (ties → lowest index), then Lloyd iterations.
     Returns (centres (C, 2, D), present (C,) bool). O(iterations·N·D) time, O(N·D) memory.
     """
-    count, dim = num_classes, embeddings.shape[1]
-    sizes = torch.bincount(rows, minlength=count)  # (C,)
-    means = embeddings.new_zeros(count, dim).index_add_(0, rows, embeddings)
-    means = means / sizes.clamp_min(1)[:, None]
-    first = embeddings[_farthest(embeddings, means[rows], rows, count)]  # (C, D)
-    second = embeddings[_farthest(embeddings, first[rows], rows, count)]  # (C, D)
-    centres = torch.stack([first, second], 1)  # (C, 2, D)
-    for _ in range(iterations):
-        near_second = (embeddings - centres[rows, 1]).pow(2).sum(1) < (
-            embeddings - centres[rows, 0]
-        ).pow(2).sum(1)
-        groups = rows * 2 + near_second.long()  # (N,) cluster id in 0..2C−1
-        sums = embeddings.new_zeros(2 * count, dim).index_add_(0, groups, embeddings)
-        members = torch.bincount(groups, minlength=2 * count)[:, None]
-        flat = centres.reshape(2 * count, dim)
-        flat = torch.where(members > 0, sums / members.clamp_min(1), flat)
-        centres = flat.reshape(count, 2, dim)
-    return centres, sizes > 0
-
-
-def _farthest(embeddings: Tensor, reference: Tensor, rows: Tensor, count: int) -> Tensor:
-    """Per class, the index of the sample farthest from its ``reference`` row (N, D)."""
-    gap = (embeddings - reference).pow(2).sum(1)  # (N,)
-    best = gap.new_full((count,), -1.0).scatter_reduce(0, rows, gap, "amax")
-    index = torch.arange(len(rows), device=rows.device)
-    candidates = torch.where(gap == best[rows], index, len(rows))
-    chosen = torch.full((count,), len(rows), device=rows.device).scatter_reduce(
-        0, rows, candidates, "amin"
-    )
-    return chosen.clamp_max(max(len(rows) - 1, 0))
+    centres, _, present = grouped_kmeans(embeddings, rows, num_classes, 2, iterations=iterations)
+    return centres, present
 
 
 class DAALLoss(nn.Module):

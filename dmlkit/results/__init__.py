@@ -1,10 +1,12 @@
 """Results of sweeps as tables: read ``metrics.json`` files, summarize, compare, render.
 
 ``load_runs("papermill_runs/quickstart")`` gives one row per run (config, metrics,
-provenance); :func:`summarize` gives mean ± std over seeds; :func:`density_gain` the
-with-minus-without density difference per loss; :func:`paper_comparison` puts ours beside
-:data:`PAPER_NUMBERS`; :func:`to_markdown` / :func:`write_markdown` / :func:`write_csv` write
-them out (Markdown without the ``tabulate`` package that ``DataFrame.to_markdown`` needs).
+provenance); :func:`summarize` gives mean, std and a 95 % interval over seeds;
+:func:`paired_difference` the per-seed difference between two settings with its interval,
+and :func:`density_gain` that for the density regularizer per loss (``stats`` says how the
+intervals are made); :func:`paper_comparison` puts ours beside :data:`PAPER_NUMBERS`;
+:func:`to_markdown` / :func:`write_markdown` / :func:`write_csv` write them out (Markdown
+without the ``tabulate`` package that ``DataFrame.to_markdown`` needs).
 """
 
 from .markdown import to_markdown, write_csv, write_markdown
@@ -17,9 +19,14 @@ from .runs import (
     mean_std_table,
     summarize,
 )
+from .stats import interval_text, mean_interval, paired_difference, verdict
 
 __all__ = [
     "DEFAULT_BY",
+    "interval_text",
+    "mean_interval",
+    "paired_difference",
+    "verdict",
     "DEFAULT_METRICS",
     "PAPER_NUMBERS",
     "PaperNumber",

@@ -19,12 +19,14 @@ def to_markdown(
     *,
     index: bool = False,
     na_rep: str = "–",
+    note: str | None = None,
 ) -> str:
     """A GitHub-flavoured Markdown table (no ``tabulate`` needed).
 
     Args:
         floatfmt: a format spec for every float column, or column -> spec.
         index: include the index as leading column(s).  na_rep: text for NaN/None.
+        note: a paragraph written above the table (what the cells are, over how many seeds).
     Numeric columns are right-aligned; ``|`` in cells is escaped, newlines become spaces.
     """
     frame = df.reset_index() if index else df
@@ -43,7 +45,8 @@ def to_markdown(
             fmt = floatfmt.get(column, ".3f") if isinstance(floatfmt, Mapping) else floatfmt
             cells.append(_cell(_text(value, fmt, na_rep)))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n"
+    return f"{note.strip()}\n\n{table}" if note else table
 
 
 def _text(value: Any, floatfmt: str, na_rep: str) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from dmlkit.results.stats import interval_text, mean_interval, paired_difference
+
 METRICS_FILE = "metrics.json"
 DEFAULT_BY = ("dataset", "loss", "density")
 DEFAULT_METRICS = ("map@r", "nmi", "pi_ratio", "subcluster_preservation")
@@ -156,7 +158,9 @@ def summarize(
     by: Sequence[str] = DEFAULT_BY,
     metrics: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Mean and sample std (ddof=1; NaN for one run) of each metric per group, and ``n``.
+    """Mean, sample std (ddof=1) and 95 % t interval of each metric per group, and ``n``.
+
+    The std and the interval are NaN for a group of one run (one seed: no interval).
 
     Args:
         df: from :func:`load_runs`.  by: grouping columns (those absent are dropped with a
@@ -164,7 +168,9 @@ def summarize(
             ``recall@K`` column in ``df`` by K (at least ``recall@1``), then
             :data:`DEFAULT_METRICS`.
     Returns:
-        ``by`` columns, ``n`` (runs in the group), then ``<metric>_mean``, ``<metric>_std``.
+        ``by`` columns, ``n`` (runs in the group), then per metric ``<metric>_mean``,
+        ``<metric>_std``, ``<metric>_ci_low``, ``<metric>_ci_high``
+        (``dmlkit.results.stats.mean_interval``, method "t").
     """
     by = _present(df, by)
     if metrics is None:
@@ -174,6 +180,9 @@ def summarize(
     for metric in metrics:
         out[f"{metric}_mean"] = groups[metric].mean()
         out[f"{metric}_std"] = groups[metric].std(ddof=1)
+        intervals = groups[metric].apply(lambda values: mean_interval(values)[1:])
+        out[f"{metric}_ci_low"] = [low for low, _ in intervals]
+        out[f"{metric}_ci_high"] = [high for _, high in intervals]
     return out.reset_index().drop(columns="_all", errors="ignore")
 
 
@@ -198,21 +207,27 @@ def mean_std_table(
     *,
     floatfmt: str = ".3f",
     scale: float = 1.0,
+    intervals: Sequence[str] = (),
 ) -> pd.DataFrame:
     """A :func:`summarize` table with one ``"mean ± std"`` text column per metric.
 
     ``scale=100`` shows fractions as percentages; the std is left out when NaN (n = 1).
+    ``intervals``: metrics that also get a ``<metric> 95% CI`` column ``[low, high]``
+    (right after the metric's own column; "–" for one seed).
     """
     if metrics is None:
         metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
-    stats = {f"{m}_{s}" for m in metrics for s in ("mean", "std")}
-    out = summary[
-        [c for c in summary.columns if c not in stats and not c.endswith(("_mean", "_std"))]
-    ]
-    out = out.copy()
+    suffixes = ("_mean", "_std", "_ci_low", "_ci_high")
+    out = summary[[c for c in summary.columns if not c.endswith(suffixes)]].copy()
     for metric in metrics:
         means, stds = summary[f"{metric}_mean"] * scale, summary[f"{metric}_std"] * scale
         out[metric] = [_mean_std(m, s, floatfmt) for m, s in zip(means, stds, strict=True)]
+        if metric in intervals:
+            lows = summary[f"{metric}_ci_low"] * scale
+            highs = summary[f"{metric}_ci_high"] * scale
+            out[f"{metric} 95% CI"] = [
+                interval_text(lo, hi, floatfmt) for lo, hi in zip(lows, highs, strict=True)
+            ]
     return out
 
 
@@ -228,40 +243,51 @@ def density_gain(
     *,
     by: Sequence[str] = ("dataset", "loss"),
     density: str = "density",
+    pair_on: Sequence[str] = ("seed",),
 ) -> pd.DataFrame:
-    """Per group (default: dataset × loss), mean ``metric`` with density minus without.
+    """Per group (default: dataset × loss), ``metric`` with density minus without, paired.
+
+    Runs with and without the regularizer that share a seed are paired
+    (``dmlkit.results.stats.paired_difference``); the gain is the mean of the per-seed
+    differences, with its 95 % t interval.
 
     Args:
         df: from :func:`load_runs`.  metric: the metric column.
         by: grouping columns (absent ones dropped).  density: the on/off column (true/false,
-            1/0, "true"/"false", or a weight where > 0 means on).
+            1/0, "true"/"false", or a weight where > 0 means on).  pair_on: what pairs runs.
     Returns:
-        ``by`` columns, ``without``, ``with``, ``gain`` (NaN unless both exist),
-        ``gain_se`` (standard error of the difference of the two means; NaN with one run
-        per side), ``n_without``, ``n_with``.
+        ``by`` columns, ``without``, ``with`` (means over all runs of each side), ``gain``
+        (mean paired difference; NaN without a pair), ``gain_ci_low``, ``gain_ci_high``,
+        ``n_pairs``, ``verdict`` ("higher", "lower", "no measurable effect" or "no
+        interval (one seed)"), ``n_without``, ``n_with``.
     """
     by = _present(df, by)
     frame = _numeric(df, [metric])
     frame["_on"] = frame[density].map(_truthy).astype(bool) if density in frame else False
+    pair_on = [c for c in pair_on if c in frame.columns]
+    if not pair_on:  # nothing to pair on: the i-th run without is paired with the i-th with
+        frame["_pair"] = frame.groupby([*by, "_on"]).cumcount()
+        pair_on = ["_pair"]
     rows = []
     for keys, group in frame.groupby(by or ["_all"], dropna=False, sort=True):
         off = group.loc[~group["_on"], metric].dropna()
         on = group.loc[group["_on"], metric].dropna()
-        rows.append({**dict(zip(by, keys, strict=False)), **_gain(off, on)})
+        pair = paired_difference(group, metric, factor="_on", by=(), pair_on=pair_on).iloc[0]
+        rows.append(
+            {
+                **dict(zip(by, keys if isinstance(keys, tuple) else (keys,), strict=False)),
+                "without": off.mean(),
+                "with": on.mean(),
+                "gain": pair["difference"],
+                "gain_ci_low": pair["ci_low"],
+                "gain_ci_high": pair["ci_high"],
+                "n_pairs": int(pair["n_pairs"]),
+                "verdict": pair["verdict"],
+                "n_without": len(off),
+                "n_with": len(on),
+            }
+        )
     return pd.DataFrame(rows)
-
-
-def _gain(off: pd.Series, on: pd.Series) -> dict[str, float | int]:
-    both_spread = len(on) > 1 and len(off) > 1
-    se = math.sqrt(on.var() / len(on) + off.var() / len(off)) if both_spread else math.nan
-    return {
-        "without": off.mean(),
-        "with": on.mean(),
-        "gain": on.mean() - off.mean(),
-        "gain_se": se,
-        "n_without": len(off),
-        "n_with": len(on),
-    }
 
 
 def _truthy(value: Any) -> bool:

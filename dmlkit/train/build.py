@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from dmlkit.data.subset import ClassSubset, validation_classes
 from dmlkit.models import EmbeddingModel
 from dmlkit.train import distributed
 from dmlkit.train.config import TrainConfig, loss_kwargs
@@ -29,21 +30,34 @@ def dataset_options(
 def build_datasets(
     cfg: TrainConfig, *, bad_images_log: str | os.PathLike | None = None
 ) -> tuple[Dataset, Dataset]:
-    """(train with "train" transforms, test with "test" transforms); checks P×K fits.
+    """(train with "train" transforms, evaluation with "test" transforms); checks P×K fits.
 
+    With ``cfg.eval_split == "validation"`` the evaluation set is the validation classes
+    of the training split (``dmlkit.data.subset.validation_classes``) and the training set
+    the other training classes; the test split is not read.
     ``bad_images_log``: the file every process appends skipped images to (with
     ``skip_bad_images``), so that ``fit`` can count them across DataLoader workers.
     """
     from dmlkit.data import get_dataset
 
     options = dataset_options(cfg, bad_images_log)
+    # (split, transform) of the training and the evaluation set
+    sources = [("train", "train"), ("test", "test")]
+    if cfg.eval_split == "validation":
+        sources[1] = ("train", "test")
     try:
         train_set, test_set = (
-            get_dataset(cfg.dataset, split, root=cfg.data_root, transform=split, **options)
-            for split in ("train", "test")
+            get_dataset(cfg.dataset, split, root=cfg.data_root, transform=transform, **options)
+            for split, transform in sources
         )
     except TypeError as error:  # an unknown dataset option
         raise ValueError(f"dataset_options for {cfg.dataset!r}: {error}") from error
+    if cfg.eval_split == "validation":
+        held_out = validation_classes(
+            train_set.classes, cfg.validation_fraction, cfg.validation_seed
+        )
+        kept = np.setdiff1d(train_set.classes, held_out)
+        train_set, test_set = ClassSubset(train_set, kept), ClassSubset(test_set, held_out)
     num_classes = len(np.unique(train_set.labels))
     if cfg.p > num_classes or cfg.p * cfg.k > len(train_set):
         raise ValueError(

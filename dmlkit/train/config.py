@@ -16,6 +16,7 @@ import torch
 AMP_MODES = ("off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
+EVAL_SPLITS = ("test", "validation")
 # Configuration fields that may change between a run and its resumption: they do not
 # affect the trained weights (or, for epochs, only extend the run).
 RESUMABLE_CHANGES = frozenset(
@@ -112,6 +113,15 @@ class TrainConfig:
     """Evaluate on the test split every this many epochs (0: only after the last epoch)."""
     eval_ks: tuple | None = None
     """K values of Recall@K; None: (1, 10, 100, 1000) for sop and glyphs, else (1, 2, 4, 8)."""
+    eval_split: str = "test"
+    """What the run is evaluated on: "test" (the test classes) or "validation" (held-out
+    training classes, for choosing a variant or a weight without seeing the test classes;
+    the run then trains on the other training classes)."""
+    validation_fraction: float = 0.2
+    """Share of the training classes held out when ``eval_split="validation"``."""
+    validation_seed: int = 0
+    """Seed of the validation classes: fixed across run seeds, so variants compare on the
+    same classes."""
     seed: int = 0
     """Seed of model initialisation, batch sampling and augmentation."""
     device: str | None = None
@@ -220,6 +230,7 @@ def _name_problems(cfg: TrainConfig) -> list[str]:
         "amp": AMP_MODES,
         "optimizer": OPTIMIZERS,
         "lr_schedule": LR_SCHEDULES,
+        "eval_split": EVAL_SPLITS,
     }
     return [
         f"{name}: unknown value {getattr(cfg, name)!r}; valid: {', '.join(valid)}"
@@ -238,6 +249,7 @@ def _size_problems(cfg: TrainConfig) -> list[str]:
         "batch_size_eval": 1,
         "eval_every": 0,
         "seed": 0,
+        "validation_seed": 0,
     }
     problems = [
         f"{name}: must be >= {low}, got {getattr(cfg, name)}"
@@ -246,6 +258,8 @@ def _size_problems(cfg: TrainConfig) -> list[str]:
     ]
     if cfg.num_batches is not None and cfg.num_batches < 1:
         problems.append(f"num_batches: must be >= 1 or None, got {cfg.num_batches}")
+    if not 0 < cfg.validation_fraction < 1:
+        problems.append(f"validation_fraction: must be in (0, 1), got {cfg.validation_fraction}")
     for name in ("lr", "lr_loss_mult"):
         if not getattr(cfg, name) > 0:
             problems.append(f"{name}: must be > 0, got {getattr(cfg, name)}")

@@ -26,6 +26,7 @@ from dmlkit.train.config import TrainConfig, resolve_eval_ks
 from dmlkit.train.state import EMBEDDINGS_NAME, METRICS_NAME, RunState
 
 _MODES = ("family", "style")  # glyph sub-cluster labels, in order of coarseness
+PURITY_KS = (5,)  # family purity@k beside the nearest-neighbour measure (k = 1)
 BAD_IMAGES_LOG = "bad_images.jsonl"
 
 
@@ -97,11 +98,11 @@ def evaluate_retrieval(run: RunState) -> tuple[dict[str, Any], Tensor, Tensor]:
 
 
 def final_evaluation(run: RunState) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-    """Retrieval + density diagnostics (+ glyph sub-cluster preservation) of the final model.
+    """Retrieval + density diagnostics (+ glyph sub-cluster measures) of the final model.
 
     Returns: (all scalar metrics, arrays for embeddings.npz, the retrieval metrics alone).
     """
-    from dmlkit.evaluate import density_metrics, subcluster_preservation
+    from dmlkit.evaluate import density_metrics, subcluster_agreement, subcluster_preservation
 
     retrieval, embeddings, labels = evaluate_retrieval(run)
     metrics = dict(retrieval)
@@ -115,11 +116,21 @@ def final_evaluation(run: RunState) -> tuple[dict[str, Any], dict[str, np.ndarra
         values = getattr(run.test_set, mode, None)
         if values is None:
             continue
-        arrays[mode] = np.asarray(values).astype(str)
-        result = subcluster_preservation(embeddings, labels, np.asarray(values))
+        values = np.asarray(values)
+        arrays[mode] = values.astype(str)
         suffix = "" if mode == "family" else f"_{mode}"
+        result = subcluster_preservation(embeddings, labels, values)
         metrics[f"subcluster_preservation{suffix}"] = _plain(result["preservation"])
         metrics[f"subcluster_chance{suffix}"] = _plain(result["chance"])
+        if mode != "family":
+            continue
+        for k in PURITY_KS:
+            result = subcluster_preservation(embeddings, labels, values, k=k)
+            metrics[f"subcluster_purity@{k}"] = _plain(result["preservation"])
+            metrics[f"subcluster_purity_chance@{k}"] = _plain(result["chance"])
+        agreement = subcluster_agreement(embeddings, labels, values)
+        metrics["subcluster_ari"] = _plain(agreement["ari"])
+        metrics["subcluster_nmi"] = _plain(agreement["nmi"])
     return metrics, arrays, retrieval
 
 
