@@ -20,10 +20,15 @@ from dmlkit.grouped import grouped_kmeans
 from dmlkit.losses.pair import PAIR_LOSSES
 from dmlkit.numerics import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
 
+ASSIGNMENTS = ("nearest", "soft")
+
 __all__ = [
+    "ASSIGNMENTS",
     "DAALLoss",
     "SegmentGeometry",
     "class_medians",
+    "class_quantiles",
+    "own_segments",
     "daal_terms",
     "segment_geometry",
     "two_means",
@@ -66,24 +71,49 @@ def segment_geometry(embeddings: Tensor, vertices: Tensor) -> SegmentGeometry:
     return SegmentGeometry(safe_sqrt(squared), t, safe_sqrt(e_e))
 
 
-def class_medians(values: Tensor, rows: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Median of ``values`` (B,) per class row (mean of the two middle values when even).
+def class_quantiles(
+    values: Tensor, rows: Tensor, num_classes: int, quantile: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """The ``quantile`` of ``values`` (B,) per class row, linearly interpolated (NumPy's
+    default: position q·(n − 1) among the class's sorted values).
 
-    Returns (medians (C,), present (C,) bool); absent classes get 0. No host sync.
+    Returns (quantiles (C,), present (C,) bool); absent classes get 0. No host sync.
     """
     order = torch.argsort(values)
     order = order[torch.argsort(rows[order], stable=True)]  # by class, then by value
     ordered = values[order]  # (B,)
     counts = torch.bincount(rows, minlength=num_classes)  # (C,)
     starts = torch.cumsum(counts, 0) - counts
-    last = max(len(values) - 1, 0)
-    low = (starts + (counts - 1).clamp_min(0) // 2).clamp_max(last)
-    high = (starts + counts // 2).clamp_max(last)
     present = counts > 0
     if len(values) == 0:
         return torch.zeros(num_classes, dtype=values.dtype, device=values.device), present
-    medians = (ordered[low] + ordered[high]) / 2
-    return torch.where(present, medians, torch.zeros_like(medians)), present
+    position = quantile * (counts - 1).clamp_min(0).to(values.dtype)  # (C,)
+    below = position.floor()
+    last = len(values) - 1
+    low = (starts + below.long()).clamp_max(last)
+    high = (starts + position.ceil().long()).clamp_max(last)
+    fraction = position - below
+    result = ordered[low] + fraction * (ordered[high] - ordered[low])
+    return torch.where(present, result, torch.zeros_like(result)), present
+
+
+def class_medians(values: Tensor, rows: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Median of ``values`` (B,) per class row (mean of the two middle values when even).
+
+    Returns (medians (C,), present (C,) bool); absent classes get 0. No host sync.
+    """
+    return class_quantiles(values, rows, num_classes, 0.5)
+
+
+def own_segments(dist: Tensor, rows: Tensor, segments: int) -> Tensor:
+    """(B,) the segment row (class row · S + s) nearest to each sample among its class's S.
+
+    ``dist``: (B, C·S) distances to every segment. The choice carries no gradient.
+    """
+    if segments == 1:
+        return rows
+    own = dist.detach().view(len(rows), -1, segments)[torch.arange(len(rows)), rows]  # (B, S)
+    return rows * segments + own.argmin(1)
 
 
 def daal_terms(
@@ -97,29 +127,51 @@ def daal_terms(
     gamma: float = 16.0,
     min_spread: float = 1 / 24,
     max_length: float = 1.0,
+    segments: int = 1,
+    assign: str = "nearest",
+    temperature: float = 0.05,
 ) -> dict[str, Tensor]:
     """The four DAAL terms (pull, push, spread, length) from the segment geometry.
 
+    With S = ``segments`` per class, segment row g = class row · S + s. A sample belongs
+    to the nearest segment of its class (``own_segments``): the pull and the spread use
+    that segment, and its distance to another class is the distance to that class's
+    nearest segment, with that segment's radius. ``assign="soft"`` pulls towards the
+    soft minimum −τ·log Σ_s exp(−D_is/τ) of the own segments' distances instead (τ =
+    ``temperature``; every own segment gets gradient). S = 1 is the one-segment loss.
+
     Args:
-        dist, t: (B, C) from ``segment_geometry``. rows: (B,) class row of each sample.
-        radii: (C,) tube radii ρ_c (no gradient). lengths: (C,) ||b_c − a_c||.
+        dist, t: (B, C·S) from ``segment_geometry``. rows: (B,) class row of each sample.
+        radii: (C·S,) tube radii ρ_g (no gradient). lengths: (C·S,) ||b_g − a_g||.
     Returns: dict of 0-dim tensors: pull and push are means over the B samples, spread a
-        mean over the classes with ≥ 2 samples (0 if none), length a mean over all C
-        segments; all four are 0 (graph-connected) for an empty batch. O(B·C) time and
+        mean over the segments with ≥ 2 samples (0 if none), length a mean over all C·S
+        segments; all four are 0 (graph-connected) for an empty batch. O(B·C·S) time and
         memory.
     """
-    count, batch = len(radii), len(rows)
-    own = rows[:, None] == torch.arange(count, device=rows.device)  # (B, C)
-    own_dist = dist.gather(1, rows[:, None]).squeeze(1)  # (B,)
+    if assign not in ASSIGNMENTS:
+        raise ValueError(f"unknown assign {assign!r}; valid: {', '.join(ASSIGNMENTS)}")
+    batch, groups = len(rows), len(radii)
+    count = groups // segments
+    own_segment = own_segments(dist, rows, segments)  # (B,)
+    own_dist = dist.gather(1, own_segment[:, None]).squeeze(1)  # (B,)
+    if assign == "soft" and segments > 1:
+        own_all = dist.view(batch, count, segments)[torch.arange(batch), rows]  # (B, S)
+        own_dist = -temperature * torch.logsumexp(-own_all / temperature, 1)
     # ÷ max(B, 1), not .mean(): a mean over an empty batch is NaN.
-    pull = (own_dist - radii[rows]).clamp_min(0).sum() / max(batch, 1)
-    logits = gamma * (radii[None, :] + margin - dist)  # (B, C)
+    pull = (own_dist - radii[own_segment]).clamp_min(0).sum() / max(batch, 1)
+    if segments == 1:
+        class_dist, class_radius = dist, radii[None, :]  # (B, C), (1, C)
+    else:
+        class_dist, nearest = dist.view(batch, count, segments).min(2)  # (B, C) each
+        class_radius = radii.view(count, segments).gather(1, nearest.T).T  # (B, C)
+    own = rows[:, None] == torch.arange(count, device=rows.device)  # (B, C)
+    logits = gamma * (class_radius + margin - class_dist)  # (B, C)
     push = masked_logsumexp(logits, ~own, dim=1, add_one=True).sum() / (gamma * max(batch, 1))
-    own_t = t.gather(1, rows[:, None]).squeeze(1)  # (B,)
-    counts = torch.bincount(rows, minlength=count).to(own_t.dtype)  # (C,)
-    mean_t = own_t.new_zeros(count).index_add_(0, rows, own_t) / counts.clamp_min(1)
-    squares = (own_t - mean_t[rows]).pow(2)  # two-pass population variance
-    variance = own_t.new_zeros(count).index_add_(0, rows, squares) / counts.clamp_min(1)
+    own_t = t.gather(1, own_segment[:, None]).squeeze(1)  # (B,)
+    counts = torch.bincount(own_segment, minlength=groups).to(own_t.dtype)  # (C·S,)
+    mean_t = own_t.new_zeros(groups).index_add_(0, own_segment, own_t) / counts.clamp_min(1)
+    squares = (own_t - mean_t[own_segment]).pow(2)  # two-pass population variance
+    variance = own_t.new_zeros(groups).index_add_(0, own_segment, squares) / counts.clamp_min(1)
     several = counts >= 2
     shortfall = (min_spread - variance).clamp_min(0)
     spread = torch.where(several, shortfall, torch.zeros_like(shortfall)).sum()
@@ -157,18 +209,26 @@ class DAALLoss(nn.Module):
         classes: the label values (any integers), default 0..C−1.
         margin: δ, the extra clearance from other classes' tubes. gamma: push sharpness.
         rho_min, rho_max: clip of the tube radii. momentum: their EMA momentum.
+        radius_quantile: the tube radius follows this quantile of the class's distances
+            (0.5: the median). radius: a fixed radius for every tube instead (no density
+            adaptation); None: adaptive.
         spread_weight, min_spread: weight and floor v_min of the variance of t along a
             segment. length_weight, max_length: weight and ℓ_max of the length hinge.
+        segments: S segments per class (1: the abstract's one line per class; S > 1 is an
+            alternative of this reconstruction, docs/methods.md). assign: how a sample is
+            pulled when S > 1: "nearest" (to its class's nearest segment) or "soft" (to
+            the soft minimum of its class's segments, ``temperature`` τ).
         base: optional pair loss added on top — a callable (embeddings, labels) or a
             name among contrastive/triplet/npair/ms (default hyper-parameters).
         init_offset: half-length of the random initial segment along v_c.
         seed: seeds the random vertex initialisation.
-    ``vertices`` (C, 2, D) is a parameter (``high_lr_parameters``); ``radii`` (C,) and
-    ``radius_seen`` (C,) are buffers. The radii of the classes in a batch are updated
-    (training mode only) *before* the loss is computed, a class's first median taken as
-    is. ``last_terms``: pull, push, spread, length, mean_rho (mean ρ over classes seen),
+    ``vertices`` (C·S, 2, D) is a parameter (``high_lr_parameters``), row c·S + s the
+    s-th segment of class row c; ``radii`` (C·S,) and ``radius_seen`` (C·S,) are buffers.
+    The radii of the segments the batch's samples belong to are updated (training mode
+    only) *before* the loss is computed, a segment's first quantile taken as is.
+    ``last_terms``: pull, push, spread, length, mean_rho (mean ρ over the segments seen),
     and ``pair`` with a base loss. An empty batch gives a graph-connected 0 and leaves the
-    buffers as they are. O(B·C·D) time, O(B·C + C·D) memory.
+    buffers as they are. O(B·C·S·D) time, O(B·C·S + C·S·D) memory.
     """
 
     def __init__(
@@ -182,28 +242,37 @@ class DAALLoss(nn.Module):
         rho_min: float = 0.05,
         rho_max: float = 0.5,
         momentum: float = 0.9,
+        radius_quantile: float = 0.5,
+        radius: float | None = None,
         spread_weight: float = 0.1,
         length_weight: float = 0.1,
         max_length: float = 1.0,
         min_spread: float = 1 / 24,
+        segments: int = 1,
+        assign: str = "nearest",
+        temperature: float = 0.05,
         base: str | Callable[[Tensor, Tensor], Tensor] | None = None,
         init_offset: float = 0.05,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        _check_options(segments, assign, temperature, radius_quantile, radius)
         self.register_buffer("classes", resolve_classes(num_classes, classes))
         self.margin, self.gamma, self.momentum = margin, gamma, momentum
         self.rho_min, self.rho_max = rho_min, rho_max
+        self.radius_quantile, self.radius = radius_quantile, radius
         self.spread_weight, self.length_weight = spread_weight, length_weight
         self.max_length, self.min_spread, self.init_offset = max_length, min_spread, init_offset
+        self.segments, self.assign, self.temperature = segments, assign, temperature
         self.base = _resolve_base(base)
-        count = len(self.classes)
+        count = len(self.classes) * segments
         generator = torch.Generator().manual_seed(seed)
         centre = _unit(torch.randn(count, embedding_dim, generator=generator))
         direction = _unit(torch.randn(count, embedding_dim, generator=generator))
         offset = init_offset * direction
         self.vertices = nn.Parameter(torch.stack([centre - offset, centre + offset], 1))
-        self.register_buffer("radii", torch.full((count,), float(rho_max)))
+        start = float(rho_max if radius is None else radius)
+        self.register_buffer("radii", torch.full((count,), start))
         self.register_buffer("radius_seen", torch.zeros(count, dtype=torch.bool))
         self.last_terms: dict[str, Tensor] = {}
 
@@ -211,9 +280,10 @@ class DAALLoss(nn.Module):
         rows = class_rows(self.classes, labels)  # (B,)
         with torch.autocast(embeddings.device.type, enabled=False):
             z = upcast(embeddings)
-            dist, t, lengths = segment_geometry(z, self.vertices.to(z.dtype))
+            dist, t, lengths = segment_geometry(z, self.vertices.to(z.dtype))  # (B, C·S) ...
             if self.training:
-                self._update_radii(dist.detach().gather(1, rows[:, None]).squeeze(1), rows)
+                own = own_segments(dist, rows, self.segments)  # (B,)
+                self._update_radii(dist.detach().gather(1, own[:, None]).squeeze(1), own)
             terms = daal_terms(
                 dist,
                 t,
@@ -224,6 +294,9 @@ class DAALLoss(nn.Module):
                 gamma=self.gamma,
                 min_spread=self.min_spread,
                 max_length=self.max_length,
+                segments=self.segments,
+                assign=self.assign,
+                temperature=self.temperature,
             )
         total = terms["pull"] + terms["push"]
         total = total + self.spread_weight * terms["spread"] + self.length_weight * terms["length"]
@@ -235,28 +308,40 @@ class DAALLoss(nn.Module):
         self.last_terms = {**{k: v.detach() for k, v in terms.items()}, "mean_rho": mean_rho}
         return total
 
-    def _update_radii(self, own_dist: Tensor, rows: Tensor) -> None:
-        """ρ_c ← clip(m·ρ_c + (1−m)·median_c, ρ_min, ρ_max); first sight: clip(median_c)."""
-        medians, present = class_medians(own_dist, rows, len(self.classes))
-        medians = medians.to(self.radii.dtype)
-        blended = self.momentum * self.radii + (1 - self.momentum) * medians
-        updated = torch.where(self.radius_seen, blended, medians).clamp(self.rho_min, self.rho_max)
-        self.radii.copy_(torch.where(present, updated, self.radii))
+    def _update_radii(self, own_dist: Tensor, own: Tensor) -> None:
+        """ρ_g ← clip(m·ρ_g + (1−m)·quantile_g, ρ_min, ρ_max); first sight: clip(quantile_g).
+
+        With a fixed ``radius`` the radii stay as they are (only ``radius_seen`` is kept).
+        """
+        quantiles, present = class_quantiles(own_dist, own, len(self.radii), self.radius_quantile)
+        if self.radius is None:
+            quantiles = quantiles.to(self.radii.dtype)
+            blended = self.momentum * self.radii + (1 - self.momentum) * quantiles
+            updated = torch.where(self.radius_seen, blended, quantiles)
+            updated = updated.clamp(self.rho_min, self.rho_max)
+            self.radii.copy_(torch.where(present, updated, self.radii))
         self.radius_seen |= present
 
     @torch.no_grad()
     def init_from_embeddings(self, embeddings: Tensor, labels: Tensor) -> None:
-        """Set a_c, b_c to the 2-means centres of each class present in ``labels``.
+        """Set each class's segments from its embeddings (the untrained model's, (N, D)).
 
-        Embeddings from the untrained model, (N, D); classes absent keep their random
-        init; a class whose two centres coincide (one sample, duplicates) gets a short
-        segment through its centre along its current direction (±``init_offset``).
+        One segment: its vertices are the 2-means centres of the class. S segments: a
+        k-means with S centres splits the class, and each part's 2-means centres are the
+        vertices of one segment (``dmlkit.grouped.grouped_kmeans``). Classes (or parts)
+        absent keep their random init; a segment whose two centres coincide (one
+        sample, duplicates) becomes a short segment through its centre along its current
+        direction (±``init_offset``).
         """
         device = self.vertices.device
         z = embeddings.to(device, self.vertices.dtype)
         rows = class_rows(self.classes, labels.to(device))
-        centres, present = two_means(z, rows, len(self.classes))  # (C, 2, D), (C,)
-        old_direction = _unit(self.vertices[:, 1] - self.vertices[:, 0])  # (C, D)
+        groups, count = rows, len(self.classes)
+        if self.segments > 1:
+            _, part, _ = grouped_kmeans(z, rows, count, self.segments)
+            groups, count = rows * self.segments + part, count * self.segments
+        centres, present = two_means(z, groups, count)  # (C·S, 2, D), (C·S,)
+        old_direction = _unit(self.vertices[:, 1] - self.vertices[:, 0])  # (C·S, D)
         middle = centres.mean(1)
         short = self.init_offset * old_direction
         fallback = torch.stack([middle - short, middle + short], 1)
@@ -267,6 +352,24 @@ class DAALLoss(nn.Module):
 
     def high_lr_parameters(self) -> list[nn.Parameter]:
         return [self.vertices]
+
+
+def _check_options(
+    segments: int, assign: str, temperature: float, quantile: float, radius: float | None
+) -> None:
+    problems = []
+    if not (isinstance(segments, int) and segments >= 1):
+        problems.append(f"segments must be an int >= 1, got {segments!r}")
+    if assign not in ASSIGNMENTS:
+        problems.append(f"unknown assign {assign!r}; valid: {', '.join(ASSIGNMENTS)}")
+    if not temperature > 0:
+        problems.append(f"temperature must be > 0, got {temperature}")
+    if not 0 <= quantile <= 1:
+        problems.append(f"radius_quantile must be in [0, 1], got {quantile}")
+    if radius is not None and not radius > 0:
+        problems.append(f"radius must be > 0 or None, got {radius}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _unit(x: Tensor) -> Tensor:
