@@ -252,6 +252,23 @@ def test_proxy_anchor_hand_placed_2d():
     assert value.item() == pytest.approx(pos / 2 + neg / 2, abs=1e-12)
 
 
+def test_proxy_anchor_module_logs_its_positive_and_negative_terms():
+    # The hand-placed case above: positive = pos / 2, negative = neg / 2.
+    module = ProxyAnchorLoss(2, 2, margin=0.1, alpha=2.0).double()
+    with torch.no_grad():
+        module.proxies.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=F64))
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=F64)
+    value = module(z, torch.tensor([0, 1, 1]))
+    pos = math.log(1 + math.exp(-1.8)) + math.log(1 + math.exp(-1.8) + math.exp(-1.4))
+    neg = math.log(1 + math.exp(0.2) + math.exp(1.4)) + math.log(1 + math.exp(0.2))
+    terms = module.last_terms
+    assert set(terms) == {"base", "positive", "negative"}
+    assert terms["positive"].item() == pytest.approx(pos / 2, abs=1e-12)
+    assert terms["negative"].item() == pytest.approx(neg / 2, abs=1e-12)
+    assert terms["base"].item() == pytest.approx(value.item(), abs=1e-12)
+    assert not any(t.requires_grad for t in terms.values())
+
+
 def test_proxy_anchor_module_maps_any_labels_and_rejects_unknown():
     classes = [0x4E00, 0x41, 0x3B1, 101]  # Unicode code points, unsorted
     module = ProxyAnchorLoss(None, 6, classes=classes, seed=3)

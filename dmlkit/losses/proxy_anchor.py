@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from dmlkit.numerics import class_rows, full_precision, masked_logsumexp, resolve_classes, upcast
 
 
-@full_precision
 def proxy_anchor_loss(
     embeddings: Tensor,
     targets: Tensor,
@@ -22,7 +21,23 @@ def proxy_anchor_loss(
     margin: float = 0.1,
     alpha: float = 32.0,
 ) -> Tensor:
-    """Proxy-Anchor loss (Kim et al. 2020, eq. 4).
+    """Proxy-Anchor loss (Kim et al. 2020, eq. 4): the sum of ``proxy_anchor_terms``."""
+    positive, negative = proxy_anchor_terms(
+        embeddings, targets, proxies, margin=margin, alpha=alpha
+    )
+    return positive + negative
+
+
+@full_precision
+def proxy_anchor_terms(
+    embeddings: Tensor,
+    targets: Tensor,
+    proxies: Tensor,
+    *,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+) -> tuple[Tensor, Tensor]:
+    """The positive and the negative term of the Proxy-Anchor loss (Kim et al. 2020, eq. 4).
 
     With s = cos(z_i, p_c): (1/|P+|) Σ_{c∈P+} log(1 + Σ_{i: y_i=c} exp(−α(s − δ)))
     + (1/C) Σ_c log(1 + Σ_{i: y_i≠c} exp(α(s + δ))), P+ the proxies with a sample in the
@@ -31,7 +46,8 @@ def proxy_anchor_loss(
     Args:
         embeddings: (B, D). targets: (B,) row of each sample's proxy in 0..C−1.
         proxies: (C, D) (normalized here).
-    Returns: 0-dim tensor. O(B·C·D) time, O(B·C) memory.
+    Returns: (positive, negative) 0-dim tensors, the two sums above. O(B·C·D) time,
+        O(B·C) memory.
     """
     proxies = upcast(proxies)
     cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T  # (B, C)
@@ -39,7 +55,7 @@ def proxy_anchor_loss(
     pos_term = masked_logsumexp(-alpha * (cos - margin), own, dim=0, add_one=True)  # (C,)
     neg_term = masked_logsumexp(alpha * (cos + margin), ~own, dim=0, add_one=True)  # (C,)
     with_positives = own.any(0).sum().clamp_min(1)
-    return pos_term.sum() / with_positives + neg_term.sum() / len(proxies)
+    return pos_term.sum() / with_positives, neg_term.sum() / len(proxies)
 
 
 class ProxyAnchorLoss(nn.Module):
@@ -72,10 +88,15 @@ class ProxyAnchorLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         targets = class_rows(self.classes, labels)
-        loss = proxy_anchor_loss(
+        positive, negative = proxy_anchor_terms(
             embeddings, targets, self.proxies, margin=self.margin, alpha=self.alpha
         )
-        self.last_terms = {"base": loss.detach()}
+        loss = positive + negative
+        self.last_terms = {
+            "base": loss.detach(),
+            "positive": positive.detach(),
+            "negative": negative.detach(),
+        }
         return loss
 
     def high_lr_parameters(self) -> list[nn.Parameter]:

@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = frozenset(
         "data_root",
         "batch_size_eval",
         "compile",
+        "label",
     }
 )
 
@@ -118,12 +119,15 @@ class TrainConfig:
     training classes, for choosing a variant or a weight without seeing the test classes;
     the run then trains on the other training classes)."""
     validation_fraction: float = 0.2
-    """Share of the training classes held out when ``eval_split="validation"``."""
+    """Share of the training classes held out when ``eval_split`` is "validation"."""
     validation_seed: int = 0
     """Seed of the validation classes: fixed across run seeds, so variants compare on the
     same classes."""
     seed: int = 0
     """Seed of model initialisation, batch sampling and augmentation."""
+    label: str = ""
+    """A name for this configuration in result tables (e.g. a loss variant in a sweep);
+    recorded in metrics.json, ignored by training."""
     device: str | None = None
     """Device (e.g. "cpu", "cuda:1"); None: cuda → mps → cpu. Under torchrun each rank
     uses cuda:LOCAL_RANK when CUDA is available."""
