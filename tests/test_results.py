@@ -15,9 +15,12 @@ import pytest
 from dmlkit.results import (
     PAPER_NUMBERS,
     density_gain,
+    gain_table,
     load_runs,
     mean_std_table,
     paper_comparison,
+    per_run_table,
+    seed_note,
     summarize,
     to_markdown,
     write_csv,
@@ -163,6 +166,8 @@ def test_summarize_reports_every_recall_column_by_k_by_default(tmp_path):
         "nmi_mean",
         "pi_ratio_mean",
         "subcluster_preservation_mean",
+        "subcluster_purity@5_mean",
+        "subcluster_ari_mean",
     ]
     assert summary["recall@10_mean"].item() == 0.8 and summary["map@r_mean"].isna().all()
 
@@ -353,3 +358,44 @@ def test_write_csv_and_markdown_round_trip(tmp_path, sweep):
     text = (tmp_path / "out" / "summary.md").read_text()
     assert text == to_markdown(summary, floatfmt=".2f")
     assert len(text.splitlines()) == 2 + len(summary)
+
+
+def test_gain_table_signs_the_gain_and_writes_its_interval():
+    gain = pd.DataFrame(
+        {
+            "loss": ["a", "b", "c"],
+            "without": [0.5, 0.6, 0.4],
+            "with": [0.52, 0.58, 0.41],
+            "gain": [0.02, -0.02, 0.01],
+            "gain_ci_low": [0.001, -0.05, math.nan],
+            "gain_ci_high": [0.04, 0.01, math.nan],
+            "n_pairs": [5, 5, 1],
+            "verdict": ["higher", "no measurable effect", "no interval (one seed)"],
+            "n_without": [5, 5, 1],
+            "n_with": [5, 5, 1],
+        }
+    )
+    table = gain_table(gain)
+    assert list(table.columns) == [
+        "loss",
+        "without",
+        "with",
+        "gain",
+        "95% CI",
+        "n_pairs",
+        "verdict",
+    ]
+    assert table["gain"].tolist() == ["+0.020", "−0.020", "+0.010"]
+    assert table["95% CI"].tolist() == ["[+0.001, +0.040]", "[−0.050, +0.010]", "–"]
+
+
+def test_seed_note_says_one_seed_is_not_evidence_and_names_the_seed_count():
+    assert "not evidence" in seed_note(pd.DataFrame({"n": [1, 1]}))
+    assert seed_note(pd.DataFrame({"n": [5, 5]})).startswith("Mean ± sample std over 5 seeds")
+    assert "over 3–5 seeds" in seed_note(pd.DataFrame({"n": [3, 5]}))
+
+
+def test_per_run_table_keeps_one_row_per_run_with_its_seed(sweep):
+    table = per_run_table(load_runs(sweep), metrics=("recall@1",))
+    assert list(table.columns) == ["run", "dataset", "loss", "density", "seed", "recall@1"]
+    assert len(table) == 12 and table["run"].is_monotonic_increasing

@@ -6,6 +6,7 @@ backend and in headless papermill runs, nothing is shown) and returns it; write 
 """
 
 from dmlkit.plotting.curves import bar_density_gain, density_plot, learning_curves, metric_vs
+from dmlkit.plotting.intervals import density_gain_figure, interval_plot
 from dmlkit.plotting.save import save_figure
 from dmlkit.plotting.scatter import scatter_by_class, scatter_by_mode
 from dmlkit.plotting.thumbnails import (
@@ -19,7 +20,9 @@ __all__ = [
     "bar_density_gain",
     "dataset_images",
     "dense_regions",
+    "density_gain_figure",
     "density_plot",
+    "interval_plot",
     "learning_curves",
     "metric_vs",
     "place_without_overlap",

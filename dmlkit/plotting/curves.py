@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dmlkit.plotting._common import as_numpy, class_colors, figure_and_axes
+from dmlkit.results import mean_interval
 
 # Eval metrics (right panel of learning_curves), matched on the last "/"-part of a key.
 _METRIC = re.compile(
@@ -192,14 +193,18 @@ def metric_vs(
     ylabel: str | None = None,
     ax: Axes | None = None,
     xscale: str = "linear",
+    errors: str = "sd",
     panel_size: tuple[float, float] = (5.0, 3.8),
 ) -> Figure:
     """One line per series against ``x`` (e.g. Recall@1 vs λ for each target mode).
 
     Args:
         x: (X,) positions, e.g. λ values. series: {name: values}, values (X,) or
-            (seeds, X) (drawn as mean ± sd); or {metric: {name: values}} for one panel per
-            metric (e.g. "recall@1" and "pi_ratio"), sharing x. NaN marks a missing point.
+            (seeds, X) (drawn as the mean with error bars); or {metric: {name: values}} for
+            one panel per metric (e.g. "recall@1" and "pi_ratio"), sharing x. NaN marks a
+            missing point.
+        errors: the error bars of (seeds, X) values: "sd" (population std over seeds) or
+            "ci" (95 % Student-t interval of the mean, ``dmlkit.results.mean_interval``).
         xscale: "linear", "log", or "symlog" (linear below the smallest positive x, so
             λ = 0 fits on a log-like axis).
         ax: draw into this Axes (flat ``series`` only).
@@ -222,7 +227,7 @@ def metric_vs(
             with warnings.catch_warnings():  # an all-NaN column is a missing point, not news
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(y, 0) if len(y) else np.full(len(xs), np.nan)
-                spread = np.nanstd(y, 0) if len(y) > 1 else None
+                spread = _spread(y, errors) if len(y) > 1 else None
             ax_.errorbar(
                 xs, mean, yerr=spread, marker="o", markersize=4, capsize=3, label=str(name)
             )
@@ -279,6 +284,16 @@ def _display(key: str) -> str:
 def _finite(values: Any) -> np.ndarray:
     array = as_numpy(values, dtype=np.float64).ravel()
     return array[np.isfinite(array)]
+
+
+def _spread(y: np.ndarray, errors: str) -> np.ndarray:
+    """(X,) or (2, X) error bars of the (seeds, X) values ``y``."""
+    if errors == "sd":
+        return np.nanstd(y, 0)
+    if errors != "ci":
+        raise ValueError(f"errors must be 'sd' or 'ci', got {errors!r}")
+    bounds = np.array([mean_interval(column)[1:] for column in y.T]).T  # (2, X)
+    return np.nan_to_num(np.abs(bounds - np.nanmean(y, 0)))
 
 
 def _flag(value: Any) -> bool:

@@ -25,7 +25,14 @@ from dmlkit.results.stats import interval_text, mean_interval, paired_difference
 
 METRICS_FILE = "metrics.json"
 DEFAULT_BY = ("dataset", "loss", "density")
-DEFAULT_METRICS = ("map@r", "nmi", "pi_ratio", "subcluster_preservation")
+DEFAULT_METRICS = (
+    "map@r",
+    "nmi",
+    "pi_ratio",
+    "subcluster_preservation",
+    "subcluster_purity@5",
+    "subcluster_ari",
+)
 """What :func:`summarize` reports after every ``recall@K`` column the table has."""
 PROVENANCE = ("wall_time_s", "images_per_s", "device", "git_commit")
 _BASE_COLUMNS = ("sweep", "run")
@@ -303,3 +310,53 @@ def _present(df: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     if missing:
         warnings.warn(f"columns not in the table, not grouped on: {missing}", stacklevel=3)
     return [c for c in columns if c in df.columns]
+
+
+def seed_note(summary: pd.DataFrame) -> str:
+    """The sentence above a :func:`summarize` table: how many seeds, what the cells are."""
+    counts = sorted({int(n) for n in summary["n"]}) if len(summary) else [0]
+    if counts[-1] <= 1:
+        return (
+            "One seed per row (n = 1): no interval. One seed moves Recall@1 by about ±0.03 "
+            "between machines, so differences between these rows are not evidence; the "
+            "reference results over 5 seeds are listed in the README."
+        )
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return (
+        f'Mean ± sample std over {seeds} seeds per row (column n); "95% CI": Student-t '
+        'interval of the mean over the seeds (docs/methods.md, "Statistics over seeds").'
+    )
+
+
+def gain_table(gain: pd.DataFrame, *, floatfmt: str = ".3f") -> pd.DataFrame:
+    """A :func:`density_gain` (or ``paired_difference``) table with text cells: the gain
+    signed, its interval as ``[low, high]``, n_pairs and the verdict."""
+    difference = "gain" if "gain" in gain else "difference"
+    low, high = ("gain_ci_low", "gain_ci_high") if "gain_ci_low" in gain else ("ci_low", "ci_high")
+    dropped = [difference, low, high, "std", "n_without", "n_with"]
+    out = gain.drop(columns=dropped, errors="ignore").copy()
+    out[difference] = [_signed(v, floatfmt) for v in gain[difference]]
+    out["95% CI"] = [
+        "–" if pd.isna(lo) or pd.isna(hi) else f"[{_signed(lo, floatfmt)}, {_signed(hi, floatfmt)}]"
+        for lo, hi in zip(gain[low], gain[high], strict=True)
+    ]
+    order = [c for c in out.columns if c not in ("n_pairs", "verdict")] + ["n_pairs", "verdict"]
+    return out[[c for c in order if c in out.columns]]
+
+
+def _signed(value: float, floatfmt: str) -> str:
+    return "–" if pd.isna(value) else format(value, "+" + floatfmt).replace("-", "−")
+
+
+def per_run_table(
+    runs: pd.DataFrame,
+    by: Sequence[str] = (*DEFAULT_BY, "label"),
+    metrics: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per run — the numbers every interval rests on: ``run``, the ``by`` columns
+    present, ``seed``, then the metrics (default: the :func:`summarize` ones)."""
+    if metrics is None:
+        metrics = [*_recall_columns(runs), *DEFAULT_METRICS]
+    columns = ["run", *by, "seed", *metrics]
+    present = [c for c in dict.fromkeys(columns) if c in runs.columns]
+    return runs[present].sort_values([c for c in ("run",) if c in present]).reset_index(drop=True)
