@@ -74,8 +74,10 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix dmlkit tests benchmarks notebooks
 	$(PY) -m ruff format dmlkit tests benchmarks
 
+# JupyterLab on 127.0.0.1 serving the repository, kernel `dmlkit` (registered by setup), each
+# kernel started in the repository root like papermill's --cwd (dmlkit/lab.py says why).
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	$(PY) -m dmlkit.lab --ServerApp.root_dir=.
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
