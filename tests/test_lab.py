@@ -349,8 +349,8 @@ def test_make_lab_defaults_give_way_to_the_command_line():
     assert mine[-3:] == ["--ip=0.0.0.0", "--port", "8890"]
 
 
-def test_losses_2d_runs_in_jupyterlab(lab):
-    """The quick case (seconds): one figure notebook, run all from the menu in the browser."""
+def test_losses_2d_runs_in_jupyterlab_and_a_raising_cell_is_caught(lab):
+    """The quick case, one server for both parts (xdist could give two tests two servers)."""
     path = _copy_notebook(lab, "losses_2d.ipynb")
     state, saved = run_in_lab(lab, path, timeout=180)
     _scroll_to_cell(lab, saved, "plot_toy_runs")
@@ -361,9 +361,7 @@ def test_losses_2d_runs_in_jupyterlab(lab):
     assert (lab.root / "figures" / "losses_2d.png").is_file()
     assert not (lab.root / "notebooks" / "figures").exists()
 
-
-def test_a_cell_that_raises_is_caught(lab):
-    """The checks above can fail: a notebook whose cell raises shows (and saves) its error."""
+    # The checks can fail: a notebook whose cell raises shows (and saves) its error.
     notebook = nbformat.v4.new_notebook(
         cells=[
             nbformat.v4.new_code_cell("x = 1"),
