@@ -279,7 +279,8 @@ def run_in_lab(lab: Lab, path: Path, *, timeout: float = 600) -> tuple[dict, nbf
         _wait(lab, _finished, max(deadline - time.monotonic(), 1), f"{relative} to finish")
         time.sleep(0.5)
     before = path.stat().st_mtime_ns
-    lab.driver.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel:not(.lm-mod-hidden)").click()
+    # Focus the notebook through its tab (a click inside could land on a link), then save.
+    lab.driver.find_element(By.CSS_SELECTOR, ".lm-TabBar-tab.lm-mod-current").click()
     webdriver.ActionChains(lab.driver).key_down(Keys.CONTROL).send_keys("s").key_up(
         Keys.CONTROL
     ).perform()
