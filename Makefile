@@ -8,7 +8,7 @@ STAMP := $(VENV)/.dmlkit-installed
 JOBS ?= 2
 DATA ?= $(DMLKIT_DATA)
 
-.PHONY: setup test test-all demo lint format lab bench figures reproduce lock clean
+.PHONY: setup test test-all demo lint format lab browser-deps bench figures reproduce lock clean
 
 setup: $(STAMP)
 
@@ -74,8 +74,29 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix dmlkit tests benchmarks notebooks
 	$(PY) -m ruff format dmlkit tests benchmarks
 
+# JupyterLab on 127.0.0.1 serving the repository, kernel `dmlkit` (registered by setup), each
+# kernel started in the repository root like papermill's --cwd (dmlkit/lab.py says why).
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	$(PY) -m dmlkit.lab --ServerApp.root_dir=.
+
+# Headless Chromium + chromedriver for tests/test_lab.py (JupyterLab in a real browser): Debian's
+# packages, installed with apt-get when missing (as root, else through sudo). Without apt it
+# only says so, and that test is skipped. .ci/run calls it before `make test`.
+CHROMIUM := $(or $(DMLKIT_CHROMIUM),/usr/bin/chromium)
+CHROMEDRIVER := $(or $(DMLKIT_CHROMEDRIVER),/usr/bin/chromedriver)
+browser-deps:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then \
+	  echo "browser-deps: $$($(CHROMIUM) --version 2>/dev/null); $$($(CHROMEDRIVER) --version)"; \
+	elif command -v apt-get >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "browser-deps: $${sudo:+sudo }apt-get install -y chromium chromium-driver"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver >/dev/null; \
+	else \
+	  echo "browser-deps: no apt-get here: install Chromium and chromedriver yourself and set"; \
+	  echo "  DMLKIT_CHROMIUM and DMLKIT_CHROMEDRIVER, or tests/test_lab.py is skipped"; \
+	fi
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench]"

@@ -36,6 +36,7 @@ LAYERS = {
     "dmlkit.plotting": 3,
     "dmlkit.notebook": 3,
     "dmlkit.toy": 3,  # the 2-D teaching figures of losses_2d.ipynb
+    "dmlkit.lab": 3,  # JupyterLab as `make lab` starts it
 }
 
 

@@ -41,6 +41,9 @@ def test_notebook_structure(path):
     assert notebook.metadata["kernelspec"]["name"] == "dmlkit"
     assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ")
     assert "Regenerate" in cells[0].source, "the title cell names the command that regenerates it"
+    # ... and, for a first look, how long it takes here and how to run it headlessly.
+    assert "**Time here**" in cells[0].source and re.search(r"\d+ s\b", cells[0].source)
+    assert f"papermill notebooks/{path.name}" in cells[0].source
     code = [cell for cell in cells if cell.cell_type == "code"]
     assert not any(cell.outputs or cell.execution_count for cell in code), "strip outputs"
     tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
