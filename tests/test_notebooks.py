@@ -30,6 +30,7 @@ def test_the_collection_is_complete():
         "tsne.ipynb",
         "compare.ipynb",
         "density_ablation.ipynb",
+        "daal_study.ipynb",
         "losses_2d.ipynb",
     }
 
@@ -170,6 +171,56 @@ def test_compare_and_ablation_smoke(trained_run, tmp_path):
     )
     assert (tmp_path / "smoke_sweep_lambda.png").is_file()
     assert (tmp_path / "smoke_sweep_lambda_table.md").is_file()
+
+
+def _fake_run(folder, *, eval_split, seed, loss, label="", density=False, quality=0.0):
+    """A metrics.json as fit writes it, with made-up metrics (the notebook only reads them)."""
+    folder.mkdir(parents=True)
+    config = {"dataset": "glyphs-mini", "loss": loss, "label": label, "density": density,
+              "seed": seed, "eval_split": eval_split}  # fmt: skip
+    metrics = {name: 0.3 + quality + 0.01 * seed for name in (
+        "recall@1", "map@r", "subcluster_preservation", "subcluster_purity@5", "subcluster_ari",
+        "subcluster_nmi")}  # fmt: skip
+    metrics["subcluster_chance"] = 0.27
+    (folder / "metrics.json").write_text(json.dumps({"config": config, "metrics": metrics}))
+
+
+def test_daal_study_smoke_selects_on_validation_and_compares_on_test(tmp_path):
+    validation, mini, chosen = tmp_path / "val", tmp_path / "mini", tmp_path / "chosen"
+    for seed in range(3):
+        for label, quality in (
+            ("triplet", 0.2),
+            ("daal", 0.1),
+            ("daal-s2", 0.15),
+            ("daal-wide", -0.2),
+        ):
+            loss = "triplet" if label == "triplet" else "daal"
+            run = validation / f"label={label},seed={seed}"
+            _fake_run(
+                run, eval_split="validation", seed=seed, loss=loss, label=label, quality=quality
+            )
+        for loss in ("triplet", "daal"):
+            _fake_run(mini / f"{loss}-{seed}", eval_split="test", seed=seed, loss=loss)
+            _fake_run(
+                mini / f"{loss}-d-{seed}", eval_split="test", seed=seed, loss=loss, density=True
+            )
+        _fake_run(chosen / f"s2-{seed}", eval_split="test", seed=seed, loss="daal", label="daal-s2")
+    figures = tmp_path / "figures"
+    _execute(
+        "daal_study.ipynb",
+        tmp_path / "s.ipynb",
+        smoke=True,
+        validation_dir=str(validation),
+        test_dirs=[str(mini), str(chosen)],
+        figures_dir=str(figures),
+    )
+    # daal-wide scores lowest; daal-s2 beats daal and keeps Recall@1: it is chosen
+    table = (figures / "daal_study_table.md").read_text()
+    assert "chosen variant (on validation): daal-s2" in table
+    assert "| daal-s2 | 3 |" in table and "| triplet | 3 |" in table and "density" not in table
+    assert "| daal-wide |" in (figures / "daal_study_validation.md").read_text()
+    assert (figures / "daal_study.png").is_file()
+    assert "| daal-s2 | recall@1 |" in (figures / "daal_study_differences.md").read_text()
 
 
 def test_losses_2d_smoke(tmp_path):

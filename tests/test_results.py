@@ -21,8 +21,10 @@ from dmlkit.results import (
     paper_comparison,
     per_run_table,
     seed_note,
+    select_variant,
     summarize,
     to_markdown,
+    variant_labels,
     write_csv,
     write_markdown,
 )
@@ -399,3 +401,31 @@ def test_per_run_table_keeps_one_row_per_run_with_its_seed(sweep):
     table = per_run_table(load_runs(sweep), metrics=("recall@1",))
     assert list(table.columns) == ["run", "dataset", "loss", "density", "seed", "recall@1"]
     assert len(table) == 12 and table["run"].is_monotonic_increasing
+
+
+def test_variant_labels_use_the_label_or_the_loss_and_density():
+    runs = pd.DataFrame(
+        {
+            "loss": ["daal", "triplet", "triplet", "daal"],
+            "density": [False, True, False, False],
+            "label": ["daal-s4", "", None, ""],
+        }
+    )
+    assert variant_labels(runs).tolist() == ["daal-s4", "triplet + density", "triplet", "daal"]
+
+
+def test_select_variant_applies_the_constraint_then_the_score():
+    summary = pd.DataFrame(
+        {
+            "label": ["daal", "a", "b", "c"],
+            "recall@1_mean": [0.60, 0.50, 0.59, 0.585],
+            "subcluster_ari_mean": [0.10, 0.40, 0.20, 0.20],
+        }
+    )
+    rule = dict(score="subcluster_ari", constraint="recall@1", reference="daal", tolerance=0.02)
+    # "a" scores best but loses 0.10 Recall@1; "b" and "c" tie: the first listed wins
+    assert select_variant(summary, candidates=["daal", "a", "b", "c"], **rule) == "b"
+    assert select_variant(summary, candidates=["daal", "a", "c", "b"], **rule) == "c"
+    assert select_variant(summary, candidates=["daal"], **rule) == "daal"
+    with pytest.raises(ValueError, match="no runs for \\['x'\\]"):
+        select_variant(summary, candidates=["x"], **rule)

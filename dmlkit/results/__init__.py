@@ -20,7 +20,9 @@ from .runs import (
     mean_std_table,
     per_run_table,
     seed_note,
+    select_variant,
     summarize,
+    variant_labels,
 )
 from .stats import interval_text, mean_interval, paired_difference, verdict
 
@@ -41,8 +43,10 @@ __all__ = [
     "paper_numbers",
     "per_run_table",
     "seed_note",
+    "select_variant",
     "summarize",
     "to_markdown",
+    "variant_labels",
     "write_csv",
     "write_markdown",
 ]

@@ -360,3 +360,39 @@ def per_run_table(
     columns = ["run", *by, "seed", *metrics]
     present = [c for c in dict.fromkeys(columns) if c in runs.columns]
     return runs[present].sort_values([c for c in ("run",) if c in present]).reset_index(drop=True)
+
+
+def variant_labels(runs: pd.DataFrame) -> pd.Series:
+    """Each run's ``label`` (``TrainConfig.label``), or, where it has none, its loss name
+    with " + density" when the regularizer is on — the row names of a variant table."""
+    loss = runs["loss"].astype(str) if "loss" in runs else pd.Series("run", index=runs.index)
+    density = runs["density"].map(_truthy) if "density" in runs else False
+    derived = loss.where(~density, loss + " + density")
+    label = runs["label"] if "label" in runs else pd.Series("", index=runs.index)
+    given = label.fillna("").astype(str)
+    return given.where(given != "", derived).rename("label")
+
+
+def select_variant(
+    summary: pd.DataFrame,
+    *,
+    candidates: Sequence[str],
+    score: str,
+    constraint: str,
+    reference: str,
+    tolerance: float,
+    label: str = "label",
+) -> str:
+    """The candidate with the highest mean ``score`` among those whose mean ``constraint``
+    is at least ``reference``'s minus ``tolerance`` (a rule fixed before the runs).
+
+    ``summary``: from :func:`summarize` grouped by ``label``. Ties go to the candidate
+    listed first. Raises ValueError when a candidate or the reference has no row.
+    """
+    rows = summary.set_index(label)
+    missing = [c for c in (*candidates, reference) if c not in rows.index]
+    if missing:
+        raise ValueError(f"no runs for {missing} in the summary (has {list(rows.index)})")
+    floor = rows.loc[reference, f"{constraint}_mean"] - tolerance
+    allowed = [c for c in candidates if rows.loc[c, f"{constraint}_mean"] >= floor]
+    return max(allowed, key=lambda c: (rows.loc[c, f"{score}_mean"], -candidates.index(c)))
