@@ -69,3 +69,17 @@ def test_eval_split_is_validated():
         TrainConfig(eval_split="val")
     with pytest.raises(ValueError, match="validation_fraction: must be in"):
         TrainConfig(validation_fraction=1.5)
+
+
+def test_daal_trains_with_a_validation_split_and_initialises_on_its_training_classes():
+    from dmlkit.train import fit
+
+    cfg = TrainConfig(
+        dataset="glyphs-mini", loss="daal", eval_split="validation", epochs=1, num_batches=2,
+        embedding_dim=8, progress=False,
+    )  # fmt: skip
+    result = fit(cfg)
+    train_set, val_set = build_datasets(cfg)
+    assert set(result.loss.classes.tolist()) == set(train_set.classes)
+    assert not set(result.loss.classes.tolist()) & set(val_set.classes)
+    assert 0 <= result.metrics["recall@1"] <= 1

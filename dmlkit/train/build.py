@@ -56,8 +56,8 @@ def build_datasets(
         held_out = validation_classes(
             train_set.classes, cfg.validation_fraction, cfg.validation_seed
         )
-        kept = np.setdiff1d(train_set.classes, held_out)
-        train_set, test_set = ClassSubset(train_set, kept), ClassSubset(test_set, held_out)
+        train_set = training_part(cfg, train_set)
+        test_set = ClassSubset(test_set, held_out)
     num_classes = len(np.unique(train_set.labels))
     if cfg.p > num_classes or cfg.p * cfg.k > len(train_set):
         raise ValueError(
@@ -66,6 +66,17 @@ def build_datasets(
             f"p <= {num_classes} and p*k <= {len(train_set)}"
         )
     return train_set, test_set
+
+
+def training_part(cfg: TrainConfig, train_split: Dataset) -> Dataset:
+    """The classes of the training split that the run trains on: all of them, or with
+    ``eval_split="validation"`` those not held out for validation."""
+    if cfg.eval_split != "validation":
+        return train_split
+    held_out = validation_classes(
+        train_split.classes, cfg.validation_fraction, cfg.validation_seed
+    )
+    return ClassSubset(train_split, np.setdiff1d(train_split.classes, held_out))
 
 
 def build_loss_module(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
@@ -187,6 +198,7 @@ def initialise_loss(
         transform="test",
         **dataset_options(cfg, bad_images_log),
     )
+    clean = training_part(cfg, clean)  # never the held-out validation classes
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         embeddings, labels = embed(
             model,
