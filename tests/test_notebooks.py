@@ -211,7 +211,8 @@ def test_daal_study_smoke_selects_on_validation_and_compares_on_test(tmp_path):
         tmp_path / "s.ipynb",
         smoke=True,
         validation_dir=str(validation),
-        test_dirs=[str(mini), str(chosen)],
+        baselines_dir=str(mini),
+        sweep_dir=str(chosen),
         figures_dir=str(figures),
     )
     # daal-wide scores lowest; daal-s2 beats daal and keeps Recall@1: it is chosen
