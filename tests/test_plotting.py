@@ -328,6 +328,12 @@ def test_learning_curves_loss_only_and_dataframe_input():
     (ax,) = fig.axes
     assert ax.get_yscale() == "log"
     assert ax.lines[0].get_xdata().tolist() == [1, 2, 3]  # no epoch key: 1, 2, ...
+    assert ax.lines[0].get_marker() in ("None", None, "")  # a line needs no markers
+
+
+def test_learning_curves_mark_a_single_epoch_so_it_is_visible():
+    (ax,) = learning_curves([{"epoch": 1, "loss": 0.2, "loss/base": 0.2}]).axes
+    assert [line.get_marker() for line in ax.lines] == ["o", "o"]
 
 
 def test_density_plot_overlays_runs_with_median_lines():

@@ -68,7 +68,8 @@ def learning_curves(
                 style = {"linewidth": 2.2} if name == "loss" else {"linewidth": 1.3}
                 ax.plot(
                     *zip(*points, strict=True),
-                    marker="o" if ylabel == "metric" else None,
+                    # A single point draws no line: mark it (a one-epoch smoke run).
+                    marker="o" if ylabel == "metric" or len(points) == 1 else None,
                     markersize=4,
                     label=_display(name),
                     **style,
