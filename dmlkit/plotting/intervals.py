@@ -59,7 +59,10 @@ def density_gain_figure(
     left.set_xticks(np.arange(len(order)), order)
     left.set_ylabel(metric)
     left.set_title(f"{metric}: mean and 95 % interval over seeds", fontsize=10)
-    left.legend(frameon=False, fontsize=8, loc="lower right")
+    # Head-room above the tallest bar for the legend, so it never covers a bar.
+    bottom, top = left.get_ylim()
+    left.set_ylim(bottom, top + 0.15 * (top - bottom))
+    left.legend(frameon=False, fontsize=8, loc="upper right", ncol=2)
     gain = density_gain(runs, metric, by=(loss,)).set_index(loss).reindex(order)
     _interval_rows(
         right,
