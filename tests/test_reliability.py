@@ -15,7 +15,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import errno
+import inspect
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -30,11 +32,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
+from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 from dmlkit.data import DatasetError, get_dataset
 from dmlkit.io import atomic_write_bytes, remove_stale_temporaries
-from dmlkit.train import CheckpointError, TrainConfig, fit, load_checkpoint
+from dmlkit.losses import (
+    build_loss,
+    contrastive_loss,
+    multi_similarity_loss,
+    npair_loss,
+    proxy_anchor_loss,
+    triplet_margin_loss,
+)
+from dmlkit.models import build_model
+from dmlkit.train import CheckpointError, NonFiniteLossError, TrainConfig, fit, load_checkpoint
 from tests.fixtures_datasets import make_cars, make_cub, make_folder, make_sop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -797,6 +810,190 @@ def test_a_yaml_spec_with_a_python_tag_runs_nothing(tmp_path):
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(spec)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- losses: no silent wrong result
+
+LOSS_CASES = [
+    ("contrastive", {}),
+    ("triplet", {"mining": "all"}),
+    ("triplet", {"mining": "semihard"}),
+    ("triplet", {"mining": "hard"}),
+    ("npair", {}),
+    ("ms", {}),
+    ("proxy_anchor", {}),
+    ("daal", {}),
+]
+LOSS_IDS = [name + "".join(f"-{v}" for v in params.values()) for name, params in LOSS_CASES]
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def make_loss(name: str, params: dict, density: bool | str, dim: int = 6) -> torch.nn.Module:
+    """``build_loss`` for 4 classes; ``density`` False, True or a density target name."""
+    target = density if isinstance(density, str) else "ema"
+    return build_loss(
+        name,
+        num_classes=4,
+        embedding_dim=dim,
+        density=bool(density),
+        density_target=target,
+        **params,
+    ).train()
+
+
+def loss_batch(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """12 unit vectors in 6-D and labels 0..3 (three samples per class)."""
+    z = torch.randn(12, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return torch.nn.functional.normalize(z, dim=1).to(dtype), torch.arange(12) % 4
+
+
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize(("name", "params"), LOSS_CASES, ids=LOSS_IDS)
+def test_every_loss_is_nan_for_a_nan_or_infinite_embedding(name, params, density, bad):
+    loss = make_loss(name, params, density)
+    z, y = loss_batch()
+    one = z.clone()
+    one[3, 1] = NON_FINITE[bad]  # one entry of one sample
+    every = torch.full_like(z, NON_FINITE[bad])  # all-NaN contrastive was 0.25, triplet 0.2
+    for embeddings in (one, every):
+        value = loss(embeddings.requires_grad_(), y)
+        assert value.dim() == 0 and not torch.isfinite(value), f"{value} for {bad} embeddings"
+
+
+def test_the_pure_losses_are_nan_for_a_nan_embedding():
+    z, y = loss_batch()
+    z[5, 0] = math.nan
+    proxies = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    values = [fn(z, y) for fn in (contrastive_loss, npair_loss, multi_similarity_loss)]
+    values += [triplet_margin_loss(z, y, mining=mining) for mining in ("all", "semihard", "hard")]
+    values.append(proxy_anchor_loss(z, y, proxies))
+    assert all(torch.isnan(value) for value in values), values
+
+
+@pytest.mark.parametrize(
+    "fn", [contrastive_loss, triplet_margin_loss, npair_loss, multi_similarity_loss]
+)
+def test_the_nan_guard_leaves_a_finite_loss_and_its_gradient_bit_for_bit(fn):
+    z, y = loss_batch()
+    guarded = z.clone().requires_grad_()
+    bare = z.clone().requires_grad_()
+    value = fn(guarded, y)
+    expected = inspect.unwrap(fn)(bare, y)  # the loss body, without validation or guard
+    value.backward()
+    expected.backward()
+    assert torch.equal(value, expected) and torch.equal(guarded.grad, bare.grad)
+
+
+BAD_LOSS_INPUTS = {
+    "labels (B, 1)": (
+        lambda z, y: (z, y[:, None]),
+        r"labels must be 1-D \(B,\), got shape \(12, 1\) \(flatten them: labels.view\(-1\)\)",
+    ),
+    "labels (B, 2)": (lambda z, y: (z, y.repeat(2, 1).T), r"labels must be 1-D \(B,\)"),
+    "1-D embeddings": (
+        lambda z, y: (z[:, 0], y),
+        r"embeddings must be 2-D \(B, D\) with D >= 1, got shape \(12,\); one embedding is",
+    ),
+    "3-D embeddings": (lambda z, y: (z[None], y), r"got shape \(1, 12, 6\)"),
+    "no columns": (lambda z, y: (z[:, :0], y), r"D >= 1, got shape \(12, 0\)"),
+    "shorter labels": (lambda z, y: (z, y[:10]), "embeddings have 12 rows but labels has 10"),
+    "longer labels": (lambda z, y: (z[:10], y), "embeddings have 10 rows but labels has 12"),
+    "integer embeddings": (lambda z, y: (z.long(), y), "must be floating .* got dtype torch.int64"),
+    "complex embeddings": (lambda z, y: (z.cfloat(), y), "got dtype torch.complex64"),
+    "numpy embeddings": (lambda z, y: (z.numpy(), y), "embeddings must be a torch.Tensor"),
+    "list labels": (
+        lambda z, y: (z, y.tolist()),
+        r"labels must be a torch.Tensor \(B,\), got list",
+    ),
+}
+
+
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize("case", list(BAD_LOSS_INPUTS))
+@pytest.mark.parametrize(("name", "params"), LOSS_CASES, ids=LOSS_IDS)
+def test_bad_loss_inputs_are_one_value_error_saying_what_is_wrong(name, params, density, case):
+    make, message = BAD_LOSS_INPUTS[case]
+    loss = make_loss(name, params, density)
+    before = {key: value.clone() for key, value in loss.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        loss(*make(*loss_batch()))
+    after = loss.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in before.items())  # no EMA step
+
+
+@pytest.mark.parametrize(
+    "fn", [contrastive_loss, triplet_margin_loss, npair_loss, multi_similarity_loss]
+)
+def test_the_pure_losses_check_their_inputs_too(fn):
+    z, y = loss_batch()
+    with pytest.raises(ValueError, match="embeddings have 12 rows but labels has 11"):
+        fn(z, y[:11])
+    with pytest.raises(ValueError, match=r"labels must be 1-D"):
+        fn(z, y[:, None])
+
+
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize("name", ["proxy_anchor", "daal"])
+def test_a_stateful_loss_names_the_embedding_width_it_was_built_with(name, density):
+    loss = make_loss(name, {}, density, dim=6)
+    z, y = loss_batch()
+    with pytest.raises(ValueError, match="D = 5 columns but this loss was built with embedding_d"):
+        loss(z[:, :5], y)
+    proxies = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="D = 5 columns .* embedding_dim=6"):
+        proxy_anchor_loss(z[:, :5], y, proxies)
+
+
+@pytest.mark.parametrize("density", [False, "ema", "learned"])
+@pytest.mark.parametrize(("name", "params"), LOSS_CASES, ids=LOSS_IDS)
+def test_float64_embeddings_are_accepted_by_every_loss(name, params, density):
+    z, y = loss_batch(torch.float64)
+    single, double = make_loss(name, params, density), make_loss(name, params, density)
+    wide = z.clone().requires_grad_()
+    value = double(wide, y)
+    assert value.dtype == torch.float64
+    assert_close(value.float(), single(z.float(), y), rtol=1e-4, atol=1e-5)
+    value.backward()
+    assert torch.isfinite(wide.grad).all() and wide.grad.abs().sum() > 0
+    for parameter in double.parameters():  # proxies, vertices and θ stay fp32 and get a gradient
+        assert parameter.dtype == torch.float32 and torch.isfinite(parameter.grad).all()
+
+
+NAN_LOSSES = ["contrastive", "triplet", "npair", "ms", "proxy_anchor", "daal"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("loss", NAN_LOSSES)
+def test_training_on_non_finite_embeddings_stops_with_non_finite_loss_error(
+    tmp_path, tree, monkeypatch, loss, bad
+):
+    import dmlkit.train.loop as loop
+
+    armed = {"on": False}
+
+    def poisoned_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if not armed["on"]:
+                return output
+            output = output.clone()
+            output[0, 0] = NON_FINITE[bad]  # one sample's embedding, as a bad image would
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    def arm(epoch: int, step: int) -> None:
+        armed["on"] = True  # from the second step on
+
+    monkeypatch.setattr(loop, "build_model", poisoned_model)
+    density = bad == "inf"  # every loss once without and once with the regularizer
+    cfg = tiny(tree, tmp_path / "run", loss=loss, density=density, epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2/2: loss=nan"):
+        fit(cfg, on_step=arm)
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 # ---------------------------------------------------------------- load (slow)
