@@ -265,6 +265,9 @@ def test_config_errors_stop_before_training_and_write_nothing(
     fresh = tmp_path / "fresh"  # a run folder that does not exist yet
     before = snapshot(run)
     folders = [run] if overrides.get("resume") else [run, fresh]
+    # Into the finished run without resume: overwrite=True, which replaces files only as the
+    # new run writes its own, so a run stopped by a configuration error leaves them as is.
+    overrides = {"overwrite": not overrides.get("resume"), **overrides}
     for out_dir in folders:
         if error is None:  # the control case: the same path trains
             with pytest.warns(UserWarning, match="drawn with replacement"):
@@ -810,6 +813,137 @@ def test_a_yaml_spec_with_a_python_tag_runs_nothing(tmp_path):
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(spec)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- run folders: no silent overwrite
+
+USER_FILES = {"metrics.json": b'{"my": "own results"}\n', "embeddings.npz": b"PK\x03\x04 mine"}
+OCCUPIED = {
+    "a finished run": ("checkpoint.pt", "metrics.json", "embeddings.npz"),
+    "an interrupted run": ("checkpoint.pt",),
+    "a user's metrics.json": ("metrics.json",),
+    "a user's embeddings.npz": ("embeddings.npz",),
+}
+
+
+def occupied_folder(path: Path, finished: Path, names: tuple[str, ...]) -> Path:
+    """``path`` holding ``names``: a run's own files (a checkpoint present) or a user's."""
+    path.mkdir()
+    for name in names:
+        if "checkpoint.pt" in names:
+            shutil.copy(finished / name, path / name)
+        else:
+            (path / name).write_bytes(USER_FILES[name])
+    return path
+
+
+def crash_at(when: tuple[int, int]):
+    def on_step(epoch: int, step: int) -> None:
+        if (epoch, step) == when:
+            raise RuntimeError(f"crash at epoch {epoch}, step {step}")
+
+    return on_step
+
+
+@pytest.mark.parametrize("names", list(OCCUPIED.values()), ids=list(OCCUPIED))
+def test_a_run_folder_is_not_replaced_without_resume_or_overwrite(tmp_path, tree, finished, names):
+    run = occupied_folder(tmp_path / "run", finished, names)
+    before = snapshot(run)
+    with pytest.raises(ValueError, match="already holds") as caught:
+        fit(tiny(tree, run), on_step=never)
+    message = str(caught.value)
+    assert f"out_dir: {run} already holds {', '.join(names)}, which this run would" in message
+    assert "resume=True (--resume)" in message and "overwrite=True (--overwrite)" in message
+    assert snapshot(run) == before
+
+
+def test_the_train_cli_refuses_a_finished_run_folder_and_replaces_it_with_overwrite(
+    tmp_path, tree, finished
+):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(run)
+    command = [sys.executable, "-m", "dmlkit.train", *cli_args(tiny(tree, run))]
+    refused = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "already holds checkpoint.pt, metrics.json, embeddings.npz" in refused.stderr
+    assert snapshot(run) == before
+    replaced = subprocess.run(
+        [*command, "--overwrite"], capture_output=True, text=True, env=child_env(), timeout=300
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    after = snapshot(run)
+    assert all(after[name][1] > before[name][1] for name in before)  # each file rewritten
+    assert json.loads((run / "metrics.json").read_text())["config"]["overwrite"] is True
+
+
+def test_overwrite_replaces_each_file_only_when_the_new_run_writes_its_own(
+    tmp_path, tree, finished
+):
+    run = shutil.copytree(finished, tmp_path / "run")  # trained with seed 0
+    before = snapshot(run)
+    new = tiny(tree, run, overwrite=True, seed=1)
+    with pytest.raises(RuntimeError, match="crash"):  # within epoch 1: nothing written yet
+        fit(new, on_step=crash_at((0, 1)))
+    assert snapshot(run) == before
+    with pytest.raises(RuntimeError, match="crash"):  # in epoch 2: the checkpoint is the new one
+        fit(new, on_step=crash_at((1, 0)))
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["config"]["seed"]) == (1, 1)
+    now = snapshot(run)
+    assert all(now[name] == before[name] for name in ("metrics.json", "embeddings.npz"))
+    fit(new)
+    assert json.loads((run / "metrics.json").read_text())["config"]["seed"] == 1
+    assert all(snapshot(run)[name][0] != before[name][0] for name in before)
+
+
+def test_overwrite_without_epochs_removes_the_old_checkpoint_only_after_its_outputs(
+    tmp_path, tree, finished, monkeypatch
+):
+    run = shutil.copytree(finished, tmp_path / "run")
+    old_checkpoint = (run / "checkpoint.pt").read_bytes()
+    with monkeypatch.context() as patch:  # metrics.json cannot be written: nothing removed
+        fill_disk_for(patch, "metrics.json")
+        with pytest.raises(OSError, match="cannot write"):
+            fit(tiny(tree, run, overwrite=True, epochs=0))
+    assert (run / "checkpoint.pt").read_bytes() == old_checkpoint
+    fit(tiny(tree, run, overwrite=True, epochs=0))
+    # A checkpoint left there would belong to the old run: resume=True would continue it.
+    assert not (run / "checkpoint.pt").exists()
+    assert json.loads((run / "metrics.json").read_text())["config"]["epochs"] == 0
+
+
+def test_resume_without_a_checkpoint_does_not_replace_outputs_it_did_not_write(
+    tmp_path, tree, finished
+):
+    run = occupied_folder(tmp_path / "run", finished, ("metrics.json",))
+    with pytest.raises(ValueError, match="holds metrics.json but no checkpoint.pt to resume from"):
+        fit(tiny(tree, run, resume=True), on_step=never)
+    assert (run / "metrics.json").read_bytes() == USER_FILES["metrics.json"]
+    fit(tiny(tree, run, resume=True, overwrite=True, epochs=1))
+    assert json.loads((run / "metrics.json").read_text())["config"]["epochs"] == 1
+
+
+def test_files_a_sweep_adds_do_not_count_and_a_retried_run_resumes(tmp_path, tree):
+    run = tmp_path / "sweep" / "seed=0"
+    (run / "tsne").mkdir(parents=True)
+    (run / "notebook.ipynb").write_text("{}")  # papermill writes it before the notebook runs
+    (run / "tsne" / "coordinates.npz").write_bytes(b"cached")
+    cfg = tiny(tree, run, resume=True)  # every shipped training sweep sets resume: true
+    with pytest.raises(RuntimeError, match="crash"):  # the first attempt fails in epoch 2
+        fit(cfg, on_step=crash_at((1, 0)))
+    result = fit(cfg)  # the sweep's retry: the same parameters
+    assert len(result.history) == 3 and (run / "metrics.json").is_file()
+    assert (run / "notebook.ipynb").read_text() == "{}"
+    fit(tiny(tree, tmp_path / "fresh"))  # control: an empty folder needs no flag
+
+
+def test_every_shipped_training_sweep_resumes_so_its_retried_runs_work():
+    import yaml
+
+    for path in sorted((ROOT / "notebooks" / "sweeps").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if spec["notebook"].endswith("train_eval.ipynb"):
+            assert spec["fixed"].get("resume") is True, path.name
 
 
 # ---------------------------------------------------------------- losses: no silent wrong result

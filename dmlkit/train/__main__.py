@@ -30,6 +30,7 @@ import torch
 
 from dmlkit.train.config import TrainConfig, field_docs
 from dmlkit.train.loop import fit
+from dmlkit.train.outputs import check_out_dir
 
 # Long spellings that no torchrun option starts with: torchrun's argparse expands
 # abbreviations in the whole command line, script flags included, so "--p" is ambiguous.
@@ -109,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         cfg = TrainConfig(**args)
+        check_out_dir(cfg)  # fit checks it too; here the refusal is a message, not a traceback
     except ValueError as error:
         sys.stderr.write(f"{error}\n")
         return 2

@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "out_dir",
         "resume",
+        "overwrite",
         "progress",
         "data_root",
         "batch_size_eval",
@@ -135,7 +136,12 @@ class TrainConfig:
     out_dir: str | None = None
     """Run folder for metrics.json, embeddings.npz and checkpoint.pt; None: write nothing."""
     resume: bool = False
-    """Continue from ``out_dir/checkpoint.pt`` when it exists (else start from scratch)."""
+    """Continue from ``out_dir/checkpoint.pt`` when it exists (else start from scratch; a
+    folder with metrics.json or embeddings.npz but no checkpoint then needs ``overwrite``)."""
+    overwrite: bool = False
+    """Start over in an ``out_dir`` that holds a run's files (checkpoint.pt, metrics.json,
+    embeddings.npz), each replaced when the new run writes its own; without it (or resume)
+    such a folder is refused, naming the files."""
     progress: bool = True
     """Show a tqdm progress bar per epoch."""
 
@@ -220,6 +226,8 @@ def _value_problems(cfg: TrainConfig) -> list[str]:
             )
     if cfg.resume and cfg.out_dir is None:
         problems.append("resume: needs out_dir (the folder holding checkpoint.pt)")
+    if cfg.overwrite and cfg.out_dir is None:
+        problems.append("overwrite: needs out_dir (the folder whose files it replaces)")
     return problems or _loss_problems(cfg)
 
 
