@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -944,6 +945,68 @@ def test_every_shipped_training_sweep_resumes_so_its_retried_runs_work():
         spec = yaml.safe_load(path.read_text())
         if spec["notebook"].endswith("train_eval.ipynb"):
             assert spec["fixed"].get("resume") is True, path.name
+
+
+# ---------------------------------------------------------------- sweep specs: no key twice
+
+SPEC_HEAD = "name: dup\nnotebook: notebooks/train_eval.ipynb\n"
+DUPLICATE_KEYS = {
+    "top level": (SPEC_HEAD + "name: other\ngrid: {seed: [0]}\n", "'name'", 1, 3),
+    "grid": (SPEC_HEAD + "grid:\n  seed: [0]\n  loss: [triplet]\n  seed: [1]\n", "'seed'", 4, 6),
+    "nested, flow style": (
+        SPEC_HEAD + "fixed: {loss_params: {margin: 0.1, margin: 0.2}}\ngrid: {seed: [0]}\n",
+        "'margin'",
+        3,
+        3,
+    ),
+    "an override's set": (
+        SPEC_HEAD + "grid: {seed: [0]}\noverrides:\n  - where: {seed: 0}\n    set:\n"
+        "      lr: 0.1\n      lr: 0.2\n",
+        "'lr'",
+        7,
+        8,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "first", "second"), DUPLICATE_KEYS.values(), ids=list(DUPLICATE_KEYS)
+)
+def test_a_key_given_twice_in_a_sweep_spec_is_refused_naming_both_lines(
+    tmp_path, capsys, text, key, first, second
+):
+    from dmlkit.sweep import SpecError, load_spec
+    from dmlkit.sweep.__main__ import main as sweep_main
+
+    spec = tmp_path / "dup.yaml"
+    spec.write_text(text)
+    expected = f"{spec}: key {key} is given twice, on line {first} and line {second} (YAML would"
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        load_spec(spec)
+    assert sweep_main([str(spec), "--out", str(tmp_path / "runs")]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_the_spec_reader_allows_merge_keys_and_names_one_key_spelled_two_ways():
+    from dmlkit.sweep.spec import safe_yaml
+
+    merged = safe_yaml("base: &b {epochs: 3, seed: 0}\nfixed:\n  <<: *b\n  seed: 1\n")
+    assert merged["fixed"] == {"epochs": 3, "seed": 1}  # an override of a merged key is meant
+    with pytest.raises(Exception, match="keys '1' \\(line 1\\) and 'true' \\(line 2\\) are the"):
+        safe_yaml("1: a\ntrue: b\n")  # equal keys once read (True == 1)
+
+
+def test_sweep_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    from dmlkit.sweep.__main__ import main as sweep_main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC_HEAD + "grid: {seed: [0]}\n")
+    (tmp_path / "taken").write_text("a file")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        with pytest.raises(SystemExit) as stopped:
+            sweep_main([str(spec), "--out", str(out), "--dry-run"])
+        assert stopped.value.code == 2
+        assert f"{tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- losses: no silent wrong result
