@@ -1009,6 +1009,56 @@ def test_sweep_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
         assert f"{tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- python -m dmlkit.data
+
+DATA_CLI_ERRORS = {
+    "--classes 0": (["--classes", "0"], "argument --classes: must be >= 1, got 0"),
+    "--samples -1": (["--samples", "-1"], "argument --samples: must be >= 1, got -1"),
+    "--classes x": (["--classes", "x"], "argument --classes: expected a whole number >= 1"),
+    "--classes above": (
+        ["--classes", "100000"],  # drew a 6.4-million-pixel-high blank sheet
+        r"classes=100000: must be between 1 and 5 \(the train split of folder has 5 classes\)",
+    ),
+    "--samples above": (["--samples", "4"], "samples=4: must be between 1 and 3 .* largest"),
+    "--sheet a folder": (["--sheet", "{tmp}"], "is a folder; give a file name"),
+    "--sheet under a file": (["--sheet", "{tmp}/taken/s.png"], "taken is a file, so no folder"),
+    "--sheet not an image": (["--sheet", "{tmp}/s.txt"], "unknown image type '.txt'; use .png"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), DATA_CLI_ERRORS.values(), ids=list(DATA_CLI_ERRORS))
+def test_data_cli_bad_arguments_are_one_usage_error(
+    tmp_path, tree, capsys, monkeypatch, args, message
+):
+    from dmlkit.data.__main__ import main as data_main
+
+    monkeypatch.chdir(tmp_path)  # the default sheet path is relative
+    (tmp_path / "taken").write_text("a file")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as stopped:
+        data_main(["folder", "--root", str(tree), "--split", "train", *args])
+    assert stopped.value.code == 2 and time.perf_counter() - started < 60
+    assert re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.rglob("*.png")) == [] and (tmp_path / "taken").read_text() == "a file"
+
+
+def test_data_cli_draws_at_most_what_the_dataset_has_and_names_a_missing_root(
+    tmp_path, tree, capsys
+):
+    from PIL import Image
+
+    from dmlkit.data.__main__ import main as data_main
+
+    sheet = tmp_path / "sheets" / "s.png"
+    args = ["folder", "--root", str(tree), "--split", "train", "--sheet", str(sheet)]
+    assert data_main(args) == 0
+    assert Image.open(sheet).size == (150 + 3 * 64, 5 * 64)  # defaults 8 × 10 → 5 × 3, no blanks
+    assert data_main(["folder", "--root", str(tmp_path / "none"), "--sheet", str(sheet)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset root does not exist" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------- losses: no silent wrong result
 
 LOSS_CASES = [
