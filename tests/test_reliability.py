@@ -1059,6 +1059,24 @@ def test_data_cli_draws_at_most_what_the_dataset_has_and_names_a_missing_root(
     assert "dataset root does not exist" in err and "Traceback" not in err
 
 
+# ---------------------------------------------------------------- evaluation: the stated reason
+
+
+def test_knn_says_what_is_wrong_with_k_and_answers_no_queries_with_nothing():
+    from dmlkit.evaluate import knn
+
+    points = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"k={k!r}: must be a whole number >= 1")):
+            knn(points, k=k)
+    with pytest.raises(ValueError, match=r"k=5 but only 4 keys per query \(each query excluding"):
+        knn(points, k=5)
+    with pytest.raises(ValueError, match="k=1 but only 0 keys per query: 0 keys given"):
+        knn(points, torch.zeros(0, 3), k=1)
+    distances, indices = knn(torch.zeros(0, 3), k=1)  # was "only -1 keys are available"
+    assert distances.shape == indices.shape == (0, 1)
+
+
 # ---------------------------------------------------------------- losses: no silent wrong result
 
 LOSS_CASES = [
