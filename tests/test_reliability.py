@@ -1261,6 +1261,87 @@ def test_training_on_non_finite_embeddings_stops_with_non_finite_loss_error(
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+# ---------------------------------------------------------------- further probes (issue 14)
+
+SAMPLER_ERRORS = {
+    "p float": ({"p": 2.5}, "p must be a whole number, got 2.5"),
+    "k float (failed only in __iter__)": ({"k": 2.0}, "k must be a whole number, got 2.0"),
+    "p True (passed as 1)": ({"p": True}, "p must be a whole number, got True"),
+    "num_batches 0": ({"num_batches": 0}, "num_batches must be >= 1 or None, got 0"),
+    "seed -1 (failed only in __iter__)": ({"seed": -1}, "seed must be >= 0, got -1"),
+    "labels (5, 3) (were flattened)": ({"labels": np.zeros((5, 3), int)}, r"1-D .* \(5, 3\)"),
+}
+
+
+@pytest.mark.parametrize(("change", "message"), SAMPLER_ERRORS.values(), ids=list(SAMPLER_ERRORS))
+def test_pk_sampler_refuses_what_it_cannot_honour_when_built(change, message):
+    from dmlkit.samplers import PKBatchSampler
+
+    arguments = {"labels": np.repeat(np.arange(5), 3), "p": 2, "k": 2, **change}
+    with pytest.raises(ValueError, match=message):
+        PKBatchSampler(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embedding_dim": 8.5}, "embedding_dim must be a whole number >= 1, got 8.5"),
+        ({"embedding_dim": True}, "embedding_dim must be a whole number >= 1, got True"),
+        ({"pretrained": "no"}, "pretrained must be True or False, got 'no'"),
+        ({"backbone": ["glyphnet"]}, r"unknown backbone \['glyphnet'\]"),
+    ],
+)
+def test_build_model_says_what_is_wrong_with_its_arguments(kwargs, message):
+    arguments = {"backbone": "glyphnet", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        build_model(arguments.pop("backbone"), **arguments)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((2, 3, 32, 32), torch.uint8), ((2, 1, 32, 32), torch.float32), ((3, 32, 32), torch.float32)],
+)
+def test_the_model_names_images_it_cannot_embed(shape, dtype):
+    model = build_model("glyphnet", embedding_dim=8)
+    with pytest.raises(ValueError, match=r"images must be a floating \(B, 3, H, W\) tensor"):
+        model(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": math.inf}, "lr: must be finite, got inf"),
+        ({"density_weight": math.inf}, "density_weight: must be finite, got inf"),
+        ({"eval_ks": (True,)}, "eval_ks: expected a non-empty tuple of positive ints"),
+        ({"out_dir": ""}, "out_dir: an empty path would write into the working folder"),
+        ({"overwrite": True, "out_dir": None}, "overwrite: needs out_dir"),
+    ],
+)
+def test_config_refuses_values_that_would_fail_or_mislead_later(tree, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(tree, **overrides)
+
+
+def test_results_name_a_metric_that_is_not_a_number_and_a_source_that_is_not_a_path(tmp_path):
+    from dmlkit.results import load_runs
+
+    run = tmp_path / "sweep" / "run"
+    run.mkdir(parents=True)
+    metrics = {"recall@1": "n/a", "map@r": True, "nmi": "0.5", "pi_ratio": math.nan}
+    record = {"config": {"loss": "x"}, "metrics": metrics}
+    (run / "metrics.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning) as warned:
+        table = load_runs(tmp_path / "sweep")
+    assert math.isnan(table["recall@1"][0]) and math.isnan(table["map@r"][0])  # true was 1.0
+    assert table["nmi"][0] == 0.5
+    messages = " ".join(str(w.message) for w in warned)
+    assert "metric 'recall@1' is 'n/a', not a number" in messages and "'map@r' is True" in messages
+    assert len(warned) == 2  # a number written as text, or NaN, is read without a warning
+    for source in (5, [tmp_path, 5]):
+        with pytest.raises(ValueError, match="must be a path or a glob pattern|a path, a glob"):
+            load_runs(source)
+
+
 # ---------------------------------------------------------------- load (slow)
 
 SOP_SCALE = """
