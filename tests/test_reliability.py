@@ -1077,6 +1077,34 @@ def test_knn_says_what_is_wrong_with_k_and_answers_no_queries_with_nothing():
     assert distances.shape == indices.shape == (0, 1)
 
 
+@pytest.mark.parametrize(
+    ("labels", "ks", "message"),
+    [
+        (torch.arange(12).view(6, 2) % 3, (1,), r"labels must be 1-D \(N,\), got shape \(6, 2\)"),
+        (torch.arange(12) % 2 == 0, (1,), "labels must be integers, got dtype torch.bool"),
+        (torch.arange(12) % 3, (1.5,), r"ks must be whole numbers, got \[1.5\]"),
+    ],
+    ids=["labels (N/2, 2) were flattened", "bool labels were two classes", "K=1.5 was K=1"],
+)
+def test_retrieval_metrics_refuse_labels_and_ks_they_would_misread(labels, ks, message):
+    from dmlkit.evaluate import density_metrics, retrieval_metrics
+
+    z = torch.nn.functional.normalize(torch.randn(12, 4, generator=torch.Generator()), dim=1)
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(z, labels, ks=ks)
+    if ks == (1,):
+        with pytest.raises(ValueError, match=message):
+            density_metrics(z, labels)
+
+
+def test_density_metrics_name_non_finite_embeddings():
+    from dmlkit.evaluate import density_metrics
+
+    z = torch.full((6, 3), math.nan)
+    with pytest.raises(ValueError, match="embeddings contain NaN or infinite values"):
+        density_metrics(z, torch.arange(6) % 2)  # was a LinAlgError from the SVD
+
+
 # ---------------------------------------------------------------- losses: no silent wrong result
 
 LOSS_CASES = [
