@@ -1350,6 +1350,16 @@ def test_config_refuses_values_that_would_fail_or_mislead_later(tree, overrides,
         tiny(tree, **overrides)
 
 
+def test_train_cli_threads_below_one_is_a_usage_error(capsys):
+    from dmlkit.train.__main__ import main as train_main
+
+    for threads in ("0", "-1"):  # -1 reached torch.set_num_threads: a RuntimeError traceback
+        with pytest.raises(SystemExit) as stopped:
+            train_main(["--threads", threads, "--epochs", "0"])
+        assert stopped.value.code == 2
+        assert f"argument --threads: must be >= 1, got {threads}" in capsys.readouterr().err
+
+
 def test_results_name_a_metric_that_is_not_a_number_and_a_source_that_is_not_a_path(tmp_path):
     from dmlkit.results import load_runs
 

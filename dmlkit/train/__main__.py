@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=item.name.upper(),
             )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice)",
     )
     return parser
 
@@ -83,6 +86,16 @@ def _parser_type(hint: Any) -> Any:
     if kind is tuple:
         return _int_tuple
     return kind
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:  # torch.set_num_threads would raise a RuntimeError after parsing
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _json_dict(text: str) -> dict:
