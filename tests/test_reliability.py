@@ -1310,6 +1310,21 @@ def test_pk_sampler_refuses_what_it_cannot_honour_when_built(change, message):
         PKBatchSampler(**arguments)
 
 
+@pytest.mark.parametrize("name", ["proxy_anchor", "daal"])
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"embedding_dim": -1}, "embedding_dim must be a whole number >= 1, got -1"),
+        ({"embedding_dim": 8.5}, "embedding_dim must be a whole number >= 1, got 8.5"),
+        ({"embedding_dim": 0}, "embedding_dim must be a whole number >= 1, got 0"),
+        ({"num_classes": 2.5}, "num_classes must be a whole number >= 1, got 2.5"),  # 3 classes
+    ],
+)
+def test_build_loss_refuses_sizes_a_stateful_loss_cannot_have(name, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        build_loss(name, **{"num_classes": 3, "embedding_dim": 4, **sizes})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
