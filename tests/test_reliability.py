@@ -1,4 +1,5 @@
-"""Reliability and security: bad input, injected faults and untrusted files (issue 7).
+"""Reliability and security: bad input, injected faults and untrusted files (issue 7); no
+silent wrong result and no silent overwrite (issue 14).
 
 Every case is listed, with what dmlkit does, in the README section "What happens when
 things go wrong". Training runs use a tiny ``folder`` dataset of real JPEG files (5 + 5
@@ -1393,6 +1394,20 @@ def test_results_name_a_metric_that_is_not_a_number_and_a_source_that_is_not_a_p
     for source in (5, [tmp_path, 5]):
         with pytest.raises(ValueError, match="must be a path or a glob pattern|a path, a glob"):
             load_runs(source)
+
+
+def test_every_test_the_readme_names_exists():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## What happens when things go wrong") :]
+    section = section[: section.index("\n## ")]
+    named = re.findall(r"`(R|test_\w+\.py)::(test_\w+)", section)
+    missing = []
+    for file, test in named:
+        source = ROOT / "tests" / ("test_reliability.py" if file == "R" else file)
+        # A name ending in "_" is a prefix followed by *: several tests.
+        if not test.endswith("_") and f"def {test}(" not in source.read_text():
+            missing.append(f"{file}::{test}")
+    assert len(named) > 40 and missing == []
 
 
 # ---------------------------------------------------------------- load (slow)
