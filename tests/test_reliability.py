@@ -855,7 +855,9 @@ def test_a_run_folder_is_not_replaced_without_resume_or_overwrite(tmp_path, tree
         fit(tiny(tree, run), on_step=never)
     message = str(caught.value)
     assert f"out_dir: {run} already holds {', '.join(names)}, which this run would" in message
-    assert "resume=True (--resume)" in message and "overwrite=True (--overwrite)" in message
+    assert "overwrite=True (--overwrite)" in message
+    # resume=True is offered only where there is a checkpoint to continue from.
+    assert ("resume=True (--resume)" in message) == ("checkpoint.pt" in names)
     assert snapshot(run) == before
 
 
@@ -918,7 +920,7 @@ def test_resume_without_a_checkpoint_does_not_replace_outputs_it_did_not_write(
     tmp_path, tree, finished
 ):
     run = occupied_folder(tmp_path / "run", finished, ("metrics.json",))
-    with pytest.raises(ValueError, match="holds metrics.json but no checkpoint.pt to resume from"):
+    with pytest.raises(ValueError, match="no checkpoint.pt to resume from .resume=True starts"):
         fit(tiny(tree, run, resume=True), on_step=never)
     assert (run / "metrics.json").read_bytes() == USER_FILES["metrics.json"]
     fit(tiny(tree, run, resume=True, overwrite=True, epochs=1))

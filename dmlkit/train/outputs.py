@@ -34,7 +34,7 @@ RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, EMBEDDINGS_NAME)
 
 def check_out_dir(cfg: TrainConfig) -> None:
     """ValueError, before anything is built or written, if ``out_dir`` cannot be a folder
-    or holds a run's files that this run would replace (``refused_run_files``)."""
+    or holds a run's files that this run would replace (``check_run_files``)."""
     if cfg.out_dir is None:
         return
     path = Path(cfg.out_dir)
@@ -43,11 +43,11 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise ValueError(f"out_dir: {existing} exists and is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir: cannot write in {existing} (permission denied)")
-    refused_run_files(cfg, path)
+    check_run_files(cfg, path)
 
 
-def refused_run_files(cfg: TrainConfig, path: Path) -> None:
-    """ValueError naming the files of ``path`` a run would silently replace.
+def check_run_files(cfg: TrainConfig, path: Path) -> None:
+    """ValueError naming the files of ``path`` that this run would silently replace.
 
     A folder holding any of checkpoint.pt, metrics.json, embeddings.npz (a finished or an
     interrupted run, or a user's own files) is refused unless ``overwrite``, or ``resume``
@@ -57,18 +57,19 @@ def refused_run_files(cfg: TrainConfig, path: Path) -> None:
     present = [name for name in RUN_FILES if (path / name).exists()]
     if not present or cfg.overwrite or (cfg.resume and CHECKPOINT_NAME in present):
         return
-    files = ", ".join(present)
-    if cfg.resume:
-        raise ValueError(
-            f"out_dir: {path} holds {files} but no {CHECKPOINT_NAME} to resume from: this run "
-            "would start from scratch and replace them. Replace them with overwrite=True "
+    message = f"out_dir: {path} already holds {', '.join(present)}, which this run would replace"
+    if CHECKPOINT_NAME in present:
+        message += (
+            ". Continue that run with resume=True (--resume), start over with overwrite=True "
             "(--overwrite), or choose another out_dir."
         )
-    raise ValueError(
-        f"out_dir: {path} already holds {files}, which this run would replace. Continue "
-        "that run with resume=True (--resume), start over replacing them with "
-        "overwrite=True (--overwrite), or choose another out_dir."
-    )
+    else:
+        resuming = " (resume=True starts from scratch then)" if cfg.resume else ""
+        message += (
+            f"; there is no {CHECKPOINT_NAME} to resume from{resuming}. Replace them with "
+            "overwrite=True (--overwrite), or choose another out_dir."
+        )
+    raise ValueError(message)
 
 
 def bad_images_log(cfg: TrainConfig, stack: contextlib.ExitStack) -> Path | None:
