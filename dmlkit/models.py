@@ -63,7 +63,14 @@ class EmbeddingModel(nn.Module):
         self.train()
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) images → (B, D) unit-norm float32 embeddings."""
+        """(B, 3, H, W) floating images → (B, D) unit-norm float32 embeddings."""
+        # Shape and dtype only (no host sync): uint8 or one-channel images otherwise fail
+        # deep in the first convolution with a message about its weights.
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"images must be a floating (B, 3, H, W) tensor (the dataset transforms give "
+                f"one), got shape {tuple(images.shape)} and dtype {images.dtype}"
+            )
         features = self.backbone(images)  # (B, F), bf16/fp16 under autocast
         # Head and normalisation in fp32 even under autocast: a bf16 unit vector carries
         # ~3 significant digits, too few for losses that compare distances near 0.
@@ -97,10 +104,13 @@ def build_model(
     Returns: the model, in train mode, on the CPU; initialised from torch's global RNG
         (seed it, e.g. with ``dmlkit.runtime.seed_everything``, for reproducible runs).
     """
-    if backbone not in BACKBONES:
+    if not isinstance(backbone, str) or backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
-    if embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be a whole number >= 1, got {embedding_dim!r}")
+    for name, flag in (("pretrained", pretrained), ("freeze_bn", freeze_bn)):
+        if not isinstance(flag, bool):  # "no" would be true
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if pretrained and backbone not in _WEIGHTS:
         raise ValueError(
             f"no ImageNet weights exist for {backbone!r}; pretrained=True works with: "

@@ -8,6 +8,7 @@ of arbitrary integer class labels (101..200, Unicode code points) to parameter r
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,32 +20,144 @@ from torch import Tensor
 
 DISTANCES = ("euclidean", "squared", "cosine")
 _SQRT_EPS = 1e-12  # below this a squared distance is treated as exactly 0
+_ONE_DIMENSIONAL = "; one embedding is embeddings[None], one number per sample embeddings[:, None]"
 
 
 def full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Run ``loss_fn`` with autocast off and fp16/bf16 ``embeddings`` cast to fp32."""
+    """Run ``loss_fn(embeddings, labels, *state, ...)`` with autocast off, in fp32 or float64.
+
+    ``embeddings`` and the floating tensors of ``state`` (e.g. the proxies) are cast to
+    float64 if any of them is float64, else to fp32; ``labels`` are passed as given.
+    """
 
     @functools.wraps(loss_fn)
-    def wrapper(embeddings: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def wrapper(embeddings: Tensor, labels: Tensor, *state: Any, **kwargs: Any) -> Tensor:
         # Autocast would send the Gram matmul back to half precision, where d ≈ 0.5
-        # has ~3 significant digits and exp(50·s) overflows.
-        with torch.autocast(embeddings.device.type, enabled=False):
-            return loss_fn(upcast(embeddings), *args, **kwargs)
+        # has ~3 significant digits and exp(50·s) overflows; float64 embeddings with fp32
+        # proxies would make the matmul raise.
+        floats = [x for x in (embeddings, *state) if _is_float_tensor(x)]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
+        embeddings, *state = (
+            x.to(dtype) if _is_float_tensor(x) else x for x in (embeddings, *state)
+        )
+        # Not a tensor: the loss's own check (check_batch) says so.
+        device = embeddings.device.type if isinstance(embeddings, Tensor) else "cpu"
+        with torch.autocast(device, enabled=False):
+            return loss_fn(embeddings, labels, *state, **kwargs)
 
     return wrapper
 
 
+def _is_float_tensor(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.is_floating_point()
+
+
+def check_batch(
+    embeddings: Any, labels: Any, *, embedding_dim: int | None = None, name: str = "labels"
+) -> None:
+    """ValueError unless ``embeddings`` is (B, D) floating and ``labels`` (B,) integer.
+
+    Also: both on one device, D >= 1, and D == ``embedding_dim`` when given (a loss with
+    per-class parameters). Reads only shapes and dtypes: no host sync, a few microseconds.
+    ``name`` is what the messages call the second tensor ("labels", "targets").
+    """
+    if not isinstance(embeddings, Tensor):
+        raise ValueError(
+            f"embeddings must be a torch.Tensor (B, D), got {type(embeddings).__name__}"
+        )
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor (B,), got {type(labels).__name__}")
+    if embeddings.dim() != 2 or embeddings.shape[1] == 0:
+        raise ValueError(
+            f"embeddings must be 2-D (B, D) with D >= 1, got shape {tuple(embeddings.shape)}"
+            + (_ONE_DIMENSIONAL if embeddings.dim() == 1 else "")
+        )
+    if not embeddings.is_floating_point():
+        raise ValueError(
+            f"embeddings must be floating (float16, bfloat16, float32 or float64), got dtype "
+            f"{embeddings.dtype}"
+        )
+    if labels.dim() != 1:
+        raise ValueError(
+            f"{name} must be 1-D (B,), got shape {tuple(labels.shape)}"
+            + (f" (flatten them: {name}.view(-1))" if labels.numel() == len(embeddings) else "")
+        )
+    check_labels(labels)
+    if len(labels) != len(embeddings):
+        raise ValueError(
+            f"embeddings have {len(embeddings)} rows but {name} has {len(labels)} entries; "
+            "give one per embedding"
+        )
+    if labels.device != embeddings.device:
+        raise ValueError(
+            f"embeddings are on {embeddings.device} but {name} on {labels.device}; move both "
+            "to the same device"
+        )
+    if embedding_dim is not None and embeddings.shape[1] != embedding_dim:
+        raise ValueError(
+            f"embeddings have D = {embeddings.shape[1]} columns but this loss was built with "
+            f"embedding_dim={embedding_dim} (its per-class parameters)"
+        )
+
+
+def non_finite_as_nan(loss: Tensor, embeddings: Tensor) -> Tensor:
+    """``loss``, made NaN when any embedding is NaN or ±inf (no host sync, ~5 µs at B = 128).
+
+    Masks (an active mean keeps terms > 0, mining compares distances) would otherwise drop
+    the NaN terms and return a finite loss with NaN gradients. Σz · 0 is 0 for finite z
+    (summed in fp32 or float64, so it overflows only for |z| ~ 1e33, where every distance
+    has long overflowed) and NaN otherwise; a finite loss and its gradients are unchanged.
+    """
+    wide = embeddings.dtype == torch.float64
+    total = embeddings.detach().sum(dtype=torch.float64 if wide else torch.float32)
+    return loss + total * 0
+
+
 def checked_batch(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Reject non-integer ``labels``; an empty batch (B = 0) gives a graph-connected 0."""
+    """Validate ``(embeddings, labels, ...)`` (``checked_loss``); B = 0 gives a connected 0.
+
+    For losses without state (the pair losses), whose masks need a non-empty batch.
+    """
 
     @functools.wraps(loss_fn)
-    def wrapper(embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        check_labels(labels)
+    def empty_is_zero(embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if len(labels) == 0 and len(embeddings) == 0:
             # max/argmax over an empty dimension raise and a mean over nothing is NaN; a
             # batch of nothing has no valid pair or triplet, so it gets that case's 0.
             return embeddings.sum() * 0
         return loss_fn(embeddings, labels, *args, **kwargs)
+
+    return checked_loss(empty_is_zero)
+
+
+def checked_loss(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Validate a pure loss's inputs (``check_batch``) and make it NaN for non-finite ones.
+
+    ``loss_fn(embeddings, labels, *state, **hyperparams)``: a floating tensor in ``state``
+    (e.g. proxies (C, D)) must have D columns too. The second parameter's name is used in
+    the messages.
+    """
+    name = list(inspect.signature(loss_fn).parameters)[1]
+
+    @functools.wraps(loss_fn)
+    def wrapper(embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        widths = [x.shape[-1] for x in args if _is_float_tensor(x) and x.dim()]
+        check_batch(embeddings, labels, embedding_dim=widths[0] if widths else None, name=name)
+        return non_finite_as_nan(loss_fn(embeddings, labels, *args, **kwargs), embeddings)
+
+    return wrapper
+
+
+def checked_forward(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``checked_loss`` for a loss module's ``forward(self, embeddings, labels)``.
+
+    The width is checked against ``self.embedding_dim`` when the module has one.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self: Any, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_batch(embeddings, labels, embedding_dim=getattr(self, "embedding_dim", None))
+        return non_finite_as_nan(forward(self, embeddings, labels), embeddings)
 
     return wrapper
 

@@ -38,8 +38,9 @@ class PKBatchSampler:
         rank, world_size: DDP sharding; rank r yields plan batches r, r + world_size, ...
             and every rank yields ``num_batches // world_size`` batches.
     Raises:
-        ValueError: p or k < 1, p > number of classes, invalid rank/world_size, or a plan
-            too short to give every rank a batch.
+        ValueError: labels not 1-D integers; p, k, seed, num_batches, rank or world_size
+            not a whole number; p or k < 1, seed < 0, num_batches < 1, p > number of
+            classes, invalid rank/world_size, or a plan too short to give every rank a batch.
     """
 
     def __init__(
@@ -53,9 +54,20 @@ class PKBatchSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        labels = np.asarray(labels).reshape(-1)
+        labels = np.asarray(labels)
+        if labels.ndim != 1:
+            raise ValueError(
+                f"labels must be 1-D (one per dataset index), got shape {labels.shape}"
+            )
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        _check_whole(p=p, k=k, seed=seed, rank=rank, world_size=world_size)
+        if num_batches is not None:
+            _check_whole(num_batches=num_batches)
+            if num_batches < 1:
+                raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if p < 1 or k < 1:
             raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
         classes, inverse = np.unique(labels, return_inverse=True)
@@ -148,6 +160,14 @@ class PKBatchSampler:
             groups[c] = self._class_groups(self._members[c], rng)
             used[c] = 0
             fresh[c] = len(self._members[c])
+
+
+def _check_whole(**values: Any) -> None:
+    """ValueError naming each value that is not a whole number (bool is not one either)."""
+    for name, value in values.items():
+        # A float k would fail only later, inside __iter__; True would pass for 1.
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
 
 
 def _weighted_sample_without_replacement(

@@ -390,7 +390,8 @@ def test_cli_prints_statistics_and_writes_a_reproducible_sheet(cub, tmp_path, ca
     assert "cub200 train: 100 classes, 100 images; images per class min 1, median 1, max 1" in out
     assert "cub200 test: 100 classes" in out and f"contact sheet (train): {first}" in out
     assert first.read_bytes() == second.read_bytes()
-    assert Image.open(first).size == (150 + 10 * 64, 8 * 64)
+    # 8 rows; one column, not 10: every class has a single image (no blank columns).
+    assert Image.open(first).size == (150 + 1 * 64, 8 * 64)
 
 
 def test_cli_on_glyphs_mini_in_a_subprocess(tmp_path, tmp_path_factory):

@@ -1,4 +1,5 @@
-"""Reliability and security: bad input, injected faults and untrusted files (issue 7).
+"""Reliability and security: bad input, injected faults and untrusted files (issue 7); no
+silent wrong result and no silent overwrite (issue 14).
 
 Every case is listed, with what dmlkit does, in the README section "What happens when
 things go wrong". Training runs use a tiny ``folder`` dataset of real JPEG files (5 + 5
@@ -15,11 +16,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import errno
+import inspect
 import json
+import math
 import multiprocessing
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -30,11 +34,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
+from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 from dmlkit.data import DatasetError, get_dataset
 from dmlkit.io import atomic_write_bytes, remove_stale_temporaries
-from dmlkit.train import CheckpointError, TrainConfig, fit, load_checkpoint
+from dmlkit.losses import (
+    build_loss,
+    contrastive_loss,
+    multi_similarity_loss,
+    npair_loss,
+    proxy_anchor_loss,
+    triplet_margin_loss,
+)
+from dmlkit.models import build_model
+from dmlkit.train import CheckpointError, NonFiniteLossError, TrainConfig, fit, load_checkpoint
 from tests.fixtures_datasets import make_cars, make_cub, make_folder, make_sop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +267,9 @@ def test_config_errors_stop_before_training_and_write_nothing(
     fresh = tmp_path / "fresh"  # a run folder that does not exist yet
     before = snapshot(run)
     folders = [run] if overrides.get("resume") else [run, fresh]
+    # Into the finished run without resume: overwrite=True, which replaces files only as the
+    # new run writes its own, so a run stopped by a configuration error leaves them as is.
+    overrides = {"overwrite": not overrides.get("resume"), **overrides}
     for out_dir in folders:
         if error is None:  # the control case: the same path trains
             with pytest.warns(UserWarning, match="drawn with replacement"):
@@ -797,6 +815,601 @@ def test_a_yaml_spec_with_a_python_tag_runs_nothing(tmp_path):
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(spec)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- run folders: no silent overwrite
+
+USER_FILES = {"metrics.json": b'{"my": "own results"}\n', "embeddings.npz": b"PK\x03\x04 mine"}
+OCCUPIED = {
+    "a finished run": ("checkpoint.pt", "metrics.json", "embeddings.npz"),
+    "an interrupted run": ("checkpoint.pt",),
+    "a user's metrics.json": ("metrics.json",),
+    "a user's embeddings.npz": ("embeddings.npz",),
+}
+
+
+def occupied_folder(path: Path, finished: Path, names: tuple[str, ...]) -> Path:
+    """``path`` holding ``names``: a run's own files (a checkpoint present) or a user's."""
+    path.mkdir()
+    for name in names:
+        if "checkpoint.pt" in names:
+            shutil.copy(finished / name, path / name)
+        else:
+            (path / name).write_bytes(USER_FILES[name])
+    return path
+
+
+def crash_at(when: tuple[int, int]):
+    def on_step(epoch: int, step: int) -> None:
+        if (epoch, step) == when:
+            raise RuntimeError(f"crash at epoch {epoch}, step {step}")
+
+    return on_step
+
+
+@pytest.mark.parametrize("names", list(OCCUPIED.values()), ids=list(OCCUPIED))
+def test_a_run_folder_is_not_replaced_without_resume_or_overwrite(tmp_path, tree, finished, names):
+    run = occupied_folder(tmp_path / "run", finished, names)
+    before = snapshot(run)
+    with pytest.raises(ValueError, match="already holds") as caught:
+        fit(tiny(tree, run), on_step=never)
+    message = str(caught.value)
+    assert f"out_dir: {run} already holds {', '.join(names)}, which this run would" in message
+    assert "overwrite=True (--overwrite)" in message
+    # resume=True is offered only where there is a checkpoint to continue from.
+    assert ("resume=True (--resume)" in message) == ("checkpoint.pt" in names)
+    assert snapshot(run) == before
+
+
+def test_the_train_cli_refuses_a_finished_run_folder_and_replaces_it_with_overwrite(
+    tmp_path, tree, finished
+):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(run)
+    command = [sys.executable, "-m", "dmlkit.train", *cli_args(tiny(tree, run))]
+    refused = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "already holds checkpoint.pt, metrics.json, embeddings.npz" in refused.stderr
+    assert snapshot(run) == before
+    replaced = subprocess.run(
+        [*command, "--overwrite"], capture_output=True, text=True, env=child_env(), timeout=300
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    after = snapshot(run)
+    assert all(after[name][1] > before[name][1] for name in before)  # each file rewritten
+    assert json.loads((run / "metrics.json").read_text())["config"]["overwrite"] is True
+
+
+def test_overwrite_replaces_each_file_only_when_the_new_run_writes_its_own(
+    tmp_path, tree, finished
+):
+    run = shutil.copytree(finished, tmp_path / "run")  # trained with seed 0
+    before = snapshot(run)
+    new = tiny(tree, run, overwrite=True, seed=1)
+    with pytest.raises(RuntimeError, match="crash"):  # within epoch 1: nothing written yet
+        fit(new, on_step=crash_at((0, 1)))
+    assert snapshot(run) == before
+    with pytest.raises(RuntimeError, match="crash"):  # in epoch 2: the checkpoint is the new one
+        fit(new, on_step=crash_at((1, 0)))
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["config"]["seed"]) == (1, 1)
+    now = snapshot(run)
+    assert all(now[name] == before[name] for name in ("metrics.json", "embeddings.npz"))
+    fit(new)
+    assert json.loads((run / "metrics.json").read_text())["config"]["seed"] == 1
+    assert all(snapshot(run)[name][0] != before[name][0] for name in before)
+
+
+def test_overwrite_without_epochs_removes_the_old_checkpoint_only_after_its_outputs(
+    tmp_path, tree, finished, monkeypatch
+):
+    run = shutil.copytree(finished, tmp_path / "run")
+    old_checkpoint = (run / "checkpoint.pt").read_bytes()
+    with monkeypatch.context() as patch:  # metrics.json cannot be written: nothing removed
+        fill_disk_for(patch, "metrics.json")
+        with pytest.raises(OSError, match="cannot write"):
+            fit(tiny(tree, run, overwrite=True, epochs=0))
+    assert (run / "checkpoint.pt").read_bytes() == old_checkpoint
+    fit(tiny(tree, run, overwrite=True, epochs=0))
+    # A checkpoint left there would belong to the old run: resume=True would continue it.
+    assert not (run / "checkpoint.pt").exists()
+    assert json.loads((run / "metrics.json").read_text())["config"]["epochs"] == 0
+
+
+def test_resume_without_a_checkpoint_does_not_replace_outputs_it_did_not_write(
+    tmp_path, tree, finished
+):
+    run = occupied_folder(tmp_path / "run", finished, ("metrics.json",))
+    with pytest.raises(ValueError, match="no checkpoint.pt to resume from .resume=True starts"):
+        fit(tiny(tree, run, resume=True), on_step=never)
+    assert (run / "metrics.json").read_bytes() == USER_FILES["metrics.json"]
+    fit(tiny(tree, run, resume=True, overwrite=True, epochs=1))
+    assert json.loads((run / "metrics.json").read_text())["config"]["epochs"] == 1
+
+
+def test_files_a_sweep_adds_do_not_count_and_a_retried_run_resumes(tmp_path, tree):
+    run = tmp_path / "sweep" / "seed=0"
+    (run / "tsne").mkdir(parents=True)
+    (run / "notebook.ipynb").write_text("{}")  # papermill writes it before the notebook runs
+    (run / "tsne" / "coordinates.npz").write_bytes(b"cached")
+    cfg = tiny(tree, run, resume=True)  # every shipped training sweep sets resume: true
+    with pytest.raises(RuntimeError, match="crash"):  # the first attempt fails in epoch 2
+        fit(cfg, on_step=crash_at((1, 0)))
+    result = fit(cfg)  # the sweep's retry: the same parameters
+    assert len(result.history) == 3 and (run / "metrics.json").is_file()
+    assert (run / "notebook.ipynb").read_text() == "{}"
+    fit(tiny(tree, tmp_path / "fresh"))  # control: an empty folder needs no flag
+
+
+def test_every_shipped_training_sweep_resumes_so_its_retried_runs_work():
+    import yaml
+
+    for path in sorted((ROOT / "notebooks" / "sweeps").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if spec["notebook"].endswith("train_eval.ipynb"):
+            assert spec["fixed"].get("resume") is True, path.name
+
+
+# ---------------------------------------------------------------- sweep specs: no key twice
+
+SPEC_HEAD = "name: dup\nnotebook: notebooks/train_eval.ipynb\n"
+DUPLICATE_KEYS = {
+    "top level": (SPEC_HEAD + "name: other\ngrid: {seed: [0]}\n", "'name'", 1, 3),
+    "grid": (SPEC_HEAD + "grid:\n  seed: [0]\n  loss: [triplet]\n  seed: [1]\n", "'seed'", 4, 6),
+    "nested, flow style": (
+        SPEC_HEAD + "fixed: {loss_params: {margin: 0.1, margin: 0.2}}\ngrid: {seed: [0]}\n",
+        "'margin'",
+        3,
+        3,
+    ),
+    "an override's set": (
+        SPEC_HEAD + "grid: {seed: [0]}\noverrides:\n  - where: {seed: 0}\n    set:\n"
+        "      lr: 0.1\n      lr: 0.2\n",
+        "'lr'",
+        7,
+        8,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "first", "second"), DUPLICATE_KEYS.values(), ids=list(DUPLICATE_KEYS)
+)
+def test_a_key_given_twice_in_a_sweep_spec_is_refused_naming_both_lines(
+    tmp_path, capsys, text, key, first, second
+):
+    from dmlkit.sweep import SpecError, load_spec
+    from dmlkit.sweep.__main__ import main as sweep_main
+
+    spec = tmp_path / "dup.yaml"
+    spec.write_text(text)
+    expected = f"{spec}: key {key} is given twice, on line {first} and line {second} (YAML would"
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        load_spec(spec)
+    assert sweep_main([str(spec), "--out", str(tmp_path / "runs")]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_the_spec_reader_allows_merge_keys_and_names_one_key_spelled_two_ways():
+    from dmlkit.sweep.spec import safe_yaml
+
+    merged = safe_yaml("base: &b {epochs: 3, seed: 0}\nfixed:\n  <<: *b\n  seed: 1\n")
+    assert merged["fixed"] == {"epochs": 3, "seed": 1}  # an override of a merged key is meant
+    with pytest.raises(Exception, match="keys '1' \\(line 1\\) and 'true' \\(line 2\\) are the"):
+        safe_yaml("1: a\ntrue: b\n")  # equal keys once read (True == 1)
+
+
+def test_sweep_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    from dmlkit.sweep.__main__ import main as sweep_main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC_HEAD + "grid: {seed: [0]}\n")
+    (tmp_path / "taken").write_text("a file")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        with pytest.raises(SystemExit) as stopped:
+            sweep_main([str(spec), "--out", str(out), "--dry-run"])
+        assert stopped.value.code == 2
+        assert f"{tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- python -m dmlkit.data
+
+DATA_CLI_ERRORS = {
+    "--classes 0": (["--classes", "0"], "argument --classes: must be >= 1, got 0"),
+    "--samples -1": (["--samples", "-1"], "argument --samples: must be >= 1, got -1"),
+    "--classes x": (["--classes", "x"], "argument --classes: expected a whole number >= 1"),
+    "--classes above": (
+        ["--classes", "100000"],  # drew a 6.4-million-pixel-high blank sheet
+        r"classes=100000: must be between 1 and 5 \(the train split of folder has 5 classes\)",
+    ),
+    "--samples above": (["--samples", "4"], "samples=4: must be between 1 and 3 .* largest"),
+    "--sheet a folder": (["--sheet", "{tmp}"], "is a folder; give a file name"),
+    "--sheet under a file": (["--sheet", "{tmp}/taken/s.png"], "taken is a file, so no folder"),
+    "--sheet not an image": (["--sheet", "{tmp}/s.txt"], "unknown image type '.txt'; use .png"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), DATA_CLI_ERRORS.values(), ids=list(DATA_CLI_ERRORS))
+def test_data_cli_bad_arguments_are_one_usage_error(
+    tmp_path, tree, capsys, monkeypatch, args, message
+):
+    from dmlkit.data.__main__ import main as data_main
+
+    monkeypatch.chdir(tmp_path)  # the default sheet path is relative
+    (tmp_path / "taken").write_text("a file")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as stopped:
+        data_main(["folder", "--root", str(tree), "--split", "train", *args])
+    assert stopped.value.code == 2 and time.perf_counter() - started < 60
+    assert re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.rglob("*.png")) == [] and (tmp_path / "taken").read_text() == "a file"
+
+
+def test_data_cli_draws_at_most_what_the_dataset_has_and_names_a_missing_root(
+    tmp_path, tree, capsys
+):
+    from PIL import Image
+
+    from dmlkit.data.__main__ import main as data_main
+
+    sheet = tmp_path / "sheets" / "s.png"
+    args = ["folder", "--root", str(tree), "--split", "train", "--sheet", str(sheet)]
+    assert data_main(args) == 0
+    assert Image.open(sheet).size == (150 + 3 * 64, 5 * 64)  # defaults 8 × 10 → 5 × 3, no blanks
+    assert data_main(["folder", "--root", str(tmp_path / "none"), "--sheet", str(sheet)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset root does not exist" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- evaluation: the stated reason
+
+
+def test_knn_says_what_is_wrong_with_k_and_answers_no_queries_with_nothing():
+    from dmlkit.evaluate import knn
+
+    points = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"k={k!r}: must be a whole number >= 1")):
+            knn(points, k=k)
+    with pytest.raises(ValueError, match=r"k=5 but only 4 keys per query \(each query excluding"):
+        knn(points, k=5)
+    with pytest.raises(ValueError, match="k=1 but only 0 keys per query: 0 keys given"):
+        knn(points, torch.zeros(0, 3), k=1)
+    distances, indices = knn(torch.zeros(0, 3), k=1)  # was "only -1 keys are available"
+    assert distances.shape == indices.shape == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("labels", "ks", "message"),
+    [
+        (torch.arange(12).view(6, 2) % 3, (1,), r"labels must be 1-D \(N,\), got shape \(6, 2\)"),
+        (torch.arange(12) % 2 == 0, (1,), "labels must be integers, got dtype torch.bool"),
+        (torch.arange(12) % 3, (1.5,), r"ks must be whole numbers, got \[1.5\]"),
+    ],
+    ids=["labels (N/2, 2) were flattened", "bool labels were two classes", "K=1.5 was K=1"],
+)
+def test_retrieval_metrics_refuse_labels_and_ks_they_would_misread(labels, ks, message):
+    from dmlkit.evaluate import density_metrics, retrieval_metrics
+
+    z = torch.nn.functional.normalize(torch.randn(12, 4, generator=torch.Generator()), dim=1)
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(z, labels, ks=ks)
+    if ks == (1,):
+        with pytest.raises(ValueError, match=message):
+            density_metrics(z, labels)
+
+
+def test_density_metrics_name_non_finite_embeddings():
+    from dmlkit.evaluate import density_metrics
+
+    z = torch.full((6, 3), math.nan)
+    with pytest.raises(ValueError, match="embeddings contain NaN or infinite values"):
+        density_metrics(z, torch.arange(6) % 2)  # was a LinAlgError from the SVD
+
+
+# ---------------------------------------------------------------- losses: no silent wrong result
+
+LOSS_CASES = [
+    ("contrastive", {}),
+    ("triplet", {"mining": "all"}),
+    ("triplet", {"mining": "semihard"}),
+    ("triplet", {"mining": "hard"}),
+    ("npair", {}),
+    ("ms", {}),
+    ("proxy_anchor", {}),
+    ("daal", {}),
+]
+LOSS_IDS = [name + "".join(f"-{v}" for v in params.values()) for name, params in LOSS_CASES]
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def make_loss(name: str, params: dict, density: bool | str, dim: int = 6) -> torch.nn.Module:
+    """``build_loss`` for 4 classes; ``density`` False, True or a density target name."""
+    target = density if isinstance(density, str) else "ema"
+    return build_loss(
+        name,
+        num_classes=4,
+        embedding_dim=dim,
+        density=bool(density),
+        density_target=target,
+        **params,
+    ).train()
+
+
+def loss_batch(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """12 unit vectors in 6-D and labels 0..3 (three samples per class)."""
+    z = torch.randn(12, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return torch.nn.functional.normalize(z, dim=1).to(dtype), torch.arange(12) % 4
+
+
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize(("name", "params"), LOSS_CASES, ids=LOSS_IDS)
+def test_every_loss_is_nan_for_a_nan_or_infinite_embedding(name, params, density, bad):
+    loss = make_loss(name, params, density)
+    z, y = loss_batch()
+    one = z.clone()
+    one[3, 1] = NON_FINITE[bad]  # one entry of one sample
+    every = torch.full_like(z, NON_FINITE[bad])  # all-NaN contrastive was 0.25, triplet 0.2
+    for embeddings in (one, every):
+        value = loss(embeddings.requires_grad_(), y)
+        assert value.dim() == 0 and not torch.isfinite(value), f"{value} for {bad} embeddings"
+
+
+def test_the_pure_losses_are_nan_for_a_nan_embedding():
+    z, y = loss_batch()
+    z[5, 0] = math.nan
+    proxies = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    values = [fn(z, y) for fn in (contrastive_loss, npair_loss, multi_similarity_loss)]
+    values += [triplet_margin_loss(z, y, mining=mining) for mining in ("all", "semihard", "hard")]
+    values.append(proxy_anchor_loss(z, y, proxies))
+    assert all(torch.isnan(value) for value in values), values
+
+
+@pytest.mark.parametrize(
+    "fn", [contrastive_loss, triplet_margin_loss, npair_loss, multi_similarity_loss]
+)
+def test_the_nan_guard_leaves_a_finite_loss_and_its_gradient_bit_for_bit(fn):
+    z, y = loss_batch()
+    guarded = z.clone().requires_grad_()
+    bare = z.clone().requires_grad_()
+    value = fn(guarded, y)
+    expected = inspect.unwrap(fn)(bare, y)  # the loss body, without validation or guard
+    value.backward()
+    expected.backward()
+    assert torch.equal(value, expected) and torch.equal(guarded.grad, bare.grad)
+
+
+BAD_LOSS_INPUTS = {
+    "labels (B, 1)": (
+        lambda z, y: (z, y[:, None]),
+        r"labels must be 1-D \(B,\), got shape \(12, 1\) \(flatten them: labels.view\(-1\)\)",
+    ),
+    "labels (B, 2)": (lambda z, y: (z, y.repeat(2, 1).T), r"labels must be 1-D \(B,\)"),
+    "1-D embeddings": (
+        lambda z, y: (z[:, 0], y),
+        r"embeddings must be 2-D \(B, D\) with D >= 1, got shape \(12,\); one embedding is",
+    ),
+    "3-D embeddings": (lambda z, y: (z[None], y), r"got shape \(1, 12, 6\)"),
+    "no columns": (lambda z, y: (z[:, :0], y), r"D >= 1, got shape \(12, 0\)"),
+    "shorter labels": (lambda z, y: (z, y[:10]), "embeddings have 12 rows but labels has 10"),
+    "longer labels": (lambda z, y: (z[:10], y), "embeddings have 10 rows but labels has 12"),
+    "integer embeddings": (lambda z, y: (z.long(), y), "must be floating .* got dtype torch.int64"),
+    "complex embeddings": (lambda z, y: (z.cfloat(), y), "got dtype torch.complex64"),
+    "numpy embeddings": (lambda z, y: (z.numpy(), y), "embeddings must be a torch.Tensor"),
+    "list labels": (
+        lambda z, y: (z, y.tolist()),
+        r"labels must be a torch.Tensor \(B,\), got list",
+    ),
+}
+
+
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize("case", list(BAD_LOSS_INPUTS))
+@pytest.mark.parametrize(("name", "params"), LOSS_CASES, ids=LOSS_IDS)
+def test_bad_loss_inputs_are_one_value_error_saying_what_is_wrong(name, params, density, case):
+    make, message = BAD_LOSS_INPUTS[case]
+    loss = make_loss(name, params, density)
+    before = {key: value.clone() for key, value in loss.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        loss(*make(*loss_batch()))
+    after = loss.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in before.items())  # no EMA step
+
+
+@pytest.mark.parametrize(
+    "fn", [contrastive_loss, triplet_margin_loss, npair_loss, multi_similarity_loss]
+)
+def test_the_pure_losses_check_their_inputs_too(fn):
+    z, y = loss_batch()
+    with pytest.raises(ValueError, match="embeddings have 12 rows but labels has 11"):
+        fn(z, y[:11])
+    with pytest.raises(ValueError, match=r"labels must be 1-D"):
+        fn(z, y[:, None])
+
+
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize("name", ["proxy_anchor", "daal"])
+def test_a_stateful_loss_names_the_embedding_width_it_was_built_with(name, density):
+    loss = make_loss(name, {}, density, dim=6)
+    z, y = loss_batch()
+    with pytest.raises(ValueError, match="D = 5 columns but this loss was built with embedding_d"):
+        loss(z[:, :5], y)
+    proxies = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="D = 5 columns .* embedding_dim=6"):
+        proxy_anchor_loss(z[:, :5], y, proxies)
+
+
+@pytest.mark.parametrize("density", [False, "ema", "learned"])
+@pytest.mark.parametrize(("name", "params"), LOSS_CASES, ids=LOSS_IDS)
+def test_float64_embeddings_are_accepted_by_every_loss(name, params, density):
+    z, y = loss_batch(torch.float64)
+    single, double = make_loss(name, params, density), make_loss(name, params, density)
+    wide = z.clone().requires_grad_()
+    value = double(wide, y)
+    assert value.dtype == torch.float64
+    assert_close(value.float(), single(z.float(), y), rtol=1e-4, atol=1e-5)
+    value.backward()
+    assert torch.isfinite(wide.grad).all() and wide.grad.abs().sum() > 0
+    for parameter in double.parameters():  # proxies, vertices and θ stay fp32 and get a gradient
+        assert parameter.dtype == torch.float32 and torch.isfinite(parameter.grad).all()
+
+
+NAN_LOSSES = ["contrastive", "triplet", "npair", "ms", "proxy_anchor", "daal"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("loss", NAN_LOSSES)
+def test_training_on_non_finite_embeddings_stops_with_non_finite_loss_error(
+    tmp_path, tree, monkeypatch, loss, bad
+):
+    import dmlkit.train.loop as loop
+
+    armed = {"on": False}
+
+    def poisoned_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if not armed["on"]:
+                return output
+            output = output.clone()
+            output[0, 0] = NON_FINITE[bad]  # one sample's embedding, as a bad image would
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    def arm(epoch: int, step: int) -> None:
+        armed["on"] = True  # from the second step on
+
+    monkeypatch.setattr(loop, "build_model", poisoned_model)
+    density = bad == "inf"  # every loss once without and once with the regularizer
+    cfg = tiny(tree, tmp_path / "run", loss=loss, density=density, epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2/2: loss=nan"):
+        fit(cfg, on_step=arm)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- further probes (issue 14)
+
+SAMPLER_ERRORS = {
+    "p float": ({"p": 2.5}, "p must be a whole number, got 2.5"),
+    "k float (failed only in __iter__)": ({"k": 2.0}, "k must be a whole number, got 2.0"),
+    "p True (passed as 1)": ({"p": True}, "p must be a whole number, got True"),
+    "num_batches 0": ({"num_batches": 0}, "num_batches must be >= 1 or None, got 0"),
+    "seed -1 (failed only in __iter__)": ({"seed": -1}, "seed must be >= 0, got -1"),
+    "labels (5, 3) (were flattened)": ({"labels": np.zeros((5, 3), int)}, r"1-D .* \(5, 3\)"),
+}
+
+
+@pytest.mark.parametrize(("change", "message"), SAMPLER_ERRORS.values(), ids=list(SAMPLER_ERRORS))
+def test_pk_sampler_refuses_what_it_cannot_honour_when_built(change, message):
+    from dmlkit.samplers import PKBatchSampler
+
+    arguments = {"labels": np.repeat(np.arange(5), 3), "p": 2, "k": 2, **change}
+    with pytest.raises(ValueError, match=message):
+        PKBatchSampler(**arguments)
+
+
+@pytest.mark.parametrize("name", ["proxy_anchor", "daal"])
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"embedding_dim": -1}, "embedding_dim must be a whole number >= 1, got -1"),
+        ({"embedding_dim": 8.5}, "embedding_dim must be a whole number >= 1, got 8.5"),
+        ({"embedding_dim": 0}, "embedding_dim must be a whole number >= 1, got 0"),
+        ({"num_classes": 2.5}, "num_classes must be a whole number >= 1, got 2.5"),  # 3 classes
+    ],
+)
+def test_build_loss_refuses_sizes_a_stateful_loss_cannot_have(name, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        build_loss(name, **{"num_classes": 3, "embedding_dim": 4, **sizes})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embedding_dim": 8.5}, "embedding_dim must be a whole number >= 1, got 8.5"),
+        ({"embedding_dim": True}, "embedding_dim must be a whole number >= 1, got True"),
+        ({"pretrained": "no"}, "pretrained must be True or False, got 'no'"),
+        ({"backbone": ["glyphnet"]}, r"unknown backbone \['glyphnet'\]"),
+    ],
+)
+def test_build_model_says_what_is_wrong_with_its_arguments(kwargs, message):
+    arguments = {"backbone": "glyphnet", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        build_model(arguments.pop("backbone"), **arguments)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((2, 3, 32, 32), torch.uint8), ((2, 1, 32, 32), torch.float32), ((3, 32, 32), torch.float32)],
+)
+def test_the_model_names_images_it_cannot_embed(shape, dtype):
+    model = build_model("glyphnet", embedding_dim=8)
+    with pytest.raises(ValueError, match=r"images must be a floating \(B, 3, H, W\) tensor"):
+        model(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": math.inf}, "lr: must be finite, got inf"),
+        ({"density_weight": math.inf}, "density_weight: must be finite, got inf"),
+        ({"eval_ks": (True,)}, "eval_ks: expected a non-empty tuple of positive ints"),
+        ({"out_dir": ""}, "out_dir: an empty path would write into the working folder"),
+        ({"overwrite": True, "out_dir": None}, "overwrite: needs out_dir"),
+    ],
+)
+def test_config_refuses_values_that_would_fail_or_mislead_later(tree, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(tree, **overrides)
+
+
+def test_train_cli_threads_below_one_is_a_usage_error(capsys):
+    from dmlkit.train.__main__ import main as train_main
+
+    for threads in ("0", "-1"):  # -1 reached torch.set_num_threads: a RuntimeError traceback
+        with pytest.raises(SystemExit) as stopped:
+            train_main(["--threads", threads, "--epochs", "0"])
+        assert stopped.value.code == 2
+        assert f"argument --threads: must be >= 1, got {threads}" in capsys.readouterr().err
+
+
+def test_results_name_a_metric_that_is_not_a_number_and_a_source_that_is_not_a_path(tmp_path):
+    from dmlkit.results import load_runs
+
+    run = tmp_path / "sweep" / "run"
+    run.mkdir(parents=True)
+    metrics = {"recall@1": "n/a", "map@r": True, "nmi": "0.5", "pi_ratio": math.nan}
+    record = {"config": {"loss": "x"}, "metrics": metrics}
+    (run / "metrics.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning) as warned:
+        table = load_runs(tmp_path / "sweep")
+    assert math.isnan(table["recall@1"][0]) and math.isnan(table["map@r"][0])  # true was 1.0
+    assert table["nmi"][0] == 0.5
+    messages = " ".join(str(w.message) for w in warned)
+    assert "metric 'recall@1' is 'n/a', not a number" in messages and "'map@r' is True" in messages
+    assert len(warned) == 2  # a number written as text, or NaN, is read without a warning
+    for source in (5, [tmp_path, 5]):
+        with pytest.raises(ValueError, match="must be a path or a glob pattern|a path, a glob"):
+            load_runs(source)
+
+
+def test_every_test_the_readme_names_exists():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## What happens when things go wrong") :]
+    section = section[: section.index("\n## ")]
+    named = re.findall(r"`(R|test_\w+\.py)::(test_\w+)", section)
+    missing = []
+    for file, test in named:
+        source = ROOT / "tests" / ("test_reliability.py" if file == "R" else file)
+        # A name ending in "_" is a prefix followed by *: several tests.
+        if not test.endswith("_") and f"def {test}(" not in source.read_text():
+            missing.append(f"{file}::{test}")
+    assert len(named) > 40 and missing == []
 
 
 # ---------------------------------------------------------------- load (slow)

@@ -30,6 +30,8 @@ def density_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, Any]:
     """
     labels = as_labels(labels, len(embeddings))
     z = embeddings.detach().double().cpu()
+    if not torch.isfinite(z).all():  # the SVD would fail with a LinAlgError
+        raise ValueError("embeddings contain NaN or infinite values")
     classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     unit = torch.nn.functional.normalize(z, dim=1)  # cosine distance is 1 − ⟨ẑ_i, ẑ_j⟩
     sums = unit.new_zeros(len(classes), z.shape[1]).index_add_(0, inverse, unit)  # (C, D)

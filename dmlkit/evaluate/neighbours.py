@@ -218,9 +218,15 @@ def _check_inputs(queries, keys, k, exclude_self, precision) -> tuple[Tensor, Te
             f"queries {tuple(queries.shape)} on {queries.device} and keys "
             f"{tuple(keys.shape)} on {keys.device} need the same width and device"
         )
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+        raise ValueError(f"k={k!r}: must be a whole number >= 1")
     available = len(keys) - int(self_search and exclude_self)
-    if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= available:
-        raise ValueError(f"k={k} but only {available} keys are available per query")
+    if k > available and len(queries):  # no query, nothing to find: an empty answer
+        own = " (each query excluding itself)" if self_search and exclude_self else ""
+        raise ValueError(
+            f"k={k} but only {max(available, 0)} keys per query{own}: "
+            f"{len(keys)} {'points' if self_search else 'keys'} given"
+        )
     if keys.dtype != queries.dtype:  # compare like with like (float64 if either is)
         keys, queries = keys.double(), queries.double()
     return queries.contiguous(), keys.contiguous(), self_search

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +39,8 @@ def retrieval_metrics(
         ``map@r``, ``nmi`` (when asked), ``num_queries``, ``num_skipped``.
     """
     labels = as_labels(labels, len(embeddings))
+    if not all(isinstance(K, (int, np.integer)) and not isinstance(K, bool) for K in ks):
+        raise ValueError(f"ks must be whole numbers, got {list(ks)}")
     ks = sorted({int(K) for K in ks})
     if not ks or ks[0] < 1 or ks[-1] > len(embeddings) - 1:
         raise ValueError(f"ks={ks} must lie in [1, N − 1] with N={len(embeddings)}")
@@ -98,9 +101,12 @@ def r_precision_and_map(hits: Tensor, relevant: Tensor) -> dict[str, float]:
 
 
 def as_labels(labels, count: int) -> Tensor:
-    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    """(N,) int64 CPU labels; ValueError unless 1-D integer (not bool) with ``count`` entries."""
+    labels = torch.as_tensor(labels).cpu()
+    if labels.dim() != 1:  # a (N/2, 2) array would be flattened into the wrong classes
+        raise ValueError(f"labels must be 1-D (N,), got shape {tuple(labels.shape)}")
     if len(labels) != count:
         raise ValueError(f"{len(labels)} labels for {count} embeddings")
-    if labels.is_floating_point():
-        raise ValueError("labels must be integers")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     return labels.long()

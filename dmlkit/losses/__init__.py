@@ -6,7 +6,10 @@ Numerics shared by all of them: distances and exponentials are computed in fp32 
 under autocast (half inputs are cast up; float64 stays float64), ``sqrt`` only sees
 clamped arguments, exponentials go through a log-sum-exp, and a batch without a valid
 pair/triplet (an empty batch, B = 0, included) gives a graph-connected 0 with zero
-gradients — never NaN. Float, complex and bool label tensors are a ValueError.
+gradients — never NaN, unless an embedding is NaN or ±inf: then the loss is NaN (masks
+would hide it). Inputs are checked first (``dmlkit.numerics.check_batch``): embeddings
+2-D floating, labels 1-D integer of the same length on the same device, D equal to a
+stateful loss's ``embedding_dim``; anything else is a ValueError.
 
 The rooms: ``pair`` (contrastive, triplet, N-pair, Multi-Similarity), ``proxy_anchor``,
 ``daal`` (DAAL, a reconstruction), ``density`` (the density-adaptive regularizer, which

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from dmlkit.grouped import grouped_kmeans
 from dmlkit.losses.pair import PAIR_LOSSES
-from dmlkit.numerics import class_rows, masked_logsumexp, resolve_classes, safe_sqrt, upcast
+from dmlkit.numerics import (
+    checked_forward,
+    class_rows,
+    masked_logsumexp,
+    resolve_classes,
+    safe_sqrt,
+    upcast,
+)
 
 ASSIGNMENTS = ("nearest", "soft")
 
@@ -265,6 +272,7 @@ class DAALLoss(nn.Module):
         self.max_length, self.min_spread, self.init_offset = max_length, min_spread, init_offset
         self.segments, self.assign, self.temperature = segments, assign, temperature
         self.base = _resolve_base(base)
+        self.embedding_dim = embedding_dim  # checked_forward compares the inputs' D with it
         count = len(self.classes) * segments
         generator = torch.Generator().manual_seed(seed)
         centre = _unit(torch.randn(count, embedding_dim, generator=generator))
@@ -276,6 +284,7 @@ class DAALLoss(nn.Module):
         self.register_buffer("radius_seen", torch.zeros(count, dtype=torch.bool))
         self.last_terms: dict[str, Tensor] = {}
 
+    @checked_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         rows = class_rows(self.classes, labels)  # (B,)
         with torch.autocast(embeddings.device.type, enabled=False):

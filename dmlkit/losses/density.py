@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmlkit.numerics import check_labels
+from dmlkit.numerics import checked_forward
 
 
 class ClassStatistics(NamedTuple):
@@ -175,8 +175,8 @@ class DensityAdaptive(nn.Module):
             self.init_from_embeddings = base_loss.init_from_embeddings
         self.last_terms: dict[str, Tensor] = {}
 
+    @checked_forward  # a user base loss may not check, and r_c groups by label
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_labels(labels)  # a user base loss may not check, and r_c groups by label
         base = self.base_loss(embeddings, labels)
         with torch.autocast(embeddings.device.type, enabled=False):
             stats = class_statistics(embeddings, labels, eps=self.eps)
@@ -213,6 +213,11 @@ class DensityAdaptive(nn.Module):
             self.running_r.copy_(torch.where(has_classes, updated, self.running_r))
             self.num_batches_tracked.add_(has_classes.long())
         return self.alpha * self.running_r.to(mean_r.dtype)
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """The base loss's embedding_dim (None for a loss without per-class parameters)."""
+        return getattr(self.base_loss, "embedding_dim", None)
 
     def high_lr_parameters(self) -> list[nn.Parameter]:
         """The base loss's (proxies, vertices); θ of the learned τ takes the head rate."""

@@ -10,9 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmlkit.numerics import class_rows, full_precision, masked_logsumexp, resolve_classes, upcast
+from dmlkit.numerics import (
+    checked_forward,
+    checked_loss,
+    class_rows,
+    full_precision,
+    masked_logsumexp,
+    resolve_classes,
+    upcast,
+)
 
 
+@checked_loss
 def proxy_anchor_loss(
     embeddings: Tensor,
     targets: Tensor,
@@ -80,12 +89,14 @@ class ProxyAnchorLoss(nn.Module):
         super().__init__()
         self.register_buffer("classes", resolve_classes(num_classes, classes))
         self.margin, self.alpha = margin, alpha
+        self.embedding_dim = embedding_dim  # checked_forward compares the inputs' D with it
         generator = torch.Generator().manual_seed(seed)
         count = len(self.classes)
         scale = math.sqrt(2.0 / count)
         self.proxies = nn.Parameter(torch.randn(count, embedding_dim, generator=generator) * scale)
         self.last_terms: dict[str, Tensor] = {}
 
+    @checked_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         targets = class_rows(self.classes, labels)
         positive, negative = proxy_anchor_terms(

@@ -68,9 +68,17 @@ def build_loss(
     if isinstance(factory, type):
         if embedding_dim is None:
             raise ValueError(f"loss {name!r} has per-class parameters: give embedding_dim")
+        for what, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
+            # 8.5 failed deep in torch.randn; num_classes=2.5 made 3 classes.
+            if value is not None and (not _whole(value) or value < 1):
+                raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
         loss: nn.Module = factory(num_classes, embedding_dim, classes=classes, **hyperparams)
     else:
         loss = PairLoss(factory, **hyperparams)
     if density:
         loss = DensityAdaptive(loss, weight=density_weight, target=density_target, **options)
     return loss
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

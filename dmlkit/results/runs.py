@@ -77,7 +77,15 @@ def load_runs(
 
 
 def _metrics_files(source: Any) -> list[Path]:
-    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if isinstance(source, (str, os.PathLike)):
+        sources = [source]
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, Mapping)):
+        sources = list(source)
+    else:
+        raise ValueError(f"source must be a path, a glob pattern or a list of them, got {source!r}")
+    for item in sources:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ValueError(f"source: each item must be a path or a glob pattern, got {item!r}")
     found: set[Path] = set()
     for item in sources:
         path = Path(item)
@@ -105,7 +113,11 @@ def _read_run(path: Path, problems: list[str]) -> dict[str, Any] | None:
     row: dict[str, Any] = {"sweep": path.parent.parent.name, "run": path.parent.name}
     row.update(_flatten(_dict(data, "config", path, problems), keep_lists=True))
     for name, value in _flatten(_dict(data, "metrics", path, problems)).items():
-        row[f"metrics.{name}" if name in row else name] = _number(value)
+        number = math.nan if isinstance(value, bool) else _number(value)
+        if math.isnan(number) and value is not None and not isinstance(value, float):
+            # "n/a" or true would otherwise become NaN or 1.0 without a word.
+            problems.append(f"{path}: metric {name!r} is {value!r}, not a number; read as NaN")
+        row[f"metrics.{name}" if name in row else name] = number
     history = data.get("history")
     row["epochs_run"] = len(history) if isinstance(history, list) else math.nan
     for key in PROVENANCE:

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -105,8 +106,20 @@ def _piped(command: Any, args: argparse.Namespace) -> int:
         return 0
 
 
+def _check_out(parser: argparse.ArgumentParser, out: str | None) -> None:
+    """A usage error, before anything is read or run, if ``--out`` cannot be a folder."""
+    if out is None:
+        return
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        parser.error(f"--out {out}: {existing} is a file, not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_out(parser, args.out)
     skip_slow_optional_imports()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # papermill logs every notebook it inspects at INFO; the runner reports per run.

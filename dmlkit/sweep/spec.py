@@ -120,7 +120,7 @@ class SweepSpec:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep spec (``yaml.safe_load``); see docs/sweeps.md.
+    """Read and validate a sweep spec (``safe_yaml``: no tags, no key twice); see docs/sweeps.md.
 
     Raises:
         SpecError: naming the file and key, for unknown keys, a missing name/notebook, a
@@ -207,13 +207,62 @@ def _name(err, data: Mapping[str, Any]) -> str:
     return name
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (plain YAML would keep the last value)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, nested ones too.
+
+    Keys brought in by a merge (``<<: *base``) may be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first_seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = first_seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                if first is not key_node:
+                    raise _DuplicateKeyError(_duplicate_message(first, key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _duplicate_message(first: yaml.Node, second: yaml.Node) -> str:
+    lines = first.start_mark.line + 1, second.start_mark.line + 1
+    if first.value == second.value:
+        what = f"key {first.value!r} is given twice, on line {lines[0]} and line {lines[1]}"
+    else:  # e.g. 1 and true, or 1 and 1.0: one key once read
+        what = (
+            f"keys {first.value!r} (line {lines[0]}) and {second.value!r} (line {lines[1]}) "
+            "are the same key"
+        )
+    return f"{what} (YAML would keep only the last value); remove one"
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, but a key given twice in a mapping is an error."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read the spec: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
+    except _DuplicateKeyError as exc:
+        raise SpecError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -30,6 +30,7 @@ import torch
 
 from dmlkit.train.config import TrainConfig, field_docs
 from dmlkit.train.loop import fit
+from dmlkit.train.outputs import check_out_dir
 
 # Long spellings that no torchrun option starts with: torchrun's argparse expands
 # abbreviations in the whole command line, script flags included, so "--p" is ambiguous.
@@ -69,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=item.name.upper(),
             )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice)",
     )
     return parser
 
@@ -82,6 +86,16 @@ def _parser_type(hint: Any) -> Any:
     if kind is tuple:
         return _int_tuple
     return kind
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:  # torch.set_num_threads would raise a RuntimeError after parsing
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _json_dict(text: str) -> dict:
@@ -109,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         cfg = TrainConfig(**args)
+        check_out_dir(cfg)  # fit checks it too; here the refusal is a message, not a traceback
     except ValueError as error:
         sys.stderr.write(f"{error}\n")
         return 2

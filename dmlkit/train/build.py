@@ -73,9 +73,7 @@ def training_part(cfg: TrainConfig, train_split: Dataset) -> Dataset:
     ``eval_split="validation"`` those not held out for validation."""
     if cfg.eval_split != "validation":
         return train_split
-    held_out = validation_classes(
-        train_split.classes, cfg.validation_fraction, cfg.validation_seed
-    )
+    held_out = validation_classes(train_split.classes, cfg.validation_fraction, cfg.validation_seed)
     return ClassSubset(train_split, np.setdiff1d(train_split.classes, held_out))
 
 

@@ -66,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
         raise CheckpointError(
             f"cannot read checkpoint {path}: truncated, corrupted or not written by torch.save "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            "Delete it, or train with resume=False to start over."
+            "Delete it, or start over with resume=False and overwrite=True."
         ) from error
     missing = [key for key in _REQUIRED if not isinstance(state, dict) or key not in state]
     if missing or state.get("format") != FORMAT:
@@ -96,7 +96,7 @@ def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str | os.Pat
         raise CheckpointError(
             f"checkpoint {path} was written with a different configuration:\n  "
             + "\n  ".join(differences)
-            + "\nUse another out_dir, or resume=False to start over."
+            + "\nUse another out_dir, or start over with resume=False and overwrite=True."
         )
 
 
@@ -109,8 +109,8 @@ def resume_state(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]
         if cfg.resume:
             log(f"resume: no checkpoint at {path}; starting from scratch")
         return None
-    if not cfg.resume:
-        log(f"{path} exists and resume=False: starting over (it will be overwritten)")
+    if not cfg.resume:  # only with overwrite=True: check_out_dir refuses it otherwise
+        log(f"{path} exists and overwrite=True: starting over (replaced by this run's own)")
         return None
     state = load_checkpoint(path)
     check_compatible(state, cfg, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import textwrap
 import typing
@@ -27,6 +28,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "out_dir",
         "resume",
+        "overwrite",
         "progress",
         "data_root",
         "batch_size_eval",
@@ -135,7 +137,12 @@ class TrainConfig:
     out_dir: str | None = None
     """Run folder for metrics.json, embeddings.npz and checkpoint.pt; None: write nothing."""
     resume: bool = False
-    """Continue from ``out_dir/checkpoint.pt`` when it exists (else start from scratch)."""
+    """Continue from ``out_dir/checkpoint.pt`` when it exists (else start from scratch; a
+    folder with metrics.json or embeddings.npz but no checkpoint then needs ``overwrite``)."""
+    overwrite: bool = False
+    """Start over in an ``out_dir`` that holds a run's files (checkpoint.pt, metrics.json,
+    embeddings.npz), each replaced when the new run writes its own; without it (or resume)
+    such a folder is refused, naming the files."""
     progress: bool = True
     """Show a tqdm progress bar per epoch."""
 
@@ -208,7 +215,8 @@ def _value_problems(cfg: TrainConfig) -> list[str]:
             f"{', '.join(b for b in BACKBONES if b != 'glyphnet')}"
         )
     if cfg.eval_ks is not None and (
-        not cfg.eval_ks or not all(isinstance(x, int) and x >= 1 for x in cfg.eval_ks)
+        not cfg.eval_ks
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg.eval_ks)
     ):
         problems.append(f"eval_ks: expected a non-empty tuple of positive ints, got {cfg.eval_ks}")
     if cfg.device is not None:
@@ -218,8 +226,14 @@ def _value_problems(cfg: TrainConfig) -> list[str]:
             problems.append(
                 f"device: {cfg.device!r} is not a torch device (cpu, cuda, cuda:0, mps)"
             )
+    if cfg.out_dir is not None and not cfg.out_dir.strip():
+        problems.append(
+            "out_dir: an empty path would write into the working folder; None writes nothing"
+        )
     if cfg.resume and cfg.out_dir is None:
         problems.append("resume: needs out_dir (the folder holding checkpoint.pt)")
+    if cfg.overwrite and cfg.out_dir is None:
+        problems.append("overwrite: needs out_dir (the folder whose files it replaces)")
     return problems or _loss_problems(cfg)
 
 
@@ -271,6 +285,9 @@ def _size_problems(cfg: TrainConfig) -> list[str]:
     for name in ("lr_backbone_mult", "weight_decay", "density_weight", "grad_clip"):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    for name in ("lr", "lr_loss_mult", "lr_backbone_mult", "weight_decay", "density_weight"):
+        if getattr(cfg, name) == math.inf:  # the first step would make every weight NaN
+            problems.append(f"{name}: must be finite, got inf")
     return problems
 
 

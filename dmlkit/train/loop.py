@@ -99,7 +99,7 @@ def train_step(
         gather: under DDP, ``distributed.gather``: the loss then sees every rank's batch.
         grad_clip: clip the gradient norm of the optimized parameters (0: off).
     Returns: (loss, terms) as device tensors; nothing is read back to the host. The loss
-        is NaN when any embedding is non-finite.
+        is NaN when any embedding is non-finite (every dmlkit loss propagates it).
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         embeddings = model(images)  # (B, D)
@@ -116,10 +116,7 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     terms = getattr(loss_fn, "last_terms", {})
-    # Some losses mask non-finite terms out (an active mean skips NaN), so NaN embeddings
-    # could pass as a finite loss: report them as a NaN loss (no host sync).
-    reported = torch.where(torch.isfinite(embeddings).all(), loss.detach(), torch.nan)
-    return reported, {name: value.detach() for name, value in terms.items()}
+    return loss.detach(), {name: value.detach() for name, value in terms.items()}
 
 
 def fit(

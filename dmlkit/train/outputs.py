@@ -23,15 +23,18 @@ from dmlkit.io import atomic_writer, json_bytes
 from dmlkit.runtime import git_commit, library_versions
 from dmlkit.train import distributed
 from dmlkit.train.config import TrainConfig, resolve_eval_ks
-from dmlkit.train.state import EMBEDDINGS_NAME, METRICS_NAME, RunState
+from dmlkit.train.state import CHECKPOINT_NAME, EMBEDDINGS_NAME, METRICS_NAME, RunState
 
 _MODES = ("family", "style")  # glyph sub-cluster labels, in order of coarseness
 PURITY_KS = (5,)  # family purity@k beside the nearest-neighbour measure (k = 1)
 BAD_IMAGES_LOG = "bad_images.jsonl"
+# What makes a folder a run's: a new run would replace these (never notebook.ipynb, tsne/).
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, EMBEDDINGS_NAME)
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
-    """ValueError, before anything is built or written, if ``out_dir`` cannot be a folder."""
+    """ValueError, before anything is built or written, if ``out_dir`` cannot be a folder
+    or holds a run's files that this run would replace (``check_run_files``)."""
     if cfg.out_dir is None:
         return
     path = Path(cfg.out_dir)
@@ -40,6 +43,33 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise ValueError(f"out_dir: {existing} exists and is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir: cannot write in {existing} (permission denied)")
+    check_run_files(cfg, path)
+
+
+def check_run_files(cfg: TrainConfig, path: Path) -> None:
+    """ValueError naming the files of ``path`` that this run would silently replace.
+
+    A folder holding any of checkpoint.pt, metrics.json, embeddings.npz (a finished or an
+    interrupted run, or a user's own files) is refused unless ``overwrite``, or ``resume``
+    with a checkpoint to continue from. Other files (the sweep's notebook.ipynb, written
+    into the folder before the notebook runs, a tsne/ cache) never count.
+    """
+    present = [name for name in RUN_FILES if (path / name).exists()]
+    if not present or cfg.overwrite or (cfg.resume and CHECKPOINT_NAME in present):
+        return
+    message = f"out_dir: {path} already holds {', '.join(present)}, which this run would replace"
+    if CHECKPOINT_NAME in present:
+        message += (
+            ". Continue that run with resume=True (--resume), start over with overwrite=True "
+            "(--overwrite), or choose another out_dir."
+        )
+    else:
+        resuming = " (resume=True starts from scratch then)" if cfg.resume else ""
+        message += (
+            f"; there is no {CHECKPOINT_NAME} to resume from{resuming}. Replace them with "
+            "overwrite=True (--overwrite), or choose another out_dir."
+        )
+    raise ValueError(message)
 
 
 def bad_images_log(cfg: TrainConfig, stack: contextlib.ExitStack) -> Path | None:
@@ -154,6 +184,11 @@ def write_outputs(
     _write(run, out_dir / EMBEDDINGS_NAME, lambda handle: np.savez(handle, **arrays))
     # Last: a metrics.json newer than embeddings.npz marks a finished run.
     _write(run, out_dir / METRICS_NAME, lambda handle: handle.write(json_bytes(record)))
+    if run.epoch == 0 and run.checkpoint_path is not None:
+        # No epoch trained, so no checkpoint of this run: one there is an older run's
+        # (overwrite=True) and would resume that run over these outputs. Removed only now
+        # that they are written, like the files a run replaces.
+        run.checkpoint_path.unlink(missing_ok=True)
     return metrics
 
 
