@@ -18,6 +18,7 @@ from dmlkit.losses import (
     proxy_anchor_loss,
     triplet_margin_loss,
 )
+from dmlkit.numerics import safe_sqrt
 
 F64 = torch.float64
 
@@ -321,6 +322,32 @@ def test_duplicates_and_self_distance_have_finite_gradients():
     total = sum(fn(z, y) for fn in (contrastive_loss, triplet_margin_loss, multi_similarity_loss))
     total.backward()
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "squared"])
+def test_self_distance_matches_autograd_gram_form(kind):
+    # pairwise_distance(z) has its own one-matmul backward; the autograd Gram form (with a
+    # duplicated row, random weights on the entries) is the reference.
+    z, _ = _random_batch(5, n=9, dim=4, normalize=False)
+    z = torch.cat([z, z[:1]])  # rows 0 and 9 coincide
+    weights = torch.rand(10, 10, generator=torch.Generator().manual_seed(6), dtype=F64)
+
+    def gram_form(x):
+        squared = x.pow(2).sum(1)[:, None] + x.pow(2).sum(1)[None, :] - 2 * x @ x.T
+        squared = squared.clamp_min(0) * (1 - torch.eye(len(x), dtype=x.dtype))
+        return squared if kind == "squared" else safe_sqrt(squared)
+
+    def weighted(fn):
+        return lambda x: (fn(x) * weights).sum()
+
+    value, grad = _value_and_grad(weighted(lambda x: pairwise_distance(x, kind)), z)
+    ref_value, ref_grad = _value_and_grad(weighted(gram_form), z)
+    assert_close(value, ref_value)
+    assert_close(grad, ref_grad)
+    assert torch.equal(pairwise_distance(z, kind).diagonal(), torch.zeros(10, dtype=F64))
+    assert pairwise_distance(z, kind)[0, 9] == 0
+    distinct = z[:9].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: pairwise_distance(x, kind), (distinct,))
 
 
 @pytest.mark.parametrize("kind", ["euclidean", "squared", "cosine"])
