@@ -198,6 +198,22 @@ def test_hand_placed_line(fn, kwargs, expected):
     assert_close(grad, _value_and_grad(ref, LINE, LINE_LABELS, **kwargs)[1])
 
 
+@pytest.mark.parametrize("mining", ["all", "semihard"])
+@pytest.mark.parametrize("classes", [2, 7])
+def test_triplet_blocks_change_nothing(mining, classes):
+    # Two classes in 30 samples: P = 420 positive pairs × 30 negatives, many blocks.
+    z, y = _random_batch(7, n=30, dim=6, classes=classes)
+    whole = _value_and_grad(triplet_margin_loss, z, y, mining=mining)
+    for block_elements in (1, 29, 31, 1000):
+        blocked = _value_and_grad(
+            triplet_margin_loss, z, y, mining=mining, block_elements=block_elements
+        )
+        assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    reference = _value_and_grad(ref_triplet, z, y, mining=mining)
+    assert_close(whole[0], reference[0])
+    assert_close(whole[1], reference[1])
+
+
 def test_npair_hand_placed():
     # Classes 0 and 1 in order [c0, c1, c0, c1, c0 (third: ignored), c2 (single: skipped)].
     z = torch.tensor(

@@ -15,15 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmlkit.numerics import checked_batch, full_precision, masked_logsumexp, pairwise_distance
+from dmlkit.numerics import (
+    checked_batch,
+    full_precision,
+    masked_logsumexp,
+    pairwise_distance,
+    safe_sqrt,
+)
 
 MINING = ("all", "semihard", "hard")
 
 
 def _active_mean(terms: Tensor, valid: Tensor) -> Tensor:
     """Mean over the valid terms that are > 0; a graph-connected 0 when there are none."""
-    active = valid & (terms > 0)
-    return torch.where(active, terms, 0.0).sum() / active.sum().clamp_min(1)
+    kept = torch.where(valid & (terms > 0), terms, 0.0)
+    # count_nonzero, not bool .sum(): the latter widens to int64 first (~20× slower on CPU).
+    return kept.sum() / kept.count_nonzero().clamp_min(1)
 
 
 def _pair_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,9 +62,10 @@ def contrastive_loss(
     """
     dist = pairwise_distance(embeddings)  # (B, B)
     positive, negative = _pair_masks(labels)
-    power = 2 if squared else 1
-    pos_terms = (dist - pos_margin).clamp_min(0).pow(power)  # (B, B)
-    neg_terms = (margin - dist).clamp_min(0).pow(power)  # (B, B)
+    pos_terms = (dist - pos_margin).clamp_min(0)  # (B, B)
+    neg_terms = (margin - dist).clamp_min(0)  # (B, B)
+    if squared:
+        pos_terms, neg_terms = pos_terms.square(), neg_terms.square()
     # Each unordered pair appears twice (i, j) and (j, i): the active means are unchanged.
     return _active_mean(pos_terms, positive) + _active_mean(neg_terms, negative)
 
@@ -65,7 +73,12 @@ def contrastive_loss(
 @full_precision
 @checked_batch
 def triplet_margin_loss(
-    embeddings: Tensor, labels: Tensor, *, margin: float = 0.2, mining: str = "all"
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 0.2,
+    mining: str = "all",
+    block_elements: int = 1 << 22,
 ) -> Tensor:
     """Triplet loss [d(a,p) − d(a,n) + margin]_+ (Schroff et al. 2015, eq. 1).
 
@@ -75,34 +88,82 @@ def triplet_margin_loss(
             negative with d(a,n) > d(a,p), else the hardest (closest) one (Schroff et al.);
             "hard" per anchor the farthest positive and closest negative (batch-hard,
             Hermans et al. 2017).
+        block_elements: "all"/"semihard" visit the P positive pairs (a, p) in blocks of
+            at most this many (pair, negative) entries; it bounds memory and never
+            changes the value (the blocks only count and select, without gradient).
     Returns: 0-dim tensor, the active mean over the selected triplets (0 when none).
-        Euclidean distance. Memory: "all"/"semihard" hold a (P, B) matrix with P the
-        number of positive pairs — O(B²·K) for a P×K batch, O(B³) in the worst case (one
-        class); "hard" O(B²). Selecting positive pairs syncs with the host once.
+        Euclidean distance. "all"/"semihard": O(B²·D + P·B) time for the P positive
+        pairs (B·(K−1) for a P×K batch, up to ~B²/2 with two classes), O(B² +
+        block_elements) memory for every label layout, one host sync (selecting the
+        pairs). "hard": O(B²·D) time, O(B²) memory; its gradient flows through the 2·B
+        selected distances only.
     """
     if mining not in MINING:
         raise ValueError(f"unknown mining {mining!r}; valid: {', '.join(MINING)}")
-    dist = pairwise_distance(embeddings)  # (B, B)
     positive, negative = _pair_masks(labels)
     if mining == "hard":
-        farthest_pos = torch.where(positive, dist, -math.inf).amax(1)  # (B,)
-        closest_neg = torch.where(negative, dist, math.inf).amin(1)  # (B,)
-        valid = positive.any(1) & negative.any(1)
-        terms = (farthest_pos - closest_neg + margin).clamp_min(0)
-        return _active_mean(torch.where(valid, terms, 0.0), valid)
+        return _batch_hard(embeddings, positive, negative, margin)
+    dist = pairwise_distance(embeddings)  # (B, B)
     anchor, pos = positive.nonzero(as_tuple=True)  # (P,) each
-    d_ap = dist[anchor, pos][:, None]  # (P, 1)
-    d_an = dist[anchor]  # (P, B)
-    neg = negative[anchor]  # (P, B)
+    rows = max(1, block_elements // max(len(labels), 1))
     if mining == "all":
-        return _active_mean(d_ap - d_an + margin, neg)
-    harder = neg & (d_an > d_ap)
-    semihard = torch.where(harder, d_an, math.inf).amin(1, keepdim=True)  # (P, 1)
-    hardest = torch.where(neg, d_an, math.inf).amin(1, keepdim=True)  # (P, 1)
-    chosen = torch.where(harder.any(1, keepdim=True), semihard, hardest)
-    valid = neg.any(1, keepdim=True)
-    terms = (d_ap - torch.where(valid, chosen, d_ap) + margin).clamp_min(0)
-    return _active_mean(terms, valid)
+        weight, count = _all_triplet_weights(dist.detach(), anchor, pos, negative, margin, rows)
+        # Σ_active (d_ap − d_an + margin) = Σ weight·dist + margin·count, weight integer.
+        return ((weight * dist).sum() + margin * count) / count.clamp_min(1)
+    chosen, has_negative = _semihard_negatives(dist.detach(), anchor, pos, negative, rows)
+    terms = (dist[anchor, pos] - dist[anchor, chosen] + margin).clamp_min(0)  # (P,)
+    return _active_mean(terms, has_negative)
+
+
+def _batch_hard(embeddings: Tensor, positive: Tensor, negative: Tensor, margin: float) -> Tensor:
+    """Batch-hard triplet loss; the selected distances are recomputed from the rows, so
+    the gradient costs O(B·D) instead of a (B, B) backward through the distance matrix."""
+    with torch.no_grad():
+        dist = pairwise_distance(embeddings)  # (B, B)
+        farthest = torch.where(positive, dist, -math.inf).argmax(1)  # (B,)
+        closest = torch.where(negative, dist, math.inf).argmin(1)  # (B,)
+    d_ap = safe_sqrt((embeddings - embeddings[farthest]).pow(2).sum(1))  # (B,)
+    d_an = safe_sqrt((embeddings - embeddings[closest]).pow(2).sum(1))  # (B,)
+    valid = positive.any(1) & negative.any(1)
+    return _active_mean((d_ap - d_an + margin).clamp_min(0), valid)
+
+
+@torch.no_grad()
+def _all_triplet_weights(
+    dist: Tensor, anchor: Tensor, pos: Tensor, negative: Tensor, margin: float, rows: int
+) -> tuple[Tensor, Tensor]:
+    """weight (B, B) and count (0-dim) such that Σ weight·dist + margin·count is the sum
+    of the active triplet terms: weight[a, p] = +#active n of (a, p), weight[a, n] =
+    −#active p of (a, n). Integer-valued, so the blocking cannot change it."""
+    weight = torch.zeros_like(dist)  # (B, B)
+    count = torch.zeros((), dtype=torch.int64, device=dist.device)
+    for start in range(0, len(anchor), rows):
+        a, p = anchor[start : start + rows], pos[start : start + rows]  # (b,) each
+        active = negative[a] & (dist[a, p][:, None] - dist[a] + margin > 0)  # (b, B)
+        per_pair = active.sum(1, dtype=torch.int64)  # (b,)
+        weight[a, p] = per_pair.to(dist.dtype)  # (a, p) pairs are distinct
+        weight.index_add_(0, a, active.to(dist.dtype), alpha=-1)
+        count += per_pair.sum()
+    return weight, count.to(dist.dtype)
+
+
+@torch.no_grad()
+def _semihard_negatives(
+    dist: Tensor, anchor: Tensor, pos: Tensor, negative: Tensor, rows: int
+) -> tuple[Tensor, Tensor]:
+    """Per positive pair (a, p): the closest negative farther than p, else the closest
+    one (P,) index, and whether a has any negative (P,) bool."""
+    chosen = torch.zeros_like(anchor)
+    has_negative = torch.zeros_like(anchor, dtype=torch.bool)
+    for start in range(0, len(anchor), rows):
+        a, p = anchor[start : start + rows], pos[start : start + rows]  # (b,) each
+        d_an, neg = dist[a], negative[a]  # (b, B) each
+        harder = neg & (d_an > dist[a, p][:, None])  # (b, B)
+        semihard = torch.where(harder, d_an, math.inf).argmin(1)  # (b,)
+        hardest = torch.where(neg, d_an, math.inf).argmin(1)  # (b,)
+        chosen[start : start + rows] = torch.where(harder.any(1), semihard, hardest)
+        has_negative[start : start + rows] = neg.any(1)
+    return chosen, has_negative
 
 
 @full_precision
@@ -119,20 +180,20 @@ def npair_loss(
 
     Args:
         embeddings: (B, D). labels: (B,) int class ids.
-    Returns: 0-dim tensor (plain mean over pairs; 0 with no pair). O(B² + n²·D) time for
-        n pairs, O(B² + n·D) memory; selecting the pairs syncs with the host once.
+    Returns: 0-dim tensor (plain mean over pairs; 0 with no pair). O(B log B + n²·D)
+        time for n pairs, O(n² + n·D) memory; selecting the pairs syncs with the host once.
     """
-    same = labels[:, None] == labels[None, :]  # (B, B)
-    before = torch.ones_like(same).tril(-1)  # [i, j]: j comes before i
-    rank = (same & before).sum(1)  # (B,) position of each sample within its class
-    partner = same & (rank == 1)[None, :]  # (B, B) [i, second sample of i's class]
-    anchor = ((rank == 0) & partner.any(1)).nonzero(as_tuple=True)[0]  # (n,)
-    positive = partner[anchor].int().argmax(1)  # (n,) the one True per row
-    anchors, positives = embeddings[anchor], embeddings[positive]  # (n, D) each
+    # A stable sort keeps batch order within a class: a class's first two samples are
+    # neighbours in ``order``, found in O(B log B) without a (B, B) mask.
+    sorted_labels, order = torch.sort(labels, stable=True)  # (B,) each
+    repeat = sorted_labels[1:] == sorted_labels[:-1]  # (B − 1,) [i]: i + 1 same class as i
+    starts = torch.cat([repeat.new_ones(1), ~repeat[:-1]]) if len(repeat) else repeat
+    first = (starts & repeat).nonzero(as_tuple=True)[0]  # (n,) sorted positions
+    anchors, positives = embeddings[order[first]], embeddings[order[first + 1]]  # (n, D)
     logits = scale * (anchors @ positives.T)  # (n, n), targets on the diagonal
-    if len(anchor) == 0:
+    if len(first) == 0:
         return logits.sum()  # graph-connected 0
-    target = torch.arange(len(anchor), device=logits.device)
+    target = torch.arange(len(first), device=logits.device)
     loss = F.cross_entropy(logits, target)  # = mean log(1 + Σ_{j≠i} exp(s_ij − s_ii))
     if l2_reg:
         loss = loss + l2_reg * torch.cat([anchors, positives]).pow(2).sum(1).mean()
