@@ -239,8 +239,9 @@ def test_ms_hand_placed_2d(kwargs):
     assert_close(grad, ref_grad)
 
 
+# alpha=64: α(1 + δ) > EXP_BOUND, the masked log-sum-exp path.
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("kwargs", [{}, {"margin": 0.3, "alpha": 8.0}])
+@pytest.mark.parametrize("kwargs", [{}, {"margin": 0.3, "alpha": 8.0}, {"alpha": 64.0}])
 def test_proxy_anchor_matches_reference(seed, kwargs):
     z, y = _random_batch(seed, n=9, classes=3)
     g = torch.Generator().manual_seed(100 + seed)
@@ -253,6 +254,19 @@ def test_proxy_anchor_matches_reference(seed, kwargs):
     assert_close(value, ref_value)
     assert_close(grads[0], ref_grads[0])
     assert_close(grads[1], ref_grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_proxy_anchor_direct_and_log_sum_exp_paths_agree(monkeypatch, dtype):
+    z, y = _random_batch(4, n=24, dim=8, classes=5)
+    proxies = torch.randn(7, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
+    z, proxies = z.to(dtype), proxies.to(dtype).requires_grad_(True)
+    direct = _value_and_grad(proxy_anchor_loss, z, y, proxies)
+    proxies.grad = None
+    monkeypatch.setattr(losses.proxy_anchor, "EXP_BOUND", 0.0)
+    masked = _value_and_grad(proxy_anchor_loss, z, y, proxies)
+    assert_close(direct[0], masked[0])
+    assert_close(direct[1], masked[1])
 
 
 def test_proxy_anchor_hand_placed_2d():

@@ -20,6 +20,11 @@ from dmlkit.numerics import (
     upcast,
 )
 
+EXP_BOUND = 60.0
+"""Largest α(1 + |δ|) summed without subtracting a maximum: e^60 times any batch size up
+to 10^12 stays below fp32's largest value (3.4·10^38). Larger ones take the masked
+log-sum-exp (``dmlkit.numerics.masked_logsumexp``)."""
+
 
 @checked_loss
 def proxy_anchor_loss(
@@ -56,15 +61,25 @@ def proxy_anchor_terms(
         embeddings: (B, D). targets: (B,) row of each sample's proxy in 0..C−1.
         proxies: (C, D) (normalized here).
     Returns: (positive, negative) 0-dim tensors, the two sums above. O(B·C·D) time,
-        O(B·C) memory.
+        O(B·C) memory. When α(1 + |δ|) ≤ ``EXP_BOUND`` the sums of exponentials are taken
+        directly (the exponents are bounded), else through the masked log-sum-exp.
     """
     proxies = upcast(proxies)
     cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T  # (B, C)
-    own = targets[:, None] == torch.arange(len(proxies), device=targets.device)  # (B, C)
-    pos_term = masked_logsumexp(-alpha * (cos - margin), own, dim=0, add_one=True)  # (C,)
-    neg_term = masked_logsumexp(alpha * (cos + margin), ~own, dim=0, add_one=True)  # (C,)
-    with_positives = own.any(0).sum().clamp_min(1)
-    return pos_term.sum() / with_positives, neg_term.sum() / len(proxies)
+    count = len(proxies)
+    with_positives = torch.bincount(targets, minlength=count).count_nonzero().clamp_min(1)
+    if alpha * (1 + abs(margin)) > EXP_BOUND:
+        own = targets[:, None] == torch.arange(count, device=targets.device)  # (B, C)
+        pos_term = masked_logsumexp(-alpha * (cos - margin), own, dim=0, add_one=True)  # (C,)
+        neg_term = masked_logsumexp(alpha * (cos + margin), ~own, dim=0, add_one=True)  # (C,)
+        return pos_term.sum() / with_positives, neg_term.sum() / count
+    # |cos| ≤ 1 bounds every exponent by α(1 + |δ|): no overflow, no maximum to subtract,
+    # and each sample's own proxy is one entry per row, gathered rather than masked.
+    rows = torch.arange(len(targets), device=targets.device)
+    own_exp = torch.exp(-alpha * (cos[rows, targets] - margin))  # (B,)
+    pos_sum = cos.new_zeros(count).index_add(0, targets, own_exp)  # (C,)
+    neg_exp = torch.exp(alpha * (cos + margin)).index_put((rows, targets), cos.new_zeros(()))
+    return torch.log1p(pos_sum).sum() / with_positives, torch.log1p(neg_exp.sum(0)).sum() / count
 
 
 class ProxyAnchorLoss(nn.Module):
