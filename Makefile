@@ -114,9 +114,13 @@ browser-deps:
 	  echo "  DMLKIT_CHROMIUM and DMLKIT_CHROMEDRIVER, or tests/test_lab.py is skipped"; \
 	fi
 
+# Every benchmark in one table (benchmarks/report.py runs each benchmarks/bench_*.py with
+# --json): printed and written to benchmarks/results.md under the machine header.
+# `make bench BENCH_ARGS=--quick` runs the smaller grids.
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/report.py $(BENCH_ARGS)
 
 lock: $(STAMP)
 	{ echo "# Exact versions used by 'make setup' on Python 3.11, CI, the demo and the committed figures (pip -c)."; \
