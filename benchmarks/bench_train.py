@@ -1,6 +1,7 @@
 """Training throughput: ``fit``'s training step against the model's bare forward+backward.
 
     .venv/bin/python benchmarks/bench_train.py [--threads 1] [--repeats 3] [--models ...]
+        [--quick] [--json rows.json]
 
 CPU rows: glyphs-mini (64 px), batch 32×4, triplet loss, Adam, ``num_workers=0``. The
 "fit" column is the images/s that ``fit`` itself measures for its training epochs
@@ -14,7 +15,8 @@ target is ≥ 0.85 (data, sampler, loss and optimizer overhead ≤ 15 %).
 CUDA rows (only when a GPU is present): resnet50 and googlenet at 224 px, batch 128
 (32×4), bf16 autocast + channels_last, fed from JPEG files this script writes into a
 temporary ``folder`` dataset and decodes with DataLoader workers ("imagenet" transforms),
-so the input pipeline is part of what is measured.
+so the input pipeline is part of what is measured. Without a GPU they are rows that say
+"not run: no CUDA". ``--quick``: glyphnet only, one bare round before and after.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import header
+from rows import NO_CUDA, make_row, markdown_table, not_run, write_json
 
 from dmlkit.models import build_model
 from dmlkit.train import TrainConfig, fit
@@ -84,7 +88,9 @@ def measure(cfg: TrainConfig, size: int, repeats: int, bare_steps: int) -> dict:
         "device": str(device),
         "px": size,
         "batch": f"{cfg.p}×{cfg.k}",
-        "amp": cfg.amp + (" + channels_last" if cfg.channels_last else ""),
+        "amp": ("fp32" if cfg.amp == "off" else cfg.amp)
+        + (" + channels_last" if cfg.channels_last else ""),
+        "images": cfg.p * cfg.k,
         "bare img/s": bare_median,
         "fit img/s": fitted,
         "ratio": fitted / bare_median,
@@ -157,38 +163,68 @@ def cuda_configs(root: Path, out: Path) -> list[tuple[TrainConfig, int, int]]:
     ]
 
 
-def print_table(rows: list[dict]) -> None:
-    header = list(rows[0])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(" --- " for _ in header) + "|")
-    for row in rows:
-        cells = [
-            f"{v:.0f}" if k.endswith("img/s") else f"{v:.2f}" if k == "ratio" else str(v)
-            for k, v in row.items()
-        ]
-        print("| " + " | ".join(cells) + " |")
+BARE = "bare forward+backward"
+CUDA_CASES = (
+    "resnet50, 224 px, 32×4, bf16 + channels_last, JPEG decoding",
+    "googlenet, 224 px, 32×4, bf16 + channels_last, JPEG decoding",
+)
+
+
+def as_row(result: dict, threads: int) -> dict:
+    """The measurement as a rows.py row: seconds per training step, ratio = fit / bare."""
+    cuda = result["device"].startswith("cuda")
+    group = "training (CUDA)" if cuda else f"training (CPU, {threads} thread{'s' * (threads > 1)})"
+    images = result["images"]
+    return make_row(
+        group,
+        f"{result['model']}, {result['px']} px, {result['batch']}, {result['amp']}"
+        + (", JPEG decoding" if cuda else ""),
+        dmlkit_s=images / result["fit img/s"],
+        reference=BARE,
+        reference_s=images / result["bare img/s"],
+        ratio=result["fit img/s"] / result["bare img/s"],
+        target="≥ 0.85",
+        note=(
+            f"times per step of {images} images; fit {result['fit img/s']:.0f} img/s, "
+            f"bare {result['bare img/s']:.0f} img/s"
+            + ("; fit decodes the JPEG files in DataLoader workers" if cuda else "")
+        ),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=3, help="bare rounds before and after")
-    parser.add_argument("--models", nargs="+", default=["glyphnet", "resnet18"])
+    parser.add_argument("--repeats", type=int, help="bare rounds before and after (default 3)")
+    parser.add_argument("--models", nargs="+", help="CPU backbones (default glyphnet resnet18)")
+    parser.add_argument("--quick", action="store_true", help="glyphnet only, 1 bare round")
+    parser.add_argument("--json", help="also write the rows (benchmarks/rows.py) to this file")
     args = parser.parse_args()
+    models = args.models or (["glyphnet"] if args.quick else ["glyphnet", "resnet18"])
+    repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    print(header() + "\n", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        plans = cpu_configs(args.models, out)
+        plans = cpu_configs(models, out)
         if torch.cuda.is_available():
             write_jpeg_folder(out / "jpegs")
             plans += cuda_configs(out / "jpegs", out)
         for cfg, size, bare_steps in plans:
-            rows.append(measure(cfg, size, args.repeats, bare_steps))
-            print(f"measured {rows[-1]['model']} on {rows[-1]['device']}", flush=True)
-    print(f"\ntorch {torch.__version__}, {args.threads} CPU thread(s); target ratio >= 0.85\n")
-    print_table(rows)
+            result = measure(cfg, size, repeats, bare_steps)
+            rows.append(as_row(result, args.threads))
+            print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    if not torch.cuda.is_available():
+        rows += [
+            not_run("training (CUDA)", case, NO_CUDA, reference=BARE, target="≥ 0.85")
+            for case in CUDA_CASES
+        ]
+    print(f"\n{args.threads} CPU thread(s); target: fit / bare ≥ 0.85\n")
+    print(markdown_table(rows))
+    if args.json:
+        write_json(rows, args.json)
 
 
 def _synchronize(device: torch.device) -> None:
