@@ -1,16 +1,18 @@
 """Forward+backward time of every dmlkit loss beside pytorch-metric-learning's equivalent.
 
-    .venv/bin/python benchmarks/bench_losses.py [--sizes 128 512] [--repeats 15]
+    .venv/bin/python benchmarks/bench_losses.py [--sizes 128 512 2048] [--repeats 15]
+        [--quick] [--json rows.json]
 
-Batches are P×K with K = 4 (B/4 classes drawn from 196), D = 512, L2-normalized random
-embeddings. Both libraries run in one process on the same inputs, interleaved repeat by
-repeat (order alternating) after a warm-up, so load from other processes hits both
-alike; a cell is the median of the repeats and the ratio is dmlkit / PML (< 1: dmlkit
-faster). Semantics column: "same" rows give the same loss value in both libraries (the
-`value` column shows the relative difference measured here); "≈" rows have no exact PML
-equivalent and use the nearest one; "—" rows have none. The PML columns are left empty
-when pytorch-metric-learning is not installed (`.venv/bin/pip install -c constraints.txt
-pytorch-metric-learning`); CUDA columns are added when a GPU is present.
+Batches are P×K with K = 4: B/4 classes drawn from max(196, B/4) (so B = 2048 has 512
+classes, and Proxy-Anchor 512 proxies there), D = 512, L2-normalized random embeddings.
+Both libraries run in one process on the same inputs, interleaved repeat by repeat (order
+alternating) after a warm-up, so load from other processes hits both alike; a cell is the
+median of the repeats (fewer when a cell passes ``--budget`` seconds, at least 3) and the
+ratio is dmlkit / PML (< 1: dmlkit faster; target ≤ 1.0). Semantics: "same" rows give the
+same loss value in both libraries (the note gives the relative difference measured here);
+"≈" rows have no exact PML equivalent and use the nearest one; "—" rows have none and
+report dmlkit's time alone. PML columns are empty when pytorch-metric-learning is not
+installed (``make bench`` installs it); CUDA rows run when a GPU is present.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from machine import header
+from rows import NO_CUDA, make_row, markdown_table, not_run, write_json
 
 from dmlkit.losses import build_loss
 
@@ -34,7 +38,7 @@ except ImportError:  # the optional `bench` extra is not installed
     pml_losses = pml_miners = pml_distances = None
 
 DIM = 512
-NUM_CLASSES = 196  # Cars196-sized proxy and segment tables
+NUM_CLASSES = 196  # Cars196-sized proxy and segment tables (more when B/4 needs more)
 SOP_CLASSES = 11318
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -65,9 +69,9 @@ CASES = [
     Case("triplet hard", "triplet", {"mining": "hard"}, "triplet_hard", "same (BatchHardMiner)"),
     Case("npair", "npair", {}, "npair", "same"),
     Case("ms", "ms", {}, "ms", "same (with MultiSimilarityMiner)"),
-    Case("proxy_anchor (C=196)", "proxy_anchor", {}, "proxy_anchor", "same (same proxies)"),
-    Case("daal (C=196)", "daal", {}, None, "—"),
-    Case("daal (C=11318, SOP)", "daal", {}, None, "—", num_classes=SOP_CLASSES),
+    Case("proxy_anchor", "proxy_anchor", {}, "proxy_anchor", "same (same proxies)"),
+    Case("daal", "daal", {}, None, "—"),
+    Case("daal (SOP)", "daal", {}, None, "—", num_classes=SOP_CLASSES),
     Case("contrastive + density", "contrastive", {"density": True}, None, "—"),
     Case("triplet + density", "triplet", {"density": True}, None, "—"),
     Case("npair + density", "npair", {"density": True}, None, "—"),
@@ -83,7 +87,7 @@ def _pml_builders() -> dict[str, Callable[[torch.nn.Module], Loss]]:
     triplet = pml_losses.TripletMarginLoss(margin=0.2)
 
     def proxy_anchor(ours: torch.nn.Module) -> Loss:
-        theirs = pml_losses.ProxyAnchorLoss(NUM_CLASSES, DIM, margin=0.1, alpha=32)
+        theirs = pml_losses.ProxyAnchorLoss(len(ours.proxies), DIM, margin=0.1, alpha=32)
         with torch.no_grad():
             theirs.proxies.copy_(ours.proxies)
         return theirs.to(ours.proxies.device)
@@ -110,10 +114,15 @@ def _pml_builders() -> dict[str, Callable[[torch.nn.Module], Loss]]:
     }
 
 
-def make_batch(batch: int, device: torch.device, seed: int = 0) -> tuple:
-    """P×4 batch: B/4 distinct classes out of NUM_CLASSES, normalized embeddings."""
+def class_count(case: Case, batch: int) -> int:
+    """Classes the labels are drawn from (and proxies/segments): B/4 at least."""
+    return max(case.num_classes, batch // 4)
+
+
+def make_batch(batch: int, device: torch.device, num_classes: int, seed: int = 0) -> tuple:
+    """P×4 batch: B/4 distinct classes out of ``num_classes``, normalized embeddings."""
     g = torch.Generator().manual_seed(seed)
-    classes = torch.randperm(NUM_CLASSES, generator=g)[: batch // 4]
+    classes = torch.randperm(num_classes, generator=g)[: batch // 4]
     labels = classes.repeat_interleave(4)
     embeddings = torch.nn.functional.normalize(torch.randn(batch, DIM, generator=g), dim=1)
     return embeddings.to(device), labels.to(device)
@@ -137,12 +146,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(case: Case, batch: int, device: torch.device, repeats: int, warmup: int) -> dict:
-    """Median ms of dmlkit and PML, interleaved, plus the relative value difference."""
-    embeddings, labels = make_batch(batch, device)
-    ours = build_loss(
-        case.loss, num_classes=case.num_classes, embedding_dim=DIM, **case.options
-    ).to(device)
+def measure(
+    case: Case, batch: int, device: torch.device, repeats: int, warmup: int, budget: float
+) -> dict:
+    """Median seconds of dmlkit and PML, interleaved, plus the relative value difference.
+
+    Stops early once ``budget`` seconds have passed and each side has 3 timed repeats.
+    """
+    num_classes = class_count(case, batch)
+    embeddings, labels = make_batch(batch, device, num_classes)
+    ours = build_loss(case.loss, num_classes=num_classes, embedding_dim=DIM, **case.options)
+    ours = ours.to(device)
     theirs = None
     if case.pml is not None and pml_losses is not None:
         theirs = _pml_builders()[case.pml](ours)
@@ -151,6 +165,7 @@ def measure(case: Case, batch: int, device: torch.device, repeats: int, warmup: 
         a, b = ours(embeddings, labels).item(), theirs(embeddings, labels).item()
         value = abs(a - b) / max(abs(b), 1e-12)
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    started = time.perf_counter()
     for step in range(warmup + repeats):
         order = ["ours", "theirs"] if step % 2 == 0 else ["theirs", "ours"]
         for side in order:
@@ -160,58 +175,86 @@ def measure(case: Case, batch: int, device: torch.device, repeats: int, warmup: 
             elapsed = time_step(loss, embeddings, labels)
             if step >= warmup:
                 times[side].append(elapsed)
-    median = {k: 1e3 * statistics.median(v) if v else None for k, v in times.items()}
-    return {"ours": median["ours"], "theirs": median["theirs"], "value": value}
+        if step + 1 - warmup >= 3 and time.perf_counter() - started > budget:
+            break
+    median = {k: statistics.median(v) if v else None for k, v in times.items()}
+    return {
+        "ours": median["ours"],
+        "theirs": median["theirs"],
+        "value": value,
+        "repeats": len(times["ours"]),
+        "classes": num_classes,
+    }
 
 
-def _fmt(x: float | None, spec: str = ".2f") -> str:
-    return "—" if x is None else format(x, spec)
+def row_for(case: Case, batch: int, device: torch.device, result: dict, threads: int) -> dict:
+    group = f"losses ({device.type.upper()}, {threads} thread{'s' * (threads > 1)})"
+    if device.type == "cuda":
+        group = "losses (CUDA)"
+    name = case.name
+    if case.loss in ("proxy_anchor", "daal"):
+        name += f" (C = {result['classes']})"
+    notes = [case.semantics]
+    if result["value"] is not None:
+        notes.append(f"value Δ {result['value']:.1e}")
+    notes.append(f"median of {result['repeats']}")
+    has_reference = result["theirs"] is not None
+    return make_row(
+        group,
+        f"{name}, B = {batch}",
+        dmlkit_s=result["ours"],
+        reference=f"PML {_pml_version()}" if has_reference else "—",
+        reference_s=result["theirs"],
+        target="≤ 1.0" if has_reference else "—",
+        note="; ".join(notes),
+    )
+
+
+def _pml_version() -> str:
+    if pml_losses is None:
+        return "not installed"
+    import pytorch_metric_learning
+
+    return pytorch_metric_learning.__version__
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--sizes", type=int, nargs="+", help="batch sizes (default 128 512 2048)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per cell (default 15)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds per cell, roughly")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)"
     )
     parser.add_argument("--only", nargs="*", help="case names containing any of these")
+    parser.add_argument("--quick", action="store_true", help="B = 128 and 512, 5 repeats")
+    parser.add_argument("--json", help="also write the rows (benchmarks/rows.py) to this file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sizes = args.sizes or ([128, 512] if args.quick else [128, 512, 2048])
+    repeats = args.repeats or (5 if args.quick else 15)
+    torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     selected = [c for c in CASES if not args.only or any(s in c.name for s in args.only)]
-    pml_version = "not installed"
-    if pml_losses is not None:
-        import pytorch_metric_learning
-
-        pml_version = pytorch_metric_learning.__version__
+    print(header())
     print(
-        f"torch {torch.__version__}, pytorch-metric-learning {pml_version}, "
-        f"CPU threads {torch.get_num_threads()}, D = {DIM}, P×4 batches, "
-        f"median of {args.repeats} (warm-up {args.warmup}), forward+backward, ms"
+        f"- pytorch-metric-learning: {_pml_version()}\n"
+        f"- D = {DIM}, P×4 batches, median of up to {repeats} (warm-up {args.warmup}), "
+        "forward+backward\n",
+        flush=True,
     )
-    header = ["loss", "B"]
+    rows = []
     for device in devices:
-        tag = device.type.upper()
-        header += [f"dmlkit {tag}", f"PML {tag}", f"ratio {tag}"]
-    header += ["value Δ", "semantics vs PML"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for batch in args.sizes:
-        for case in selected:
-            row = [case.name, str(batch)]
-            value = None
-            for device in devices:
-                result = measure(case, batch, device, args.repeats, args.warmup)
-                ratio = None
-                if result["theirs"] is not None:
-                    ratio = result["ours"] / result["theirs"]
-                row += [_fmt(result["ours"]), _fmt(result["theirs"]), _fmt(ratio)]
-                value = result["value"] if value is None else value
-            row += [_fmt(value, ".1e"), case.semantics]
-            print("| " + " | ".join(row) + " |", flush=True)
+        for batch in sizes:
+            for case in selected:
+                result = measure(case, batch, device, repeats, args.warmup, args.budget)
+                rows.append(row_for(case, batch, device, result, torch.get_num_threads()))
+                print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    if not torch.cuda.is_available():
+        rows.append(not_run("losses (CUDA)", "every loss", NO_CUDA, target="≤ 1.0"))
+    print("\n" + markdown_table(rows))
+    if args.json:
+        write_json(rows, args.json)
 
 
 if __name__ == "__main__":
