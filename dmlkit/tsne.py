@@ -1,9 +1,10 @@
 """Barnes-Hut t-SNE coordinates (openTSNE) with an on-disk cache, and seeded subsampling.
 
 The papers' embedding maps (DAAL Figures 3-4) are Barnes-Hut t-SNE of test embeddings.
-openTSNE is deterministic for a fixed input, seed and ``n_jobs`` (``n_jobs`` matters above
-1,000 points, where the approximate kNN index is built in parallel), so the cache key covers
-the embeddings' bytes and every parameter, including ``n_jobs`` and openTSNE's version.
+openTSNE is deterministic for a fixed input, seed and ``n_jobs`` (with an approximate
+neighbour index, ``neighbors="annoy"``, the index built in parallel depends on it), so the
+cache key covers the embeddings' bytes and every parameter, including ``n_jobs`` and
+openTSNE's version.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def tsne_coordinates(
     early_exaggeration_iter: int = 250,
     theta: float = 0.5,
     metric: str = "euclidean",
-    neighbors: str = "auto",
+    neighbors: str = "exact",
     log: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Barnes-Hut t-SNE of ``embeddings`` with openTSNE, PCA initialisation, cached.
@@ -51,6 +52,10 @@ def tsne_coordinates(
             inputs change), or a folder (one ``tsne-<key>.npz`` per distinct input).
         n_iter, early_exaggeration_iter, theta, metric, neighbors: passed to
             ``openTSNE.TSNE`` (theta is the Barnes-Hut accuracy/speed trade-off).
+            ``neighbors="exact"`` finds the 3·perplexity nearest neighbours of the
+            perplexity-based affinities exactly (scikit-learn's kNN): at 8,131 × 512 it
+            takes ~1.7 s of one core where openTSNE's default above 1,000 points, the
+            approximate "annoy", takes ~7 s (``benchmarks/bench_tsne.py --settings``).
         log: optional callable for one-line progress messages (else ``logging``).
     Returns: (N, 2) float64 coordinates; identical for identical inputs and parameters.
     Complexity: O(N log N) time per iteration (Barnes-Hut), O(N · 3·perplexity) memory.

@@ -129,7 +129,7 @@ def test_folder_cache_keeps_one_file_per_input(tmp_path, fake):
         ("early_exaggeration_iter", 200),
         ("theta", 0.3),
         ("metric", "cosine"),
-        ("neighbors", "exact"),
+        ("neighbors", "annoy"),
     ],
 )
 def test_every_parameter_is_part_of_the_cache_key(tmp_path, fake, name, value):
