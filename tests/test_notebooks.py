@@ -172,9 +172,10 @@ def test_compare_and_ablation_smoke(trained_run, tmp_path):
     assert (tmp_path / "smoke_sweep_lambda.png").is_file()
     assert (tmp_path / "smoke_sweep_lambda_table.md").is_file()
     # The rule names the λ it chose (the smoke sweep has one: λ of the default config).
-    assert "Chosen λ (the highest mean recall@1 of the ema target" in (
-        tmp_path / "smoke_sweep_lambda_gain.md"
-    ).read_text()
+    assert (
+        "Chosen λ (the highest mean recall@1 of the ema target"
+        in (tmp_path / "smoke_sweep_lambda_gain.md").read_text()
+    )
 
 
 def _fake_run(folder, *, eval_split, seed, loss, label="", density=False, quality=0.0):
