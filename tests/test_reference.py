@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dmlkit.sweep.spec import load_spec
+from dmlkit.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKEFILE = (ROOT / "Makefile").read_text()
@@ -72,3 +73,19 @@ def test_the_policy_checks_can_fail(tmp_path):
     one_seed = tmp_path / "x_table.md"
     one_seed.write_text("note\n\n| loss | n | recall@1 |\n|---|---:|---|\n| triplet | 1 | 0.6 |\n")
     assert [int(r["n"]) for r in markdown_rows(one_seed)] == [1]
+
+
+def test_the_daal_test_sweep_runs_the_variant_chosen_on_validation():
+    note = (ROOT / "figures" / "daal_study_validation.md").read_text().splitlines()[0]
+    chosen = re.search(r"\): (\S+)\.$", note).group(1)
+    spec = load_spec(ROOT / "notebooks" / "sweeps" / "daal_test.yaml")
+    assert spec.grid["label"] == [chosen], f"daal_test.yaml must run {chosen}, the chosen variant"
+
+
+def test_the_training_default_weight_is_the_one_chosen_on_validation():
+    # The rule of density_ablation.yaml, applied to the committed 5-seed validation table:
+    # the λ with the highest mean Recall@1 for the ema target.
+    rows = markdown_rows(ROOT / "figures" / "density_ablation_lambda_table.md")
+    ema = [r for r in rows if r["density_target"] == "ema"]
+    best = max(ema, key=lambda r: float(r["recall@1"].split(" ± ")[0]))
+    assert TrainConfig().density_weight == pytest.approx(float(best["density_weight"]))
