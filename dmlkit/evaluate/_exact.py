@@ -22,7 +22,9 @@ u = 2⁻²⁴), plus the rounding of the output to the candidate dtype (relative
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -114,29 +116,38 @@ def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
     return operand, error + 1e-30 * dim
 
 
-def run_blocks(function: Callable[[int], None], starts: Iterable[int], device) -> None:
+def run_blocks(
+    function: Callable[[int], None], starts: Iterable[int], device, workers: int | None = None
+) -> None:
     """Call ``function(start)`` for every block start; independent blocks.
 
     On CPU they run on ``torch.get_num_threads()`` Python threads while torch's intra-op
     threads are set to 1 (restored afterwards): a block is many small ops, and each
     parallel op would pay an OpenMP barrier that costs milliseconds whenever other
-    processes share the cores. Elsewhere (CUDA) they run in order.
+    processes share the cores. Elsewhere (CUDA) they run in order. Inside
+    ``coarse_threads`` pass the worker count it yielded as ``workers``.
     """
-    with _coarse_threads(torch.device(device)) as workers:
-        if workers > 1:
-            try:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(function, starts))  # list(): re-raise worker errors
-            finally:
-                release_free_heap()  # the threads' arenas keep their freed blocks otherwise
-        else:
-            for start in starts:
-                function(start)
+    if workers is None:
+        with coarse_threads(torch.device(device)) as available:
+            return run_blocks(function, starts, device, available)
+    if workers > 1:
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(function, starts))  # list(): re-raise worker errors
+        finally:
+            release_free_heap()  # the threads' arenas keep their freed blocks otherwise
+    else:
+        for start in starts:
+            function(start)
 
 
 @contextmanager
-def _coarse_threads(device: torch.device):
-    """Yield the worker count; on CPU, torch ops run single-threaded inside."""
+def coarse_threads(device: torch.device):
+    """Yield the worker count; on CPU, torch ops run single-threaded inside.
+
+    Under load a parallel op's OpenMP barrier costs tens of milliseconds, more than a
+    whole small search: everything of a search (inputs, key index, blocks) runs inside.
+    """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads <= 1:
         yield 1
@@ -149,19 +160,34 @@ def _coarse_threads(device: torch.device):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Resolve "auto": bf16 on a CPU with AMX (bf16 matmuls ~7× fp32 there), else fp32."""
+    """Resolve "auto": bf16 on a CPU that runs bf16 matmuls fast (see below), else fp32."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cpu" and _cpu_has_amx() else "fp32"
+    return "bf16" if device.type == "cpu" and bf16_matmul_is_fast() else "fp32"
 
 
-def _cpu_has_amx() -> bool:
-    """True when oneDNN can use AMX tiles (bf16 matmuls ~7× fp32 on such CPUs)."""
-    probe = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+@functools.cache
+def bf16_matmul_is_fast() -> bool:
+    """True when this CPU multiplies bf16 matrices at least 1.5× as fast as fp32 ones.
+
+    Measured once per process (a few ms): a CPU with AMX runs them ~7× fp32, one with
+    AVX512-BF16 ~4× (Zen 4/5: fp32 through MKL's AVX2 path there), and one without bf16
+    dot-product instructions emulates them slower than fp32. Best of 3 of each, alternated,
+    so that another process on the cores does not decide it.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 512, generator=g), torch.randn(512, 512, generator=g)
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    with coarse_threads(torch.device("cpu")):  # one thread: the way the search runs them
+        for x, y in pairs.values():
+            torch.mm(x, y)  # warm-up: oneDNN builds its bf16 kernel on the first call
+        best = dict.fromkeys(pairs, math.inf)
+        for _ in range(3):
+            for dtype, (x, y) in pairs.items():
+                start = time.perf_counter()
+                torch.mm(x, y)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return 1.5 * best[torch.bfloat16] < best[torch.float32]
 
 
 def candidate_scores(

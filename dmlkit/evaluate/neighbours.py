@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from dmlkit.evaluate import _exact
+from dmlkit.evaluate._cpu_search import ThresholdSearch
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +71,44 @@ def knn(
             precision=precision,
         )
         return d.to(queries.device), i.to(queries.device)
-    queries, keys_, self_search = _check_inputs(queries, keys, k, exclude_self, precision)
-    device = queries.device
-    if len(queries) == 0:
-        empty = torch.zeros(0, k, device=device)
-        return empty.to(_output_dtype(queries)), empty.long()
-    precision = _exact.resolve_precision(precision, device)
-    search = _Search(keys_, precision, k, skip_self=self_search and exclude_self)
-    element = search.index.operand_t.element_size()
-    block = block_size or _default_block(len(keys_), element, device)
-    distances = torch.empty(len(queries), k, dtype=_output_dtype(queries), device=device)
-    indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
+    device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
+    with _exact.coarse_threads(device) as workers:
+        queries, keys_, self_search = _check_inputs(queries, keys, k, exclude_self, precision)
+        if len(queries) == 0:
+            empty = torch.zeros(0, k, device=device)
+            return empty.to(_output_dtype(queries)), empty.long()
+        skip_self = self_search and exclude_self
+        search, block, precision = _prepare(queries, keys_, k, skip_self, precision, workers)
+        block = block_size or block
+        distances = torch.empty(len(queries), k, dtype=_output_dtype(queries), device=device)
+        indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
 
-    def run(start: int) -> None:
-        rows = slice(start, start + block)
-        sq, indices[rows] = search.block(queries[rows], start)
-        distances[rows] = sq.sqrt()  # from the float64 d², rounded once
+        def run(start: int) -> None:
+            rows = slice(start, start + block)
+            sq, indices[rows] = search.block(queries[rows], start)
+            distances[rows] = sq.sqrt()  # from the float64 d², rounded once
 
-    _exact.run_blocks(run, range(0, len(queries), block), device)
+        _exact.run_blocks(run, range(0, len(queries), block), device, workers)
     log.debug(
         "knn %s: %d queries, %d keys, k=%d, %d candidates; uncertified %d, exhaustive %d",
         *(precision, len(queries), len(keys_), k, search.count),
         *(search.retried, search.exhaustive),
     )
     return distances, indices
+
+
+def _prepare(queries, keys, k, skip_self, precision, workers) -> tuple:
+    """(search, default block, resolved precision): the threshold search on CPU."""
+    device = queries.device
+    precision = _exact.resolve_precision(precision, device)
+    if device.type == "cpu":
+        # A query with more candidates than this is searched densely (bounds its work).
+        most = 4 * _candidate_count(k, precision, len(keys) - int(skip_self))
+        search = ThresholdSearch(keys, precision, k, skip_self=skip_self, max_candidates=most)
+        return search, search.default_block(len(queries), workers), precision
+    search = _Search(keys, precision, k, skip_self=skip_self)
+    element = search.index.operand_t.element_size()
+    return search, _default_block(len(keys), element, device), precision
 
 
 class _Search:
