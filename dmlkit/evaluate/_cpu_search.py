@@ -1,25 +1,25 @@
 """Exact kNN block search on CPU: every key whose candidate score passes a certified threshold.
 
-``neighbours.knn`` runs this per block of queries on worker threads. Per block:
+``neighbours.knn`` runs this per block of queries on worker threads. Per block of m queries:
 
 1. candidate scores σ̃ (m, M) with one matmul in the candidate precision (``_exact``);
-2. a threshold per query: s = the k-th largest of the chunk maxima (the columns are cut
-   into c strided chunks, so at least k keys score ≥ s), lowered by twice the certified
-   error bound E_i and the output rounding: a key scoring below it cannot be among the
-   k nearest, by the same bound as ``_exact.certified``;
-3. the candidates — every key above the threshold, read from the chunks whose maximum
-   passes — so their number adapts to each query (k plus the keys inside the error band)
-   instead of being a fixed k + margin;
-4. their float64 squared distances by sampled dot products (``torch.sparse.sampled_addmm``),
-   ordered by key so that each key row is read once per block; a duplicate key is scored
-   through its representative, so bitwise-equal keys get bitwise-equal distances;
-5. the (d², index) order by one numpy sort of integer keys (the fp32 rounding of d², then
-   the candidate's column): fp32 rounding is monotone, so this is the exact float64 order
-   unless two candidates share an fp32 value where it matters, which is checked, and such
-   rows are sorted again in float64;
+2. a threshold per query: s = the k-th largest chunk maximum (c strided columns per chunk,
+   c = 1 when k is a large part of the keys; at least k keys score ≥ s), lowered by twice
+   the certified error bound E_i and the output rounding, so that a key scoring below it
+   cannot be among the k nearest (the bound of ``_exact.certified``). Selection works on
+   the scores' bits as integers in numpy, several times faster than torch's float ops;
+3. the candidates: every key at or above the threshold — k plus the keys inside the
+   error band, a number that adapts to each query instead of a fixed k + margin;
+4. their float64 squared distances by sampled dot products (``torch.sparse.sampled_addmm``)
+   in key-major order, so that each key row is read once per block while the block's
+   float64 queries stay in cache; a duplicate key is scored through its representative
+   (bitwise-equal keys get bitwise-equal distances);
+5. the (d², index) order by one numpy sort per row of integer keys (the float64 bits of
+   d², shortened, then the candidate's position in index order), checked against the
+   float64 values; a row where shortening tied two different values is sorted again;
 6. the certificate (``_exact.certified``) with the threshold as the bound on every left-out
-   score. Uncertified queries, and searches where k is a large part of the keys, take the
-   dense float64 path (all distances, same sort).
+   score. Uncertified queries, queries with too many candidates, and searches where k is a
+   large part of the keys take the dense float64 path (all distances, same sort).
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ from torch import Tensor
 
 from dmlkit.evaluate._exact import build_key_index, certified, query_operand
 
-# Scores held per block: a few MB, so that the passes after the matmul (chunk maxima,
-# threshold tests) read them from cache.
+# Scores per block: a few MB, so that the passes after the matmul read them from cache.
 _BLOCK_SCORES = 2**21
-# float64 query rows per block: they are read once per sampled dot product, from cache.
+# float64 query rows per block: each sampled dot product reads one, from cache.
 _BLOCK_ROWS = 2**20
 _DENSE_BYTES = 2**25  # float64 distances per dense chunk
+_GATHERED = 2**18  # pair-row elements up to which the re-rank gathers rows instead
 # Dense float64 search when k is at least this part of the keys (the candidates would be
 # too large a part of them for sampled dot products to pay).
 _DENSE_FRACTION = 1 / 8
+_INT = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+_SIGN_FREE = 0x7FFF_FFFF_FFFF_FFFF
 
 
 class ThresholdSearch:
@@ -53,28 +55,24 @@ class ThresholdSearch:
     ) -> None:
         self.k, self.skip_self, self.max_candidates = k, skip_self, max_candidates
         self.index = build_key_index(keys, precision)
-        self.keys64 = keys.double()  # (M, D) the re-rank's operand (no copy if float64)
         count = len(keys)
-        available = count - int(skip_self)
-        self.dense = k >= _DENSE_FRACTION * available
+        self.dense = k >= _DENSE_FRACTION * (count - int(skip_self))
         self.chunk = _chunk_size(count, k)
         self.length = -(-count // self.chunk)  # L chunks of c strided columns
         self.width = self.chunk * self.length  # score columns, padded with −inf
-        # Candidates from the passing chunks (few) or from one pass over all scores.
-        self.gather_chunks = 8 * k * self.chunk <= count
-        self.refine = self.length < 16 * k  # chunk maxima collide often
+        self.duplicates = bool((self.index.representative != torch.arange(count)).any())
         augmented = self.index.operand_t.shape[0] > keys.shape[1]
         norms = self.index.sq_norms
         # Unequal norms not folded into σ̃ widen the band by their spread (see _threshold).
         self.spread = 0.0 if augmented else float(norms.max() - norms.min()) / 2
-        self.count = 0  # candidates, for the debug log
-        self.retried = self.exhaustive = 0
+        self.count = self.retried = self.exhaustive = 0  # for the debug log
+        self._float64_keys = None  # (M, D), see _keys64
         self._local = threading.local()
         self._lock = threading.Lock()
 
     def default_block(self, num_queries: int, threads: int) -> int:
         """Queries per block: about _BLOCK_SCORES scores, and work for every thread."""
-        dim = self.keys64.shape[1]
+        dim = self.index.keys.shape[1]
         block = min(max(64, _BLOCK_SCORES // self.width), max(16, _BLOCK_ROWS // (8 * dim)))
         return max(1, min(block, -(-num_queries // max(1, threads))))
 
@@ -84,21 +82,18 @@ class ThresholdSearch:
         own = torch.arange(start, start + m) if self.skip_self else None
         if self.dense:
             return self._dense(queries, own)
-        operand, error = query_operand(self.index, queries)
+        operand, error = query_operand(self.index, queries, own)
         scores = self._scores(operand, own)  # (m, width)
-        threshold = self._first_threshold(scores, error)  # (m,) float32
-        rows, cols = self._candidates(scores, threshold)
-        if self.refine:
-            rows, cols, threshold = self._refine(scores, error, rows, cols)
-        counts = torch.bincount(rows, minlength=m)
+        cols, rows, threshold = self._select(scores, error)  # key-major pairs; (m,) float32
+        counts = np.bincount(rows, minlength=m)
         usable = (counts >= self.k) & (counts <= self.max_candidates)
         if not usable.all():  # such rows take the dense path below
             keep = usable[rows]
-            rows, cols, counts = rows[keep], cols[keep], counts * usable
-        sq = self._sq_distances(queries, start, rows, cols)
-        padded_sq, padded_cols = _padded(rows, counts, sq, cols, self.k)
-        top_sq, top_cols = sorted_rows(padded_sq, padded_cols, self.k)
+            cols, rows, counts = cols[keep], rows[keep], counts * usable
+        sq = self._sq_distances(queries, start, torch.from_numpy(rows), torch.from_numpy(cols))
+        top_sq, top_cols = _top_k(sq, cols, rows, counts, self.k)
         q_sq = self._query_sq_norms(queries, start)
+        usable = torch.from_numpy(usable)
         ok = usable & certified(self.index, q_sq, error, threshold.double(), top_sq[:, -1])
         with self._lock:
             self.count += len(cols)
@@ -125,28 +120,47 @@ class ThresholdSearch:
             scores[torch.arange(m), own] = -math.inf
         return scores
 
-    def _first_threshold(self, scores: Tensor, error: Tensor) -> Tensor:
-        """Threshold from the k-th largest chunk maximum; keeps the chunk maxima."""
+    def _select(self, scores: Tensor, error: Tensor) -> tuple[np.ndarray, np.ndarray, Tensor]:
+        """(cols, rows) of every score ≥ its row's threshold, key-major; the thresholds.
+
+        On the scores' bits as integers: a float's bits order positive values like the
+        values, so the raw bits serve while every threshold is positive; otherwise
+        ``_order_keys`` makes them monotone.
+        """
         m = len(scores)
+        bits = scores.view(_INT[scores.dtype]).numpy()  # (m, width)
+        keys = bits
+        best = self._kth_chunk_max(keys)
+        if (best <= 0).any():
+            keys = _order_keys(bits)
+            best = self._kth_chunk_max(keys)
+        threshold = self._threshold(_key_values(best, scores.dtype), error)
+        cut = _ceil_keys(threshold, scores.dtype)
+        if keys is bits and (cut <= 0).any():
+            keys = _order_keys(bits)
+        pairs = np.flatnonzero((keys >= cut[:, None]).T)  # key-major: col·m + row
+        cols, rows = np.divmod(pairs, m)
+        return cols, rows, threshold
+
+    def _kth_chunk_max(self, keys: np.ndarray) -> np.ndarray:
+        """(m,) the k-th largest chunk maximum of each row (as keys): ≥ k keys reach it."""
+        m = len(keys)
         if self.chunk > 1:
-            chunk_max = scores.view(m, self.chunk, self.length).amax(dim=1)  # (m, L)
+            chunk_max = np.maximum.reduce(keys.reshape(m, self.chunk, self.length), axis=1)
         else:
-            chunk_max = scores
-        self._local.chunk_max = chunk_max
+            chunk_max = keys
         if self.k == 1:
-            best = chunk_max.amax(dim=1).double()
-        else:
-            values = chunk_max.float().numpy()
-            cut = values.shape[1] - self.k
-            best = torch.from_numpy(np.partition(values, cut, axis=1)[:, cut]).double()
-        return self._threshold(best, error)
+            return chunk_max.max(axis=1)
+        cut = chunk_max.shape[1] - self.k
+        return np.partition(chunk_max, cut, axis=1)[:, cut]
 
     def _threshold(self, best: Tensor, error: Tensor) -> Tensor:
         """(m,) float32 t such that a key with σ̃ < t cannot beat a key with σ̃ ≥ ``best``.
 
         A key with σ̃ ≥ best has σ ≥ L(best) − E; one with σ̃ < t has σ ≤ U(t) + E (U, L:
         the output rounding's bounds, relative u). t is the largest value with
-        U(t) + E < L(best) − E − spread − slack, rounded down to float32.
+        U(t) + E < L(best) − E − spread − slack, rounded down to float32. A row without k
+        finite scores gets +inf: no candidate, so it takes the dense path.
         """
         u = self.index.output_unit
         low = torch.where(best >= 0, best / (1 + u), best / (1 - u))
@@ -156,72 +170,53 @@ class ThresholdSearch:
         t32 = t.float()
         too_high = t32.double() > t
         t32[too_high] = torch.nextafter(t32[too_high], torch.tensor(-math.inf))
+        t32[~torch.isfinite(t32)] = math.inf
         return t32
-
-    def _candidates(self, scores: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) of every score ≥ its row's threshold, in row-major column order."""
-        if not self.gather_chunks:  # many candidates: one pass over all scores
-            return torch.nonzero(scores >= threshold[:, None]).unbind(1)
-        chunk_max = self._local.chunk_max
-        passing = chunk_max >= threshold[:, None]  # (m, L)
-        if self.chunk == 1:
-            flat = torch.nonzero(passing.view(-1)).flatten()
-        else:
-            r, j = torch.nonzero(passing).unbind(1)
-            lanes = torch.arange(self.chunk) * self.length
-            flat = (r * self.width + j)[:, None] + lanes  # (n, c) flat score indices
-            keep = scores.view(-1)[flat] >= threshold[r][:, None]
-            flat = torch.from_numpy(np.sort(flat[keep].numpy()))
-        rows = torch.div(flat, self.width, rounding_mode="floor")
-        return rows, flat - rows * self.width
-
-    def _refine(self, scores: Tensor, error: Tensor, rows: Tensor, cols: Tensor):
-        """Raise the threshold to the one of the exact k-th candidate score; drop the rest.
-
-        Chunk maxima collide when k is a large part of the chunks, so the first threshold
-        can sit well below the k-th score.
-        """
-        m = len(scores)
-        values = scores[rows, cols].float()
-        counts = torch.bincount(rows, minlength=m)
-        width = max(self.k, int(counts.max()))
-        starts = torch.cumsum(counts, 0) - counts
-        padded = torch.full((m, width), -math.inf)
-        padded[rows, torch.arange(len(rows)) - starts[rows]] = values
-        cut = width - self.k
-        best = np.partition(padded.numpy(), cut, axis=1)[:, cut]
-        threshold = self._threshold(torch.from_numpy(best).double(), error)
-        keep = values >= threshold[rows]
-        return rows[keep], cols[keep], threshold
 
     def _sq_distances(self, queries: Tensor, start: int, rows: Tensor, cols: Tensor) -> Tensor:
         """float64 d² of each (row, col) pair; duplicate keys through their representative."""
-        n, count = len(rows), len(self.index.keys)
-        key_rows = self.index.representative[cols]
-        if self.skip_self:
-            q64 = self.keys64[start : start + len(queries)]
+        key_rows = self.index.representative[cols] if self.duplicates else cols
+        if len(rows) * queries.shape[1] <= _GATHERED:  # few pairs: gather their rows
+            q64 = queries[rows].double()
+            dots = (self.index.keys[key_rows].double() * q64).sum(1)
         else:
-            q64 = queries.double()
-        # Key-major order: each key row is read once, the block's queries stay in cache.
-        bits = max(1, (n - 1).bit_length())
-        order = np.sort((key_rows << bits | torch.arange(n)).numpy())
-        pairs = torch.from_numpy(order & ((1 << bits) - 1))
+            dots = self._sampled_dots(queries, start, rows, key_rows)
+        q_sq = self._query_sq_norms(queries, start)
+        sq = q_sq[rows] + self.index.sq_norms[key_rows] - 2 * dots
+        return sq.clamp_min_(0)
+
+    def _sampled_dots(self, queries, start, rows, key_rows) -> Tensor:
+        """float64 ⟨q_row, k_key⟩ per pair (pairs in key-major order, unless duplicates
+        remapped them): each key row is read once per block and dotted with the block's
+        queries, which stay in cache."""
+        n, count = len(rows), len(self.index.keys)
+        order = None
+        if self.duplicates:  # representatives are not in key order
+            bits = max(1, (n - 1).bit_length())
+            order = np.sort((key_rows << bits | torch.arange(n)).numpy()) & ((1 << bits) - 1)
+            order = torch.from_numpy(order)
+            rows, key_rows = rows[order], key_rows[order]
+        keys64 = self._keys64()
+        q64 = keys64[start : start + len(queries)] if self.skip_self else queries.double()
         crow = torch.zeros(count + 1, dtype=torch.long)
         crow[1:] = torch.cumsum(torch.bincount(key_rows, minlength=count), 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             pattern = torch.sparse_csr_tensor(
-                crow,
-                rows[pairs],
-                torch.zeros(n, dtype=torch.float64),
-                size=(count, len(q64)),
-                check_invariants=False,
+                crow, rows, torch.zeros(n, dtype=torch.float64), size=(count, len(q64))
             )
-        dots = torch.empty(n, dtype=torch.float64)
-        dots[pairs] = torch.sparse.sampled_addmm(pattern, self.keys64, q64.T, beta=0.0).values()
-        q_sq = self._query_sq_norms(queries, start)
-        sq = q_sq[rows] + self.index.sq_norms[cols] - 2 * dots
-        return sq.clamp_min_(0)
+        dots = torch.sparse.sampled_addmm(pattern, keys64, q64.T, beta=0.0).values()
+        if order is None:
+            return dots
+        return torch.empty_like(dots).index_copy_(0, order, dots)
+
+    def _keys64(self) -> Tensor:
+        """(M, D) float64 keys, made by the first block that needs them (no copy if float64)."""
+        if self._float64_keys is None:
+            with self._lock:
+                if self._float64_keys is None:
+                    self._float64_keys = self.index.keys.double()
+        return self._float64_keys
 
     def _query_sq_norms(self, queries: Tensor, start: int) -> Tensor:
         if self.skip_self:
@@ -232,65 +227,93 @@ class ThresholdSearch:
         """All float64 distances, chunked rows, exact sort: (d² (m, k), indices (m, k))."""
         count = len(self.index.keys)
         rows = max(1, _DENSE_BYTES // (8 * count))
-        columns = torch.arange(count)
+        keys64 = self._keys64()
         parts_sq, parts_cols = [], []
         for s in range(0, len(queries), rows):
             q64 = queries[s : s + rows].double()
-            sq = q64.pow(2).sum(1, keepdim=True) + self.index.sq_norms - 2 * (q64 @ self.keys64.T)
+            sq = q64.pow(2).sum(1, keepdim=True) + self.index.sq_norms - 2 * (q64 @ keys64.T)
             sq = sq.clamp_min_(0)[:, self.index.representative]  # duplicates share one value
             if own is not None:
                 sq[torch.arange(len(sq)), own[s : s + rows]] = math.inf
-            top = sorted_rows(sq, columns.expand(len(sq), -1), self.k)
-            parts_sq.append(top[0])
-            parts_cols.append(top[1])
+            top_sq, top_cols = sorted_rows(sq, self.k)
+            parts_sq.append(top_sq)
+            parts_cols.append(top_cols)
         return torch.cat(parts_sq), torch.cat(parts_cols)
 
 
-def sorted_rows(sq: Tensor, cols: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k smallest (d², column) of each row, in that order, exactly.
+def _top_k(sq: Tensor, cols, rows, counts, k) -> tuple[Tensor, Tensor]:
+    """Per row, the k smallest (d², column) of the pairs (key-major order; a row with
+    fewer than k pairs is left with whatever its slots hold)."""
+    m = len(counts)
+    order = np.argsort(rows.astype(np.int16 if m < 2**15 else np.int32), kind="stable")
+    starts = np.cumsum(counts) - counts  # row-major now, columns ascending in each row
+    width = max(k, int(counts.max(initial=0)))
+    slots = (
+        np.arange(len(order)) - np.repeat(starts, counts) + np.repeat(np.arange(m), counts) * width
+    )
+    padded = np.full(m * width, np.inf)
+    padded[slots] = sq.numpy()[order]
+    top_sq, top_slots = sorted_rows(torch.from_numpy(padded.reshape(m, width)), k)
+    if not len(order):
+        return top_sq, top_slots
+    flat = np.minimum(starts[:, None] + top_slots.numpy(), len(order) - 1)
+    return top_sq, torch.from_numpy(cols[order[flat]])
 
-    sq: (m, w) float64 ≥ 0 (+inf for padding); cols: (m, w) int64, ascending along each
-    row (so a tie in d² goes to the lower column by position). One numpy sort of
-    ``fp32(d²) bits << b | position``: fp32 rounding is monotone, so the order is exact
-    wherever the first k fp32 values are float64-ordered and the k-th and (k+1)-th differ
-    in fp32; the other rows (ties in fp32 that float64 separates) are sorted in float64.
+
+def sorted_rows(sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, positions) of the k smallest of each row of ``sq`` (m, w) float64 ≥ 0, in
+    (value, position) order — the exact order, ties to the lower position.
+
+    One numpy sort per row of int64 keys ``(d² bits >> b) << b | position`` (b bits hold a
+    position; the bits of a non-negative double order like its value, and dropping the
+    last b keeps that order, only tying values closer than ~2⁻⁴⁰ relative). A row whose
+    first k float64 values are out of order, or whose k-th and (k+1)-th keys tie, is
+    sorted again in float64.
     """
     m, w = sq.shape
     bits = max(1, (w - 1).bit_length())
-    high = sq.float().view(torch.int32).long() & 0x7FFFFFFF  # −0.0 sorts as +0.0
-    key = np.sort((high << bits | torch.arange(w)).numpy(), axis=1)[:, : min(w, k + 1)]
-    key = torch.from_numpy(key)
-    pos = key & ((1 << bits) - 1)
-    top_sq, top_cols = sq.gather(1, pos[:, :k]), cols.gather(1, pos[:, :k])
-    exact = (top_sq[:, 1:] >= top_sq[:, :-1]).all(1)
+    high = (sq.numpy().view(np.int64) & _SIGN_FREE) >> bits  # −0.0 sorts as +0.0
+    key = np.sort(high << bits | np.arange(w), axis=1)[:, : min(w, k + 1)]
+    pos = torch.from_numpy(key[:, :k] & ((1 << bits) - 1))
+    top = sq.gather(1, pos)
+    exact = (top[:, 1:] >= top[:, :-1]).all(1)
     if w > k:
-        exact &= (key[:, k - 1] >> bits) < (key[:, k] >> bits)
+        exact &= torch.from_numpy((key[:, k - 1] >> bits) < (key[:, k] >> bits))
     if not exact.all():
         redo = torch.nonzero(~exact).flatten()
-        order = sq[redo].sort(dim=1, stable=True).indices[:, :k]
-        top_sq[redo], top_cols[redo] = sq[redo].gather(1, order), cols[redo].gather(1, order)
-    return top_sq, top_cols
+        pos[redo] = sq[redo].sort(dim=1, stable=True).indices[:, :k]
+        top[redo] = sq[redo].gather(1, pos[redo])
+    return top, pos
 
 
-def _padded(
-    rows: Tensor, counts: Tensor, sq: Tensor, cols: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """Row-major pairs as (m, max(k, max count)) tensors: d² padded with +inf, columns −1."""
-    m, width = len(counts), max(k, int(counts.max()) if len(counts) else 0)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(len(rows)) - starts[rows]
-    padded_sq = torch.full((m, width), math.inf, dtype=torch.float64)
-    padded_cols = torch.full((m, width), -1, dtype=torch.long)
-    padded_sq[rows, pos] = sq
-    padded_cols[rows, pos] = cols
-    return padded_sq, padded_cols
+def _order_keys(bits: np.ndarray) -> np.ndarray:
+    """Integers ordered like the floats whose bits they are (an involution: the negative
+    values' magnitude bits flipped); −0.0 sorts just below +0.0."""
+    return bits ^ ((bits >> (8 * bits.itemsize - 1)) & np.iinfo(bits.dtype).max)
+
+
+def _key_values(keys: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """float64 values of keys from ``_order_keys`` (or raw bits of positive values)."""
+    bits = torch.from_numpy(_order_keys(np.ascontiguousarray(keys)))
+    return bits.view(dtype).double()
+
+
+def _ceil_keys(threshold: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """(m,) the smallest key whose value is ≥ the float32 threshold (+inf: above all)."""
+    rounded = threshold.to(dtype)
+    below = (rounded.float() < threshold).numpy()
+    keys = _order_keys(rounded.view(_INT[dtype]).numpy()) + below
+    # A zero threshold must let −0.0 pass too: its key is the one just below +0.0's.
+    keys[(rounded == 0).numpy() & ~below] = -1
+    keys[np.isposinf(threshold.numpy())] = np.iinfo(keys.dtype).max
+    return keys
 
 
 def _chunk_size(count: int, k: int) -> int:
-    """c ≈ sqrt(M / k), a power of 2 in [1, 64], with at least 2k chunks (1: no chunks)."""
-    if count < 4 * k:
-        return 1
-    c = 2 ** max(0, min(6, round(math.log2(math.sqrt(count / k)))))
-    while c > 1 and count // c < 2 * k:
+    """Columns per chunk: a power of 2 ≤ 64 leaving at least 16k chunks, so that the k
+    largest scores rarely share one (else the k-th chunk maximum sits below the k-th
+    score and lets more candidates through); 1 (no chunks) when that is impossible."""
+    c = 64
+    while c > 1 and count // c < 16 * k:
         c //= 2
     return c

@@ -58,6 +58,10 @@ class KeyIndex:
     accumulation_unit: float  # u of the γ-bound of the accumulation
     output_unit: float  # relative rounding of the score output (bf16), else 0
     representative: Tensor  # (M,) lowest index of a bitwise-equal key vector
+    # Per key, when the operand is the key itself (no norm coordinates): upper bounds of
+    # ||x̃_k|| and ||x_k − x̃_k|| (M,) float64 — a query that is key j reuses them.
+    operand_norms: Tensor | None = None
+    residual_norms: Tensor | None = None
 
 
 def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
@@ -72,9 +76,14 @@ def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
     augmented = (n_max - n_min) > _NORM_SPREAD * max(n_max, 1e-30)
     offset = sq_norms.mean().item() if augmented else n_min
     shift = (-(sq_norms - offset) / 2)[:, None] if augmented else None  # (M, 1) float64
+    norms = residuals = None
     if shift is None and keys.dtype == dtype:
         # fp32 matmuls do not mind a transposed view, so the fp32 keys are not copied.
         operand_t, norm, residual = keys.T, math.sqrt(n_max), 0.0
+        norms, residuals = sq_norms.sqrt(), torch.zeros_like(sq_norms)
+    elif shift is None and keys.dtype == torch.float32:
+        operand_t, norms, residuals = _round_keys_t(keys, dtype)
+        norm, residual = norms.max().item(), residuals.max().item()
     else:
         # bf16 matmuls (oneDNN) run about 2× faster on a contiguous (D', M) operand.
         operand_t, norm, residual = _round_operand_t(keys, shift, dtype)
@@ -89,13 +98,18 @@ def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
         input_unit=input_unit,
         accumulation_unit=accumulation_unit,
         output_unit=_BF16_UNIT if dtype == torch.bfloat16 else 0.0,
-        representative=duplicate_representatives(keys),
+        representative=duplicate_representatives(keys, sq_norms),
+        operand_norms=norms,
+        residual_norms=residuals,
     )
 
 
-def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
+def query_operand(
+    index: KeyIndex, queries: Tensor, rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Queries in candidate precision (with ones for the norm coordinates), and E_i.
 
+    rows: when the queries are the keys at these indices, their norms come from the index.
     Returns: operand (m, D'), error (m,) float64 — the bound on |σ̃_acc − σ| per query
     before output rounding.
     """
@@ -103,8 +117,11 @@ def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
     extra = index.operand_t.shape[0] - queries.shape[1]
     exact = torch.cat([queries, queries.new_ones(len(queries), extra)], 1) if extra else queries
     operand = exact.to(dtype)
-    residual = (exact.double() - operand.double()).norm(dim=1)  # (m,) ||δx_q||
-    norm = operand.double().norm(dim=1)  # (m,) ||x̃_q||
+    if rows is not None and index.operand_norms is not None:
+        norm, residual = index.operand_norms[rows], index.residual_norms[rows]
+    else:
+        residual = (exact.double() - operand.double()).norm(dim=1)  # (m,) ||δx_q||
+        norm = operand.double().norm(dim=1)  # (m,) ||x̃_q||
     dim = operand.shape[1] + 1  # +1: the final rounding of an fp32 output
     nu = dim * index.accumulation_unit
     gamma = nu / (1 - nu) if nu < 1 else math.inf  # no bound: the certificate fails
@@ -313,13 +330,18 @@ def exhaustive_sq_distances(
     return sq
 
 
-def duplicate_representatives(keys: Tensor) -> Tensor:
-    """(M,) for each key the lowest index of a key with the same values (−0.0 == +0.0)."""
+def duplicate_representatives(keys: Tensor, sq_norms: Tensor | None = None) -> Tensor:
+    """(M,) for each key the lowest index of a key with the same values (−0.0 == +0.0).
+
+    sq_norms: the keys' float64 squared norms, if at hand: a row's norm depends only on its
+    values, so its bits are a hash; only rows that share a norm are hashed again by their
+    bits (the norms of distinct random vectors almost never coincide).
+    """
     count = len(keys)
     rep = torch.arange(count, device=keys.device)
     if count < 2:
         return rep
-    hashes = _row_hashes(keys)
+    hashes = _row_hashes(keys) if sq_norms is None else _norm_hashes(keys, sq_norms)
     order = torch.argsort(hashes, stable=True)  # equal hashes stay in index order
     sorted_hash = hashes[order]
     starts = torch.ones(count, dtype=torch.bool, device=keys.device)
@@ -340,6 +362,20 @@ def duplicate_representatives(keys: Tensor) -> Tensor:
         lowest = lowest.scatter_reduce(0, inverse, members, reduce="amin")
         rep[members] = lowest[inverse]
     return rep
+
+
+def _norm_hashes(keys: Tensor, sq_norms: Tensor) -> Tensor:
+    """(M,) int64: the norms' bits, plus the bit hash for rows whose norm is shared."""
+    hashes = sq_norms.view(torch.int64).clone()
+    ordered, order = hashes.sort()
+    tied = ordered[1:] == ordered[:-1]
+    shared = torch.zeros(len(hashes), dtype=torch.bool, device=keys.device)
+    shared[order[1:][tied]] = True
+    shared[order[:-1][tied]] = True
+    rows = torch.nonzero(shared).flatten()
+    if len(rows):
+        hashes[rows] += _row_hashes(keys[rows])  # wraps mod 2⁶⁴, like the hash itself
+    return hashes
 
 
 def _row_hashes(values: Tensor, rows: int = 4096) -> Tensor:
@@ -384,6 +420,33 @@ def _round_operand_t(
         best_norm = max(best_norm, rounded64.norm(dim=1).max().item())
         best_residual = max(best_residual, (exact - rounded64).norm(dim=1).max().item())
     return operand_t, best_norm, best_residual
+
+
+def _round_keys_t(keys: Tensor, dtype: torch.dtype, rows: int = 4096):
+    """fp32 keys rounded to ``dtype`` as a contiguous (D, M) tensor, and per key upper
+    bounds of ||x̃_k|| and ||x_k − x̃_k|| (M,) float64 — in fp32, a chunk at a time (the
+    difference of an fp32 value and its rounding is exact in fp32)."""
+    operand_t = keys.new_empty(keys.shape[1], len(keys), dtype=dtype)
+    norms, residuals = [], []
+    for s in range(0, len(keys), rows):
+        rounded = keys[s : s + rows].to(dtype)
+        operand_t[:, s : s + rows] = rounded.T
+        back = rounded.float()
+        norms.append(_norm_bound(back))
+        residuals.append(_norm_bound(keys[s : s + rows] - back))
+    return operand_t, torch.cat(norms), torch.cat(residuals)
+
+
+def _norm_bound(x: Tensor) -> Tensor:
+    """(rows,) float64 upper bounds of the fp32 rows' Euclidean norms, computed in fp32.
+
+    fp32 sums of D squares and the square root err by at most (D + 2)/2 · 2⁻²⁴ relative
+    (Higham §3.1); the factor takes four times that, the absolute term squares that
+    underflow.
+    """
+    dim = x.shape[1]
+    norm = torch.linalg.vector_norm(x, dim=1).double()
+    return norm * (1 + (dim + 4) * 2.0**-23) + 2.0**-70 * math.sqrt(dim)
 
 
 def _hardware_units(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:

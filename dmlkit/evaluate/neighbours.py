@@ -223,7 +223,9 @@ def _check_inputs(queries, keys, k, exclude_self, precision) -> tuple[Tensor, Te
     for name, x in zip(("queries", "keys"), tensors, strict=False):
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
             raise ValueError(f"{name} must be a 2-D floating tensor")
-        if not torch.isfinite(x).all():
+        # A float64 sum of fp32 values cannot overflow: it is finite iff they all are.
+        finite = x.sum(1, dtype=torch.float64) if x.dtype != torch.float64 else x
+        if not torch.isfinite(finite).all():
             raise ValueError(f"{name} contain NaN or infinite values")
     queries = queries if queries.dtype in (torch.float32, torch.float64) else queries.float()
     keys = queries if self_search else keys
