@@ -127,12 +127,12 @@ def same_up_to_ties(x: torch.Tensor, found: torch.Tensor, reference: torch.Tenso
     reference = reference[:, : found.shape[1]].long()
     same = (found == reference).all(1)
     rows = torch.nonzero(~same).flatten()
-    if len(rows):
-        x64 = x.double()
-        q = x64[rows][:, None, :]
-        mine = (q - x64[found[rows]]).pow(2).sum(-1).sort(1).values
-        theirs = (q - x64[reference[rows]]).pow(2).sum(-1).sort(1).values
-        same[rows] = (mine == theirs).all(1)
+    x64 = x.double()
+    for part in rows.split(max(1, 2**22 // (found.shape[1] * x.shape[1]))):
+        q = x64[part][:, None, :]  # (rows, 1, D): float64 (q − k)² like the reference
+        mine = (q - x64[found[part]]).pow(2).sum(-1).sort(1).values
+        theirs = (q - x64[reference[part]]).pow(2).sum(-1).sort(1).values
+        same[part] = (mine == theirs).all(1)
     return same
 
 

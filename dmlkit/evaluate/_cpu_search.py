@@ -76,7 +76,10 @@ class ThresholdSearch:
         """Queries per block: about _BLOCK_SCORES scores, and work for every thread."""
         dim = self.index.keys.shape[1]
         block = min(max(64, _BLOCK_SCORES // self.width), max(16, _BLOCK_ROWS // (8 * dim)))
-        return max(1, min(block, -(-num_queries // max(1, threads))))
+        # As many blocks for every thread: the last one would otherwise run alone.
+        threads = max(1, threads)
+        blocks = -(-max(1, num_queries // block) // threads) * threads
+        return max(1, -(-num_queries // blocks))
 
     def block(self, queries: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """(d² (m, k) float64, indices (m, k)) of the block of queries starting at ``start``."""
@@ -228,8 +231,10 @@ class ThresholdSearch:
         parts_sq, parts_cols = [], []
         for s in range(0, len(queries), rows):
             q64 = queries[s : s + rows].double()
-            sq = q64.pow(2).sum(1, keepdim=True) + self.index.sq_norms - 2 * (q64 @ keys64.T)
-            sq = sq.clamp_min_(0)[:, self.index.representative]  # duplicates share one value
+            sq = torch.addmm(self.index.sq_norms, q64, keys64.T, alpha=-2)
+            sq = sq.add_(q64.pow(2).sum(1, keepdim=True)).clamp_min_(0)
+            if self.duplicates:
+                sq = sq[:, self.index.representative]  # duplicates share one value
             if own is not None:
                 sq[torch.arange(len(sq)), own[s : s + rows]] = math.inf
             top_sq, top_cols = sorted_rows(sq, self.k)
@@ -267,7 +272,10 @@ def sorted_rows(sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
     m, w = sq.shape
     bits = max(1, (w - 1).bit_length())
     high = (sq.numpy().view(np.int64) & _SIGN_FREE) >> bits  # −0.0 sorts as +0.0
-    key = np.sort(high << bits | np.arange(w), axis=1)[:, : min(w, k + 1)]
+    key = high << bits | np.arange(w)
+    if 4 * k < w:  # the k + 1 smallest first (the keys are distinct), then sort those
+        key = np.partition(key, k, axis=1)[:, : k + 1]
+    key = np.sort(key, axis=1)[:, : min(w, k + 1)]
     pos = torch.from_numpy(key[:, :k] & ((1 << bits) - 1))
     top = sq.gather(1, pos)
     exact = (top[:, 1:] >= top[:, :-1]).all(1)
@@ -306,8 +314,9 @@ def _ceil_keys(threshold: Tensor, dtype: torch.dtype) -> np.ndarray:
 def _chunk_size(count: int, k: int) -> int:
     """Columns per chunk: a power of 2 ≤ 64 leaving at least 16k chunks, so that the k
     largest scores rarely share one (else the k-th chunk maximum sits below the k-th
-    score and lets more candidates through); 1 (no chunks) when that is impossible."""
-    c = 64
+    score and lets more candidates through); 1 (no chunks) when that is impossible, and
+    for k = 1 (the row maximum is one pass either way)."""
+    c = 64 if k > 1 else 1
     while c > 1 and count // c < 16 * k:
         c //= 2
     return c
