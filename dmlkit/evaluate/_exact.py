@@ -1,17 +1,19 @@
-"""Building blocks of the exact kNN search: candidate scores, selection, re-ranking.
+"""Building blocks of the exact kNN search: key index, candidate scores, error bound, certificate.
 
 The search ranks keys by the exact squared distance d²_ij = ||q_i||² + ||k_j||² − 2⟨q_i,k_j⟩
 evaluated in float64 from the (float32) inputs, ties broken by the lower key index, and
 bitwise-equal key vectors always tied. To get there fast it
 
 1. scores a block of queries against all keys with one matmul in a *candidate precision*
-   (bf16 on CPUs with AMX, else fp32): σ_ij ≈ ⟨q_i,k_j⟩ − (||k_j||² − n̄)/2, larger = closer;
-2. keeps the ``kc`` best-scored keys per query (chunk maxima, then topk: no full sort);
+   (bf16 where a one-time probe finds it fast, else fp32): σ_ij ≈ ⟨q_i,k_j⟩ −
+   (||k_j||² − n̄)/2, larger = closer;
+2. keeps candidates — on CPU every key above a certified per-query threshold
+   (``_cpu_search``), on CUDA the ``kc`` best-scored keys (chunk maxima, then topk);
 3. re-ranks those candidates with float64 distances;
 4. *certifies* each query: every key left out has, by a rigorous bound on the error of
    step 1, a true distance strictly larger than the k-th re-ranked one. Queries that fail
-   (near-ties across the cut, many duplicates) are searched again in fp32 and, failing
-   that, exhaustively in float64. So the result never depends on the candidate precision.
+   are searched again (CUDA: in fp32, then exhaustively; CPU: densely in float64). So
+   the result never depends on the candidate precision.
 
 Error bound of a candidate score (Higham, "Accuracy and Stability of Numerical
 Algorithms", §3.1): with x̃ the operand rounded to the candidate dtype and δx = x − x̃,
@@ -39,9 +41,6 @@ _FP32_UNIT = 2.0**-24
 _BF16_UNIT = 2.0**-8
 # Norms spread by more than this (relative) are folded into the candidate score.
 _NORM_SPREAD = 1e-4
-# float64 candidate rows staged at once: L2-sized on CPU, large on a GPU (fewer launches).
-_GATHER_BYTES = {"cpu": 2**20}
-_GATHER_BYTES_OTHER = 2**28
 
 
 @dataclass
@@ -187,10 +186,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def bf16_matmul_is_fast() -> bool:
     """True when this CPU multiplies bf16 matrices at least 1.5× as fast as fp32 ones.
 
-    Measured once per process (a few ms): a CPU with AMX runs them ~7× fp32, one with
-    AVX512-BF16 ~4× (Zen 4/5: fp32 through MKL's AVX2 path there), and one without bf16
-    dot-product instructions emulates them slower than fp32. Best of 3 of each, alternated,
-    so that another process on the cores does not decide it.
+    Measured once per process (a few ms, on one thread, as the search runs them): a CPU
+    with AMX runs them ~7× fp32, the AMD EPYC with AVX512-BF16 of the benchmarks ~4.5×,
+    and one without bf16 dot-product instructions emulates them slower than fp32. Best
+    of 3 of each, alternated, so that another process on the cores does not decide it.
+    The result never depends on it (the search is exact either way), only the speed.
     """
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(128, 512, generator=g), torch.randn(512, 512, generator=g)
@@ -244,55 +244,6 @@ def select_candidates(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     return values, columns
 
 
-def exact_sq_distances(index: KeyIndex, queries: Tensor, columns: Tensor) -> Tensor:
-    """float64 d² (m, kc) of each query to its candidate keys, duplicates made equal.
-
-    Memory-bound (m·kc key rows are read), so the gathers go, a few queries at a time,
-    into reused buffers (~1 MiB on CPU) that stay in cache for the float64 products
-    (fp32 products are exact in float64; the sums err by ≤ D·2⁻⁵³ relative).
-    """
-    m, count = columns.shape
-    width = index.keys.shape[1]
-    budget = _GATHER_BYTES.get(queries.device.type, _GATHER_BYTES_OTHER)
-    rows = max(1, min(m, budget // (8 * count * width)))
-    staged = index.keys.new_empty(rows * count, width)
-    wide = torch.empty(rows * count, width, dtype=torch.float64, device=queries.device)
-    dots = torch.empty(m, count, 1, dtype=torch.float64, device=queries.device)
-    q64 = queries.double()
-    for start in range(0, m, rows):
-        stop = min(m, start + rows)
-        used = (stop - start) * count
-        torch.index_select(index.keys, 0, columns[start:stop].reshape(-1), out=staged[:used])
-        gathered = wide[:used].copy_(staged[:used]).view(stop - start, count, width)
-        torch.bmm(gathered, q64[start:stop, :, None], out=dots[start:stop])
-    sq = (q64.pow(2).sum(1, keepdim=True) + index.sq_norms[columns]) - 2 * dots[..., 0]
-    return canonical_ties(sq.clamp_min(0), index.representative[columns])
-
-
-def canonical_ties(sq: Tensor, reps: Tensor) -> Tensor:
-    """Give every candidate the value of the first candidate with the same representative.
-
-    Bitwise-equal keys have equal distances in exact arithmetic; gathered dot products
-    could differ in the last bit, so they are made identical here. sq, reps: (m, kc).
-    """
-    order = reps.argsort(dim=1, stable=True)
-    sorted_reps = reps.gather(1, order)
-    starts = torch.ones_like(sorted_reps, dtype=torch.bool)
-    starts[:, 1:] = sorted_reps[:, 1:] != sorted_reps[:, :-1]
-    positions = torch.arange(sq.shape[1], device=sq.device).expand_as(sq)
-    first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
-    canonical = sq.gather(1, order).gather(1, first)
-    return torch.empty_like(sq).scatter_(1, order, canonical)
-
-
-def sort_by_distance(sq: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort each row by (d², index): index order first, then a stable sort on d²."""
-    by_index = columns.argsort(dim=1)
-    sq, columns = sq.gather(1, by_index), columns.gather(1, by_index)
-    by_dist = sq.argsort(dim=1, stable=True)
-    return sq.gather(1, by_dist), columns.gather(1, by_dist)
-
-
 def certified(
     index: KeyIndex, q_sq_norms: Tensor, error: Tensor, worst_kept: Tensor, kth_sq: Tensor
 ) -> Tensor:
@@ -309,25 +260,6 @@ def certified(
     n_max = index.sq_norms.max()
     scale = q_sq_norms + n_max + 2 * (q_sq_norms * n_max).sqrt()
     return lower - 4 * (index.keys.shape[1] + 2) * 2.0**-53 * scale > kth_sq
-
-
-def exhaustive_sq_distances(
-    index: KeyIndex, queries: Tensor, self_rows: Tensor | None, key_rows: int = 8192
-) -> Tensor:
-    """float64 d² (m, M) to every key, duplicates tied, own key +inf. O(m·M) memory."""
-    q64 = queries.double()
-    dots = torch.cat(
-        [
-            q64 @ index.keys[s : s + key_rows].double().T
-            for s in range(0, len(index.keys), key_rows)
-        ],
-        dim=1,
-    )  # (m, M), float64 keys converted a chunk at a time
-    sq = q64.pow(2).sum(1, keepdim=True) + index.sq_norms[None, :] - 2 * dots
-    sq = sq.clamp_min(0)[:, index.representative]  # bitwise-equal keys share one value
-    if self_rows is not None:
-        sq[torch.arange(len(sq), device=sq.device), self_rows] = math.inf
-    return sq
 
 
 def duplicate_representatives(keys: Tensor, sq_norms: Tensor | None = None) -> Tensor:
