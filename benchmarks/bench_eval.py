@@ -1,17 +1,29 @@
-"""Exact kNN retrieval at SOP scale: dmlkit vs sklearn, faiss-cpu and pytorch-metric-learning.
+"""Exact kNN and k-means + NMI: dmlkit against faiss-cpu, side by side in the same process.
 
-    python benchmarks/bench_eval.py                      # N = 10,000 and 60,502, D = 512
-    python benchmarks/bench_eval.py --sizes 10000 --repeats 1 --nmi
+    python benchmarks/bench_eval.py                                  # full grid + NMI row
+    python benchmarks/bench_eval.py --sizes 8131 --dims 512 --ks 100 --no-nmi
+    python benchmarks/bench_eval.py --nmi-only --json bench_eval.json
 
-Data: unit-norm embeddings drawn as a mixture of many small classes (SOP-like: about
-5.4 items per class, grouped under 12 super-classes so that near neighbours are dense),
-seeded. Every method runs in a fresh subprocess (so its peak RSS is its own), on all CPU
-threads, and must return the 100 nearest neighbours of every item among the others.
-Columns: seconds (median of --repeats, data generation excluded), peak RSS of the
-process (data included), Recall@1/10/100, and whether they are identical to the exact
-reference (float64 brute force, ties by lower index, computed once per size).
-faiss-cpu / pytorch-metric-learning rows are skipped when not installed
-(``pip install -c constraints.txt faiss-cpu pytorch-metric-learning``).
+kNN grid: N ∈ {1,000; 5,924; 8,131; 10,000; 60,502} × D ∈ {128, 512} × k ∈ {1, 100, 1000}
+(k capped at N − 1): all-vs-all self-retrieval as ``retrieval_metrics`` runs it (queries =
+keys = the N items, self excluded). Data: SOP-like unit-norm embeddings (``sop_like``),
+seeded. Each case runs in a fresh subprocess where dmlkit's ``knn`` and faiss
+``IndexFlatIP`` (k + 1 neighbours, self dropped) alternate — one untimed warm-up each for
+N < 50,000, then ``--repeats`` timed rounds, the order swapped every round — on the same
+thread count (torch and faiss OpenMP: ``--threads``, default all cores); seconds are
+medians, ratio = dmlkit / faiss. "identical": dmlkit's neighbours equal the float64
+reference (brute force, ties by lower index; a difference among equal distances does not
+count); faiss's share of rows with the reference's neighbour set is in the note. At N =
+60,502 separate processes run dmlkit's ``knn`` and faiss once each and report their peak
+RSS (VmHWM, 10^9 bytes; ``import torch`` alone is ~0.53 GB); the 1.5 GB bound counts for
+k ≤ 100 (at k = 1000 the (N, k) answer alone is 0.73 GB).
+
+NMI row (N = 60,502, D = 512, k = number of classes): dmlkit ``kmeans`` against
+``faiss.Kmeans`` with the same number of Lloyd iterations (``--iterations``; dmlkit's early
+stop off), each followed by ``normalized_mutual_info`` with the labels.
+
+``--json PATH`` writes the rows as a JSON list of objects: group, case, dmlkit_s,
+reference, reference_s, ratio, target, ok, note (the ``make bench`` report reads them).
 """
 
 from __future__ import annotations
@@ -19,16 +31,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-KS = (1, 10, 100)
-METHODS = ("dmlkit", "dmlkit-fp32", "dmlkit-cuda", "torch-naive", "sklearn", "faiss", "pml")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import header  # noqa: E402
+
+SIZES = (1_000, 5_924, 8_131, 10_000, 60_502)
+DIMS = (128, 512)
+KS = (1, 100, 1000)
+SOP = 60_502
+RSS_LIMIT_GB = 1.5
+TARGET = 1.0
 
 
 def sop_like(
@@ -44,9 +65,7 @@ def sop_like(
     num_classes = int((torch.cumsum(sizes, 0) < n).sum()) + 1
     sizes = sizes[:num_classes]
     sizes[-1] = n - sizes[:-1].sum()  # the last class takes what is left: 1..9 items
-    if sizes[-1] == 1 and num_classes > 1:
-        # A singleton class has no positive: retrieval_metrics skips such queries while
-        # the reference averages over all n, and the `identical` column would say NO.
+    if sizes[-1] == 1 and num_classes > 1:  # no singleton class (SOP has none)
         sizes[-2] += 1
         sizes, num_classes = sizes[:-1], num_classes - 1
     labels = torch.repeat_interleave(torch.arange(num_classes), sizes)
@@ -63,196 +82,302 @@ def sop_like(
     return x, labels
 
 
-def recalls(neighbours: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Recall@1/10/100 from (N, ≥100) neighbour indices (self excluded)."""
-    hits = labels[neighbours[:, : max(KS)]] == labels[:, None]
-    return {f"recall@{k}": float(hits[:, :k].any(1).double().mean()) for k in KS}
+# ---------------------------------------------------------------- the two kNN searches
 
 
-def drop_self(indices, k: int):
-    """Remove each row's own index from (N, k+1) results (or its last column)."""
-    indices = torch.as_tensor(indices)
-    own = indices == torch.arange(len(indices))[:, None]
-    own[~own.any(1), -1] = True
-    return indices[~own].view(len(indices), k)
-
-
-def run_dmlkit(x, labels, precision="auto"):
-    from dmlkit.evaluate import knn, retrieval_metrics
-
-    if precision == "auto":  # the public metric call: one kNN pass serves every metric
-        metrics = retrieval_metrics(x, labels, ks=KS, nmi=False)
-        return {key: metrics[key] for key in (f"recall@{k}" for k in KS)}
-    return recalls(knn(x, k=max(KS), precision=precision)[1], labels)
-
-
-def run_dmlkit_cuda(x, labels):
-    """``knn`` on the GPU; ``worker`` moved x there before the clock started."""
+def dmlkit_knn(x: torch.Tensor, k: int) -> torch.Tensor:
     from dmlkit.evaluate import knn
 
-    return recalls(knn(x, k=max(KS))[1].cpu(), labels)  # .cpu() waits for the GPU
+    return knn(x, k=k)[1]
 
 
-def run_torch_naive(x, labels, block=2048):
-    """Plain blocked fp32 matmul + topk: the obvious baseline."""
-    out = []
-    for s in range(0, len(x), block):
-        scores = x[s : s + block] @ x.T
-        scores[torch.arange(len(scores)), torch.arange(s, s + len(scores))] = -math.inf
-        out.append(scores.topk(max(KS), dim=1).indices)
-    return recalls(torch.cat(out), labels)
-
-
-def run_sklearn(x, labels):
-    from sklearn.neighbors import NearestNeighbors
-
-    nn = NearestNeighbors(n_neighbors=max(KS) + 1, algorithm="brute").fit(x.numpy())
-    return recalls(drop_self(nn.kneighbors(x.numpy())[1], max(KS)), labels)
-
-
-def run_faiss(x, labels):
+def faiss_knn(x: torch.Tensor, k: int) -> torch.Tensor:
+    """IndexFlatIP (inner product = Euclidean order on unit vectors), self dropped."""
     import faiss
 
-    index = faiss.IndexFlatIP(x.shape[1])  # inner product = cosine order on unit vectors
+    index = faiss.IndexFlatIP(x.shape[1])
     index.add(x.numpy())
-    return recalls(drop_self(index.search(x.numpy(), max(KS) + 1)[1], max(KS)), labels)
+    found = torch.from_numpy(index.search(x.numpy(), k + 1)[1])
+    own = found == torch.arange(len(found))[:, None]
+    own[~own.any(1), -1] = True  # self not found (a tie): drop the last instead
+    return found[~own].view(len(found), k)
 
 
-def run_pml(x, labels):
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
-    calc = AccuracyCalculator(include=("precision_at_1",), k=max(KS), device=torch.device("cpu"))
-    return {"recall@1": calc.get_accuracy(x, labels)["precision_at_1"]}  # P@1 = R@1
+# ---------------------------------------------------------------- float64 reference
 
 
-RUNNERS = {
-    "dmlkit": run_dmlkit,
-    "dmlkit-fp32": lambda x, y: run_dmlkit(x, y, "fp32"),
-    "dmlkit-cuda": run_dmlkit_cuda,
-    "torch-naive": run_torch_naive,
-    "sklearn": run_sklearn,
-    "faiss": run_faiss,
-    "pml": run_pml,
-}
-
-
-def reference_recalls(x, labels, block=1024) -> dict[str, float]:
-    """Exact reference: float64 squared distances, stable sort (ties by lower index)."""
+def reference_knn(x: torch.Tensor, k: int, block: int = 512) -> torch.Tensor:
+    """(N, k) exact neighbours: float64 squared distances, ties by the lower index."""
     x64 = x.double()
     sq = x64.pow(2).sum(1)
-    out = []
+    out = torch.empty(len(x), k, dtype=torch.int32)
+    keep = min(len(x) - 1, k + 64)  # topk, then an exact stable sort of the short list
     for s in range(0, len(x), block):
         d = sq[s : s + block, None] + sq[None, :] - 2 * x64[s : s + block] @ x64.T
         d[torch.arange(len(d)), torch.arange(s, s + len(d))] = math.inf
-        # The 300 smallest by topk, then a stable sort of that short list keeps ties exact.
-        near = d.topk(3 * max(KS), dim=1, largest=False).indices.sort(1).values
-        order = d.gather(1, near).argsort(dim=1, stable=True)[:, : max(KS)]
-        out.append(near.gather(1, order))
-    return recalls(torch.cat(out), labels)
+        near = d.topk(keep, dim=1, largest=False).indices.sort(1).values
+        order = d.gather(1, near).argsort(dim=1, stable=True)[:, :k]
+        out[s : s + block] = near.gather(1, order)
+    return out
 
 
-def worker(method: str, n: int, repeats: int) -> None:
-    """Run one method in this (fresh) process and print one JSON line."""
-    x, labels = sop_like(n)
-    if method in ("faiss", "pml") and not _installed(method):
-        print(json.dumps({"skipped": f"{method} not installed"}))
-        return
-    if method == "dmlkit-cuda":
-        if not torch.cuda.is_available():
-            print(json.dumps({"skipped": "no CUDA device"}))
-            return
-        x = x.to("cuda")
-    times = []
-    for _ in range(repeats):
+def same_up_to_ties(x: torch.Tensor, found: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: a row's neighbours are the reference's, or differ only among equal
+    float64 distances."""
+    found = found.long()
+    reference = reference[:, : found.shape[1]].long()
+    same = (found == reference).all(1)
+    rows = torch.nonzero(~same).flatten()
+    x64 = x.double()
+    for part in rows.split(max(1, 2**22 // (found.shape[1] * x.shape[1]))):
+        q = x64[part][:, None, :]  # (rows, 1, D): float64 (q − k)² like the reference
+        mine = (q - x64[found[part]]).pow(2).sum(-1).sort(1).values
+        theirs = (q - x64[reference[part]]).pow(2).sum(-1).sort(1).values
+        same[part] = (mine == theirs).all(1)
+    return same
+
+
+# ---------------------------------------------------------------- subprocess workers
+
+
+def knn_worker(n: int, dim: int, k: int, repeats: int, threads: int, ref_path: str) -> dict:
+    """Alternate dmlkit and faiss on one case; compare both with the reference."""
+    import faiss
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    x, _ = sop_like(n, dim)
+    runners = {"dmlkit": dmlkit_knn, "faiss": faiss_knn}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    results = {}
+    if n < 50_000:  # warm-up: library initialisation, oneDNN kernels, the bf16 probe
+        for name, run in runners.items():
+            results[name] = run(x, k)
+    for r in range(repeats):
+        for name in runners if r % 2 == 0 else reversed(list(runners)):
+            start = time.perf_counter()
+            results[name] = runners[name](x, k)
+            times[name].append(time.perf_counter() - start)
+    reference = torch.load(ref_path)
+    return {
+        "dmlkit_s": statistics.median(times["dmlkit"]),
+        "faiss_s": statistics.median(times["faiss"]),
+        "dmlkit_all": times["dmlkit"],
+        "faiss_all": times["faiss"],
+        "identical": bool(same_up_to_ties(x, results["dmlkit"], reference).all()),
+        "faiss_same": float(same_up_to_ties(x, results["faiss"], reference).double().mean()),
+    }
+
+
+def rss_worker(method: str, n: int, dim: int, k: int, threads: int) -> dict:
+    """One search ("dmlkit" or "faiss") in this fresh process; its peak RSS."""
+    torch.set_num_threads(threads)
+    if method == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    x, _ = sop_like(n, dim)
+    start = time.perf_counter()
+    {"dmlkit": dmlkit_knn, "faiss": faiss_knn}[method](x, k)
+    return {"seconds": time.perf_counter() - start, "peak_gb": peak_rss_gb()}
+
+
+def reference_worker(n: int, dim: int, k: int, threads: int, path: str) -> dict:
+    torch.set_num_threads(threads)
+    torch.save(reference_knn(sop_like(n, dim)[0], k), path)
+    return {}
+
+
+def nmi_worker(n: int, dim: int, iterations: int, threads: int) -> dict:
+    """dmlkit kmeans and faiss.Kmeans (same iterations), each with NMI; alternated once."""
+    import faiss
+
+    from dmlkit.evaluate import kmeans, normalized_mutual_info
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    x, labels = sop_like(n, dim)
+    clusters = int(labels.max()) + 1
+
+    def run_dmlkit():
+        return kmeans(x, clusters, seed=0, max_iter=iterations, tol=0.0)
+
+    def run_faiss():
+        km = faiss.Kmeans(dim, clusters, niter=iterations, seed=0, verbose=False)
+        km.train(x.numpy())
+        return torch.from_numpy(km.index.search(x.numpy(), 1)[1][:, 0])
+
+    out = {"clusters": clusters, "iterations": iterations}
+    for name, run in (("dmlkit", run_dmlkit), ("faiss", run_faiss)):
         start = time.perf_counter()
-        result = RUNNERS[method](x, labels)
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": statistics.median(times), "peak_mb": _peak_mb(), **result}))
+        assignment = run()
+        out[f"{name}_nmi"] = normalized_mutual_info(labels, assignment)
+        out[f"{name}_s"] = time.perf_counter() - start
+    return out
 
 
-def _peak_mb() -> float:
-    """Peak RSS of this process in MB (10^6 bytes, the issue's unit): VmHWM (reset by exec,
-    unlike ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6  # VmHWM is in KiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux: KiB
+def peak_rss_gb() -> float:
+    """Peak RSS of this process in GB (10^9 bytes): VmHWM, reset by exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9  # kB
+    return float("nan")
 
 
-def _installed(method: str) -> bool:
-    module = {"faiss": "faiss", "pml": "pytorch_metric_learning"}[method]
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def _spawn(args: list[str]) -> dict:
+def spawn(*args) -> dict:
     done = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--worker", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
-        return {"skipped": f"failed: {done.stderr.strip().splitlines()[-1:]}"}
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def nmi_worker(n: int) -> None:
-    """Time k-means (k = number of classes) + NMI on the SOP-like set."""
-    from dmlkit.evaluate import kmeans, normalized_mutual_info
+WORKERS = {
+    "knn": knn_worker,
+    "rss": rss_worker,
+    "reference": reference_worker,
+    "nmi": nmi_worker,
+}
 
-    x, labels = sop_like(n)
-    start = time.perf_counter()
-    clusters = kmeans(x, int(labels.max()) + 1, seed=0)
-    nmi = normalized_mutual_info(labels, clusters)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "nmi": nmi, "peak_mb": _peak_mb()}))
+
+# ---------------------------------------------------------------- the report
+
+
+def knn_rows(args, tmp: Path):
+    for n in args.sizes:
+        for dim in args.dims:
+            ks = sorted({min(k, n - 1) for k in args.ks})
+            ref_path = str(tmp / f"reference_{n}_{dim}.pt")
+            made = spawn("reference", n, dim, max(ks), args.threads, ref_path)
+            if "error" in made:
+                print(f"reference N={n} D={dim} failed: {made['error']}", flush=True)
+                continue
+            for k in ks:
+                repeats = args.repeats if n < 50_000 else args.sop_repeats
+                row = spawn("knn", n, dim, k, repeats, args.threads, ref_path)
+                rss = None
+                if n >= 50_000:
+                    rss = {m: spawn("rss", m, n, dim, k, args.threads) for m in ("dmlkit", "faiss")}
+                yield knn_row(n, dim, k, row, rss)
+            os.unlink(ref_path)
+
+
+def knn_row(n: int, dim: int, k: int, row: dict, rss: dict | None) -> dict:
+    case = f"N={n} D={dim} k={k}"
+    if "error" in row:
+        return failed_row("kNN", case, "faiss IndexFlatIP", row["error"])
+    ratio = row["dmlkit_s"] / row["faiss_s"]
+    notes = ["identical" if row["identical"] else "NOT identical"]
+    ok = ratio <= TARGET and row["identical"]
+    if rss is not None:
+        mine, theirs = rss["dmlkit"], rss["faiss"]
+        if "error" in mine:
+            notes.append(f"peak RSS failed: {mine['error']}")
+            ok = False
+        else:
+            notes.append(f"peak {mine['peak_gb']:.2f} GB")
+            # The (N, k) answer alone (float32 + int64) is 0.73 GB at k = 1000: with torch's
+            # 0.53 GB no search fits 1.5 GB there, so the bound is checked for k ≤ 100.
+            if k <= 100:
+                ok &= mine["peak_gb"] <= RSS_LIMIT_GB
+        if "peak_gb" in theirs:
+            notes.append(f"faiss peak {theirs['peak_gb']:.2f} GB")
+    notes.append(f"faiss same sets {100 * row['faiss_same']:.2f} %")
+    return {
+        "group": "kNN",
+        "case": case,
+        "dmlkit_s": round(row["dmlkit_s"], 4),
+        "reference": "faiss IndexFlatIP",
+        "reference_s": round(row["faiss_s"], 4),
+        "ratio": round(ratio, 3),
+        "target": f"≤ {TARGET}",
+        "ok": bool(ok),
+        "note": "; ".join(notes),
+    }
+
+
+def nmi_row(args) -> dict:
+    case = f"N={SOP} D=512 C=classes it={args.iterations}"
+    row = spawn("nmi", SOP, 512, args.iterations, args.threads)
+    if "error" in row:
+        return failed_row("k-means+NMI", case, "faiss Kmeans", row["error"])
+    delta = row["dmlkit_nmi"] - row["faiss_nmi"]
+    ratio = row["dmlkit_s"] / row["faiss_s"]
+    return {
+        "group": "k-means+NMI",
+        "case": f"N={SOP} D=512 C={row['clusters']} it={row['iterations']}",
+        "dmlkit_s": round(row["dmlkit_s"], 3),
+        "reference": "faiss Kmeans",
+        "reference_s": round(row["faiss_s"], 3),
+        "ratio": round(ratio, 3),
+        "target": f"≤ {TARGET}",
+        "ok": bool(ratio <= TARGET and abs(delta) <= 0.005),
+        "note": f"NMI Δ {delta:+.4f} ({row['dmlkit_nmi']:.4f} vs {row['faiss_nmi']:.4f})",
+    }
+
+
+def failed_row(group: str, case: str, reference: str, error: str) -> dict:
+    return {
+        "group": group,
+        "case": case,
+        "dmlkit_s": None,
+        "reference": reference,
+        "reference_s": None,
+        "ratio": None,
+        "target": f"≤ {TARGET}",
+        "ok": False,
+        "note": f"failed: {error}",
+    }
+
+
+def print_row(row: dict) -> None:
+    def cell(value, fmt):
+        return format(value, fmt) if value is not None else "—"
+
+    print(
+        f"{row['group']:<12} {row['case']:<26} {cell(row['dmlkit_s'], '9.4f')} "
+        f"{cell(row['reference_s'], '9.4f')} {cell(row['ratio'], '6.3f')} "
+        f"{'ok' if row['ok'] else 'MISS':<4}  {row['note']}",
+        flush=True,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 60_502])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--nmi", action="store_true", help="also time k-means + NMI")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, N < 50,000")
+    parser.add_argument("--sop-repeats", type=int, default=1, help="timed rounds, N ≥ 50,000")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--iterations", type=int, default=20, help="k-means iterations")
+    parser.add_argument("--no-nmi", action="store_true", help="skip the k-means + NMI row")
+    parser.add_argument("--nmi-only", action="store_true", help="only the k-means + NMI row")
+    parser.add_argument("--json", type=Path, help="also write the rows here (JSON list)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--nmi-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.sizes[0], args.repeats)
-    if args.nmi_worker:
-        return nmi_worker(args.sizes[0])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D = 512, k = 100")
-    header = f"{'N':>7} {'method':<12} {'seconds':>8} {'peak RSS':>9}"
-    print(header + "".join(f" {f'R@{k}':>7}" for k in KS) + "  identical")
-    for n in args.sizes:
-        reference = reference_recalls(*sop_like(n))
-        for method in args.methods:
-            row = _spawn(["--worker", method, "--sizes", str(n), "--repeats", str(args.repeats)])
-            _print_row(n, method, row, reference)
-        if args.nmi:
-            row = _spawn(["--nmi-worker", "--sizes", str(n)])
-            print(
-                f"{n:>7} k-means+NMI: {row.get('seconds', float('nan')):.1f} s, "
-                f"NMI {row.get('nmi', float('nan')):.4f}, peak {row.get('peak_mb', 0):.0f} MB"
-            )
-
-
-def _print_row(n: int, method: str, row: dict, reference: dict) -> None:
-    if "skipped" in row:
-        print(f"{n:>7} {method:<12} skipped ({row['skipped']})")
+        name, *rest = json.loads(args.worker)
+        print(json.dumps(WORKERS[name](*rest)))
         return
-    cells, same = "", True
-    for k in KS:
-        value = row.get(f"recall@{k}")
-        cells += f" {value:7.4f}" if value is not None else f" {'n/a':>7}"
-        same &= value is None or value == reference[f"recall@{k}"]
-    line = f"{n:>7} {method:<12} {row['seconds']:8.2f} {row['peak_mb']:6.0f} MB" + cells
-    print(line + f"  {'yes' if same else 'NO'}", flush=True)
+    print(header())
+    print(f"- benchmark threads: {args.threads} (torch and faiss)\n")
+    print(f"{'group':<12} {'case':<26} {'dmlkit s':>9} {'faiss s':>9} {'ratio':>6} ok")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        if not args.nmi_only:
+            for row in knn_rows(args, Path(tmp)):
+                rows.append(row)
+                print_row(row)
+    if not args.no_nmi:
+        rows.append(nmi_row(args))
+        print_row(rows[-1])
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

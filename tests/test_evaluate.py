@@ -11,6 +11,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 from dmlkit.evaluate import (
+    _count_search,
+    _cpu_search,
     _exact,
     density_metrics,
     embed,
@@ -215,6 +217,64 @@ def test_select_candidates_returns_the_top_scores():
     torch.testing.assert_close(values.sort(1).values, scores.topk(40).values.sort(1).values)
     torch.testing.assert_close(scores.gather(1, columns), values)
     assert (columns.sort(1).values.diff(dim=1) > 0).all()  # distinct columns
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_self_query_bounds_from_the_key_index_cover_the_score_error(precision):
+    # A self-search takes ||x̃_q|| and ||δx_q|| from the key index (fp32 norms, enlarged).
+    g = torch.Generator().manual_seed(3)
+    keys = nn.functional.normalize(torch.randn(400, 96, generator=g), dim=1)  # no norm coords
+    index = _exact.build_key_index(keys, precision)
+    rows = torch.arange(50, 120)
+    operand, bound = _exact.query_operand(index, keys[rows], rows)
+    _, float64_bound = _exact.query_operand(index, keys[rows])  # norms in float64
+    approx = _exact.candidate_scores(index, operand, None).double()  # (70, 400)
+    error = (approx - keys[rows].double() @ keys.double().T).abs()
+    output_rounding = index.output_unit * approx.abs() / (1 - index.output_unit)
+    assert (error <= bound[:, None] + output_rounding).all()
+    assert (bound >= float64_bound * (1 - 1e-12)).all()  # fp32: the same norms, rounded
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_knn_threshold_search_with_negative_scores(precision):
+    # 1,500 keys (above the dense path's 512) and k = 100 (< M/8): the threshold search.
+    # Keys and queries on opposite sides, so that most thresholds are below zero and the
+    # selection runs on order-preserving integer keys instead of the raw float bits.
+    g = torch.Generator().manual_seed(4)
+    shift = torch.zeros(16)
+    shift[0] = 4.0
+    keys = nn.functional.normalize(torch.randn(1500, 16, generator=g) + shift, dim=1)
+    queries = nn.functional.normalize(torch.randn(60, 16, generator=g) - shift, dim=1)
+    distances, indices = knn(queries, keys, k=100, precision=precision)
+    ref_d, ref_i = _reference_knn(queries, keys, 100, False)
+    assert (ref_d[:, -1] ** 2 > 2).mean() > 0.9  # cosine of the 100th neighbour < 0
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-6)
+
+
+def test_sorted_rows_sorts_again_where_shortened_keys_tie():
+    # One-ulp steps share a shortened integer key (the last 3 bits hold the position): the
+    # reversed row must be sorted again in float64; equal values stay in position order.
+    steps = 1.0 + torch.arange(6, dtype=torch.float64) * 2.0**-52
+    other = torch.tensor([3.0, 1.0, 2.0, 1.0, 0.5, 4.0], dtype=torch.float64)
+    sq = torch.stack([steps.flip(0), steps, other])
+    values, positions = _cpu_search.sorted_rows(sq, 4)
+    expected = sq.sort(dim=1, stable=True)
+    assert torch.equal(positions, expected.indices[:, :4])
+    assert torch.equal(values, expected.values[:, :4])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["duplicates", "lattice"])
+def test_fixed_count_search_of_the_cuda_path_matches_brute_force_on_cpu(name, precision):
+    x = DATA[name]
+    search = _count_search.CountSearch(
+        x, precision, 9, skip_self=True, candidate_count=neighbours._candidate_count
+    )
+    sq, indices = search.block(x, 0)
+    ref_d, ref_i = _reference_knn(x, None, 9, True)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(sq.sqrt().numpy(), ref_d, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------- retrieval metrics

@@ -1,17 +1,19 @@
-"""Building blocks of the exact kNN search: candidate scores, selection, re-ranking.
+"""Building blocks of the exact kNN search: key index, candidate scores, error bound, certificate.
 
 The search ranks keys by the exact squared distance d²_ij = ||q_i||² + ||k_j||² − 2⟨q_i,k_j⟩
 evaluated in float64 from the (float32) inputs, ties broken by the lower key index, and
 bitwise-equal key vectors always tied. To get there fast it
 
 1. scores a block of queries against all keys with one matmul in a *candidate precision*
-   (bf16 on CPUs with AMX, else fp32): σ_ij ≈ ⟨q_i,k_j⟩ − (||k_j||² − n̄)/2, larger = closer;
-2. keeps the ``kc`` best-scored keys per query (chunk maxima, then topk: no full sort);
+   (bf16 where a one-time probe finds it fast, else fp32): σ_ij ≈ ⟨q_i,k_j⟩ −
+   (||k_j||² − n̄)/2, larger = closer;
+2. keeps candidates — on CPU every key above a certified per-query threshold
+   (``_cpu_search``), on CUDA the ``kc`` best-scored keys (chunk maxima, then topk);
 3. re-ranks those candidates with float64 distances;
 4. *certifies* each query: every key left out has, by a rigorous bound on the error of
    step 1, a true distance strictly larger than the k-th re-ranked one. Queries that fail
-   (near-ties across the cut, many duplicates) are searched again in fp32 and, failing
-   that, exhaustively in float64. So the result never depends on the candidate precision.
+   are searched again (CUDA: in fp32, then exhaustively; CPU: densely in float64). So
+   the result never depends on the candidate precision.
 
 Error bound of a candidate score (Higham, "Accuracy and Stability of Numerical
 Algorithms", §3.1): with x̃ the operand rounded to the candidate dtype and δx = x − x̃,
@@ -22,7 +24,9 @@ u = 2⁻²⁴), plus the rounding of the output to the candidate dtype (relative
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,9 +41,6 @@ _FP32_UNIT = 2.0**-24
 _BF16_UNIT = 2.0**-8
 # Norms spread by more than this (relative) are folded into the candidate score.
 _NORM_SPREAD = 1e-4
-# float64 candidate rows staged at once: L2-sized on CPU, large on a GPU (fewer launches).
-_GATHER_BYTES = {"cpu": 2**20}
-_GATHER_BYTES_OTHER = 2**28
 
 
 @dataclass
@@ -56,6 +57,10 @@ class KeyIndex:
     accumulation_unit: float  # u of the γ-bound of the accumulation
     output_unit: float  # relative rounding of the score output (bf16), else 0
     representative: Tensor  # (M,) lowest index of a bitwise-equal key vector
+    # Per key, when the operand is the key itself (no norm coordinates): upper bounds of
+    # ||x̃_k|| and ||x_k − x̃_k|| (M,) float64 — a query that is key j reuses them.
+    operand_norms: Tensor | None = None
+    residual_norms: Tensor | None = None
 
 
 def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
@@ -70,9 +75,14 @@ def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
     augmented = (n_max - n_min) > _NORM_SPREAD * max(n_max, 1e-30)
     offset = sq_norms.mean().item() if augmented else n_min
     shift = (-(sq_norms - offset) / 2)[:, None] if augmented else None  # (M, 1) float64
+    norms = residuals = None
     if shift is None and keys.dtype == dtype:
         # fp32 matmuls do not mind a transposed view, so the fp32 keys are not copied.
         operand_t, norm, residual = keys.T, math.sqrt(n_max), 0.0
+        norms, residuals = sq_norms.sqrt(), torch.zeros_like(sq_norms)
+    elif shift is None and keys.dtype == torch.float32:
+        operand_t, norms, residuals = _round_keys_t(keys, dtype)
+        norm, residual = norms.max().item(), residuals.max().item()
     else:
         # bf16 matmuls (oneDNN) run about 2× faster on a contiguous (D', M) operand.
         operand_t, norm, residual = _round_operand_t(keys, shift, dtype)
@@ -87,13 +97,18 @@ def build_key_index(keys: Tensor, precision: str) -> KeyIndex:
         input_unit=input_unit,
         accumulation_unit=accumulation_unit,
         output_unit=_BF16_UNIT if dtype == torch.bfloat16 else 0.0,
-        representative=duplicate_representatives(keys),
+        representative=duplicate_representatives(keys, sq_norms),
+        operand_norms=norms,
+        residual_norms=residuals,
     )
 
 
-def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
+def query_operand(
+    index: KeyIndex, queries: Tensor, rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Queries in candidate precision (with ones for the norm coordinates), and E_i.
 
+    rows: when the queries are the keys at these indices, their norms come from the index.
     Returns: operand (m, D'), error (m,) float64 — the bound on |σ̃_acc − σ| per query
     before output rounding.
     """
@@ -101,8 +116,11 @@ def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
     extra = index.operand_t.shape[0] - queries.shape[1]
     exact = torch.cat([queries, queries.new_ones(len(queries), extra)], 1) if extra else queries
     operand = exact.to(dtype)
-    residual = (exact.double() - operand.double()).norm(dim=1)  # (m,) ||δx_q||
-    norm = operand.double().norm(dim=1)  # (m,) ||x̃_q||
+    if rows is not None and index.operand_norms is not None:
+        norm, residual = index.operand_norms[rows], index.residual_norms[rows]
+    else:
+        residual = (exact.double() - operand.double()).norm(dim=1)  # (m,) ||δx_q||
+        norm = operand.double().norm(dim=1)  # (m,) ||x̃_q||
     dim = operand.shape[1] + 1  # +1: the final rounding of an fp32 output
     nu = dim * index.accumulation_unit
     gamma = nu / (1 - nu) if nu < 1 else math.inf  # no bound: the certificate fails
@@ -114,29 +132,38 @@ def query_operand(index: KeyIndex, queries: Tensor) -> tuple[Tensor, Tensor]:
     return operand, error + 1e-30 * dim
 
 
-def run_blocks(function: Callable[[int], None], starts: Iterable[int], device) -> None:
+def run_blocks(
+    function: Callable[[int], None], starts: Iterable[int], device, workers: int | None = None
+) -> None:
     """Call ``function(start)`` for every block start; independent blocks.
 
     On CPU they run on ``torch.get_num_threads()`` Python threads while torch's intra-op
     threads are set to 1 (restored afterwards): a block is many small ops, and each
     parallel op would pay an OpenMP barrier that costs milliseconds whenever other
-    processes share the cores. Elsewhere (CUDA) they run in order.
+    processes share the cores. Elsewhere (CUDA) they run in order. Inside
+    ``coarse_threads`` pass the worker count it yielded as ``workers``.
     """
-    with _coarse_threads(torch.device(device)) as workers:
-        if workers > 1:
-            try:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(function, starts))  # list(): re-raise worker errors
-            finally:
-                release_free_heap()  # the threads' arenas keep their freed blocks otherwise
-        else:
-            for start in starts:
-                function(start)
+    if workers is None:
+        with coarse_threads(torch.device(device)) as available:
+            return run_blocks(function, starts, device, available)
+    if workers > 1:
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(function, starts))  # list(): re-raise worker errors
+        finally:
+            release_free_heap()  # the threads' arenas keep their freed blocks otherwise
+    else:
+        for start in starts:
+            function(start)
 
 
 @contextmanager
-def _coarse_threads(device: torch.device):
-    """Yield the worker count; on CPU, torch ops run single-threaded inside."""
+def coarse_threads(device: torch.device):
+    """Yield the worker count; on CPU, torch ops run single-threaded inside.
+
+    Under load a parallel op's OpenMP barrier costs tens of milliseconds, more than a
+    whole small search: everything of a search (inputs, key index, blocks) runs inside.
+    """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads <= 1:
         yield 1
@@ -149,19 +176,35 @@ def _coarse_threads(device: torch.device):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Resolve "auto": bf16 on a CPU with AMX (bf16 matmuls ~7× fp32 there), else fp32."""
+    """Resolve "auto": bf16 on a CPU that runs bf16 matmuls fast (see below), else fp32."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cpu" and _cpu_has_amx() else "fp32"
+    return "bf16" if device.type == "cpu" and bf16_matmul_is_fast() else "fp32"
 
 
-def _cpu_has_amx() -> bool:
-    """True when oneDNN can use AMX tiles (bf16 matmuls ~7× fp32 on such CPUs)."""
-    probe = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+@functools.cache
+def bf16_matmul_is_fast() -> bool:
+    """True when this CPU multiplies bf16 matrices at least 1.5× as fast as fp32 ones.
+
+    Measured once per process (a few ms, on one thread, as the search runs them): a CPU
+    with AMX runs them ~7× fp32, the AMD EPYC with AVX512-BF16 of the benchmarks ~4.5×,
+    and one without bf16 dot-product instructions emulates them slower than fp32. Best
+    of 3 of each, alternated, so that another process on the cores does not decide it.
+    The result never depends on it (the search is exact either way), only the speed.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 512, generator=g), torch.randn(512, 512, generator=g)
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    with coarse_threads(torch.device("cpu")):  # one thread: the way the search runs them
+        for x, y in pairs.values():
+            torch.mm(x, y)  # warm-up: oneDNN builds its bf16 kernel on the first call
+        best = dict.fromkeys(pairs, math.inf)
+        for _ in range(3):
+            for dtype, (x, y) in pairs.items():
+                start = time.perf_counter()
+                torch.mm(x, y)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return 1.5 * best[torch.bfloat16] < best[torch.float32]
 
 
 def candidate_scores(
@@ -201,55 +244,6 @@ def select_candidates(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     return values, columns
 
 
-def exact_sq_distances(index: KeyIndex, queries: Tensor, columns: Tensor) -> Tensor:
-    """float64 d² (m, kc) of each query to its candidate keys, duplicates made equal.
-
-    Memory-bound (m·kc key rows are read), so the gathers go, a few queries at a time,
-    into reused buffers (~1 MiB on CPU) that stay in cache for the float64 products
-    (fp32 products are exact in float64; the sums err by ≤ D·2⁻⁵³ relative).
-    """
-    m, count = columns.shape
-    width = index.keys.shape[1]
-    budget = _GATHER_BYTES.get(queries.device.type, _GATHER_BYTES_OTHER)
-    rows = max(1, min(m, budget // (8 * count * width)))
-    staged = index.keys.new_empty(rows * count, width)
-    wide = torch.empty(rows * count, width, dtype=torch.float64, device=queries.device)
-    dots = torch.empty(m, count, 1, dtype=torch.float64, device=queries.device)
-    q64 = queries.double()
-    for start in range(0, m, rows):
-        stop = min(m, start + rows)
-        used = (stop - start) * count
-        torch.index_select(index.keys, 0, columns[start:stop].reshape(-1), out=staged[:used])
-        gathered = wide[:used].copy_(staged[:used]).view(stop - start, count, width)
-        torch.bmm(gathered, q64[start:stop, :, None], out=dots[start:stop])
-    sq = (q64.pow(2).sum(1, keepdim=True) + index.sq_norms[columns]) - 2 * dots[..., 0]
-    return canonical_ties(sq.clamp_min(0), index.representative[columns])
-
-
-def canonical_ties(sq: Tensor, reps: Tensor) -> Tensor:
-    """Give every candidate the value of the first candidate with the same representative.
-
-    Bitwise-equal keys have equal distances in exact arithmetic; gathered dot products
-    could differ in the last bit, so they are made identical here. sq, reps: (m, kc).
-    """
-    order = reps.argsort(dim=1, stable=True)
-    sorted_reps = reps.gather(1, order)
-    starts = torch.ones_like(sorted_reps, dtype=torch.bool)
-    starts[:, 1:] = sorted_reps[:, 1:] != sorted_reps[:, :-1]
-    positions = torch.arange(sq.shape[1], device=sq.device).expand_as(sq)
-    first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
-    canonical = sq.gather(1, order).gather(1, first)
-    return torch.empty_like(sq).scatter_(1, order, canonical)
-
-
-def sort_by_distance(sq: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort each row by (d², index): index order first, then a stable sort on d²."""
-    by_index = columns.argsort(dim=1)
-    sq, columns = sq.gather(1, by_index), columns.gather(1, by_index)
-    by_dist = sq.argsort(dim=1, stable=True)
-    return sq.gather(1, by_dist), columns.gather(1, by_dist)
-
-
 def certified(
     index: KeyIndex, q_sq_norms: Tensor, error: Tensor, worst_kept: Tensor, kth_sq: Tensor
 ) -> Tensor:
@@ -268,32 +262,18 @@ def certified(
     return lower - 4 * (index.keys.shape[1] + 2) * 2.0**-53 * scale > kth_sq
 
 
-def exhaustive_sq_distances(
-    index: KeyIndex, queries: Tensor, self_rows: Tensor | None, key_rows: int = 8192
-) -> Tensor:
-    """float64 d² (m, M) to every key, duplicates tied, own key +inf. O(m·M) memory."""
-    q64 = queries.double()
-    dots = torch.cat(
-        [
-            q64 @ index.keys[s : s + key_rows].double().T
-            for s in range(0, len(index.keys), key_rows)
-        ],
-        dim=1,
-    )  # (m, M), float64 keys converted a chunk at a time
-    sq = q64.pow(2).sum(1, keepdim=True) + index.sq_norms[None, :] - 2 * dots
-    sq = sq.clamp_min(0)[:, index.representative]  # bitwise-equal keys share one value
-    if self_rows is not None:
-        sq[torch.arange(len(sq), device=sq.device), self_rows] = math.inf
-    return sq
+def duplicate_representatives(keys: Tensor, sq_norms: Tensor | None = None) -> Tensor:
+    """(M,) for each key the lowest index of a key with the same values (−0.0 == +0.0).
 
-
-def duplicate_representatives(keys: Tensor) -> Tensor:
-    """(M,) for each key the lowest index of a key with the same values (−0.0 == +0.0)."""
+    sq_norms: the keys' float64 squared norms, if at hand: a row's norm depends only on its
+    values, so its bits are a hash; only rows that share a norm are hashed again by their
+    bits (the norms of distinct random vectors almost never coincide).
+    """
     count = len(keys)
     rep = torch.arange(count, device=keys.device)
     if count < 2:
         return rep
-    hashes = _row_hashes(keys)
+    hashes = _row_hashes(keys) if sq_norms is None else _norm_hashes(keys, sq_norms)
     order = torch.argsort(hashes, stable=True)  # equal hashes stay in index order
     sorted_hash = hashes[order]
     starts = torch.ones(count, dtype=torch.bool, device=keys.device)
@@ -314,6 +294,20 @@ def duplicate_representatives(keys: Tensor) -> Tensor:
         lowest = lowest.scatter_reduce(0, inverse, members, reduce="amin")
         rep[members] = lowest[inverse]
     return rep
+
+
+def _norm_hashes(keys: Tensor, sq_norms: Tensor) -> Tensor:
+    """(M,) int64: the norms' bits, plus the bit hash for rows whose norm is shared."""
+    hashes = sq_norms.view(torch.int64).clone()
+    ordered, order = hashes.sort()
+    tied = ordered[1:] == ordered[:-1]
+    shared = torch.zeros(len(hashes), dtype=torch.bool, device=keys.device)
+    shared[order[1:][tied]] = True
+    shared[order[:-1][tied]] = True
+    rows = torch.nonzero(shared).flatten()
+    if len(rows):
+        hashes[rows] += _row_hashes(keys[rows])  # wraps mod 2⁶⁴, like the hash itself
+    return hashes
 
 
 def _row_hashes(values: Tensor, rows: int = 4096) -> Tensor:
@@ -358,6 +352,33 @@ def _round_operand_t(
         best_norm = max(best_norm, rounded64.norm(dim=1).max().item())
         best_residual = max(best_residual, (exact - rounded64).norm(dim=1).max().item())
     return operand_t, best_norm, best_residual
+
+
+def _round_keys_t(keys: Tensor, dtype: torch.dtype, rows: int = 4096):
+    """fp32 keys rounded to ``dtype`` as a contiguous (D, M) tensor, and per key upper
+    bounds of ||x̃_k|| and ||x_k − x̃_k|| (M,) float64 — in fp32, a chunk at a time (the
+    difference of an fp32 value and its rounding is exact in fp32)."""
+    operand_t = keys.new_empty(keys.shape[1], len(keys), dtype=dtype)
+    norms, residuals = [], []
+    for s in range(0, len(keys), rows):
+        rounded = keys[s : s + rows].to(dtype)
+        operand_t[:, s : s + rows] = rounded.T
+        back = rounded.float()
+        norms.append(_norm_bound(back))
+        residuals.append(_norm_bound(keys[s : s + rows] - back))
+    return operand_t, torch.cat(norms), torch.cat(residuals)
+
+
+def _norm_bound(x: Tensor) -> Tensor:
+    """(rows,) float64 upper bounds of the fp32 rows' Euclidean norms, computed in fp32.
+
+    fp32 sums of D squares and the square root err by at most (D + 2)/2 · 2⁻²⁴ relative
+    (Higham §3.1); the factor takes four times that, the absolute term squares that
+    underflow.
+    """
+    dim = x.shape[1]
+    norm = torch.linalg.vector_norm(x, dim=1).double()
+    return norm * (1 + (dim + 4) * 2.0**-23) + 2.0**-70 * math.sqrt(dim)
 
 
 def _hardware_units(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:

@@ -1,8 +1,10 @@
-"""Seeded torch k-means (batched k-means++ seeding, blocked Lloyd) and NMI.
+"""Seeded k-means (batched k-means++ seeding, Lloyd iterations with exact assignments) and NMI.
 
-sklearn's KMeans at SOP scale (60k × 512, 11k clusters) is slow on a small CPU; this
-version runs its distance work as large matmuls (bf16 on CPUs with AMX, fp32 elsewhere,
-CUDA included) and owns its ``torch.Generator``.
+sklearn's KMeans at SOP scale (60k × 512, 11k clusters) is slow on a small CPU. Here every
+distance question — the D² weights of the seeding and each Lloyd assignment — is an exact
+nearest-neighbour search (``knn`` with k = 1: candidate matmuls in bf16 where the CPU runs
+them fast, a float64 re-rank, a certificate), so the clustering does not depend on the
+candidate precision or the machine's matmul rounding, only on the seed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 from torch import Tensor
 
 from dmlkit.evaluate._exact import resolve_precision, run_blocks
+from dmlkit.evaluate.neighbours import knn
 
-_BLOCK_BYTES = 2**26
+_BLOCK_SCORES = 2**22
 
 
 def kmeans(
@@ -31,25 +34,25 @@ def kmeans(
 
     Seeding: k-means++ D² sampling (Arthur & Vassilvitskii 2007), drawing
     ceil(num_clusters / 64) centers per round from the current D² distribution (as in
-    k-means||, Bahmani et al. 2012), so it costs 64 matmul rounds instead of one pass
+    k-means||, Bahmani et al. 2012), so it costs 64 nearest-center searches instead of one
     per center. Lloyd iterations stop when at most ``tol``·N points change cluster or
-    after ``max_iter``. An emptied cluster is re-seeded at the point farthest from its
-    center. Deterministic for a given seed, device and precision ("auto": bf16 on a CPU
-    with AMX, else fp32 — only the assignment matmuls use it).
+    after ``max_iter``. Each point goes to its nearest center by exact float64 distance,
+    ties to the lower center index (``knn``); an emptied cluster is re-seeded at the point
+    farthest from its center. Deterministic for a given seed; ``precision`` only changes
+    the speed of the candidate matmuls.
     Complexity: O(max_iter · N · num_clusters · D) time, O(block · num_clusters) memory.
     """
     x = embeddings.float()
     count = len(x)
     if not 1 <= num_clusters <= count:
         raise ValueError(f"num_clusters={num_clusters} must lie in [1, N={count}]")
-    dtype = torch.bfloat16 if resolve_precision(precision, x.device) == "bf16" else x.dtype
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    centers = _seed_centers(x, num_clusters, generator)
+    centers = _seed_centers(x, num_clusters, generator, precision)
     assignment = torch.full((count,), -1, dtype=torch.long, device=x.device)
     for _ in range(max_iter):
         previous = assignment
-        assignment, sq_dist = _assign(x, centers, dtype)
-        centers = _update_centers(x, assignment, sq_dist, num_clusters)
+        distance, assignment = _nearest(x, centers, precision)
+        centers = _update_centers(x, assignment, distance, num_clusters)
         if int((assignment != previous).sum()) <= tol * count:
             break
     return assignment.cpu()
@@ -88,13 +91,21 @@ def _entropy(counts: np.ndarray, total: float) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _seed_centers(x: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
-    """Batched k-means++: first center uniform, then rounds of D²-weighted draws."""
+def _seed_centers(
+    x: Tensor, num_clusters: int, generator: torch.Generator, precision: str
+) -> Tensor:
+    """Batched k-means++: first center uniform, then rounds of D²-weighted draws.
+
+    The D² weights come from candidate-precision matmuls (bf16 where fast): a weight off
+    by its rounding changes a draw only if the draw falls that close to a boundary.
+    """
     count = len(x)
+    dtype = torch.bfloat16 if resolve_precision(precision, x.device) == "bf16" else x.dtype
+    operand, sq_norms = x.to(dtype), x.pow(2).sum(1)  # made once for the 64 rounds
     per_round = math.ceil(num_clusters / 64)
     first = torch.randint(count, (1,), generator=generator).to(x.device)
     chosen = [first]
-    min_sq = _sq_dist_to(x, x[first]).min(1).values  # (N,)
+    min_sq = _min_sq_distance(operand, sq_norms, x[first])  # (N,)
     total = 1
     while total < num_clusters:
         draw = min(per_round, num_clusters - total)
@@ -104,50 +115,39 @@ def _seed_centers(x: Tensor, num_clusters: int, generator: torch.Generator) -> T
         new = torch.multinomial(weights, draw, replacement=False, generator=generator)
         new = new.to(x.device)
         chosen.append(new)
-        min_sq = torch.minimum(min_sq, _sq_dist_to(x, x[new]).min(1).values)
+        min_sq = torch.minimum(min_sq, _min_sq_distance(operand, sq_norms, x[new]))
         min_sq[new] = 0
         total += draw
     return x[torch.cat(chosen)].clone()
 
 
-def _sq_dist_to(x: Tensor, centers: Tensor) -> Tensor:
-    """(N, C) squared distances, fp32, blocked over rows."""
-    out = torch.empty(len(x), len(centers), device=x.device)
-    c_sq = centers.pow(2).sum(1)
-    rows = max(1, _BLOCK_BYTES // (4 * max(1, len(centers))))
+def _min_sq_distance(operand: Tensor, sq_norms: Tensor, centers: Tensor) -> Tensor:
+    """(N,) float32 squared distance to the nearest of ``centers`` (candidate precision)."""
+    out = torch.empty(len(operand), device=operand.device)
+    c_sq, c_op = centers.pow(2).sum(1), centers.to(operand.dtype)
+    rows = max(1, _BLOCK_SCORES // max(1, len(centers)))
 
     def block(s: int) -> None:
-        part = x[s : s + rows]
-        sq = part.pow(2).sum(1, keepdim=True) + c_sq - 2 * part @ centers.T
-        out[s : s + rows] = sq.clamp_min(0)
+        dots = (operand[s : s + rows] @ c_op.T).float()  # (rows, C)
+        out[s : s + rows] = (sq_norms[s : s + rows, None] + c_sq - 2 * dots).amin(1)
 
-    run_blocks(block, range(0, len(x), rows), x.device)
-    return out
-
-
-def _assign(x: Tensor, centers: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Nearest center of every point (argmin of ||c||² − 2⟨x, c⟩) and its fp32 d²."""
-    c_sq = centers.pow(2).sum(1)  # (C,)
-    c_op = centers.to(dtype)
-    labels = torch.empty(len(x), dtype=torch.long, device=x.device)
-    rows = max(1, _BLOCK_BYTES // (4 * max(1, len(centers))))
-
-    def block(s: int) -> None:
-        score = c_sq - 2 * (x[s : s + rows].to(dtype) @ c_op.T).float()  # (rows, C)
-        labels[s : s + rows] = score.argmin(1)
-
-    run_blocks(block, range(0, len(x), rows), x.device)
-    sq_dist = (x - centers[labels]).pow(2).sum(1)  # (N,) for re-seeding empty clusters
-    return labels, sq_dist
+    run_blocks(block, range(0, len(operand), rows), operand.device)
+    return out.clamp_min_(0)
 
 
-def _update_centers(x: Tensor, labels: Tensor, sq_dist: Tensor, num_clusters: int) -> Tensor:
-    """Means of the clusters; empty clusters move to the farthest points."""
+def _nearest(x: Tensor, centers: Tensor, precision: str) -> tuple[Tensor, Tensor]:
+    """(N,) distance to the nearest center and its index (exact; ties to the lower)."""
+    distance, index = knn(x, centers, k=1, precision=precision)
+    return distance[:, 0], index[:, 0]
+
+
+def _update_centers(x: Tensor, labels: Tensor, distance: Tensor, num_clusters: int) -> Tensor:
+    """Means of the clusters; empty clusters move to the points farthest from theirs."""
     counts = torch.bincount(labels, minlength=num_clusters)
     sums = x.new_zeros(num_clusters, x.shape[1]).index_add_(0, labels, x)
     centers = sums / counts.clamp_min(1)[:, None]
     empty = torch.nonzero(counts == 0).flatten()
     if len(empty):
-        farthest = sq_dist.topk(len(empty)).indices
+        farthest = distance.topk(len(empty)).indices
         centers[empty] = x[farthest]
     return centers
