@@ -22,6 +22,12 @@ NMI row (N = 60,502, D = 512, k = number of classes): dmlkit ``kmeans`` against
 ``faiss.Kmeans`` with the same number of Lloyd iterations (``--iterations``; dmlkit's early
 stop off), each followed by ``normalized_mutual_info`` with the labels.
 
+kNN (CUDA) rows, only when a GPU is present: dmlkit's ``knn`` on the GPU against the plain
+float32 brute force on the same GPU (``X @ X.T`` in blocks + ``topk``, which is not exact),
+N ∈ {8,131; 60,502}, D = 512, k = 100; "not run: no CUDA" otherwise.
+
+``--quick``: N ∈ {1,000; 8,131}, D = 512, k ∈ {1, 100}, 3 rounds, and the NMI row.
+
 ``--json PATH`` writes the rows as a JSON list of objects: group, case, dmlkit_s,
 reference, reference_s, ratio, target, ok, note (the ``make bench`` report reads them).
 """
@@ -43,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
+from rows import NO_CUDA, not_run  # noqa: E402
 
 SIZES = (1_000, 5_924, 8_131, 10_000, 60_502)
 DIMS = (128, 512)
@@ -236,7 +243,36 @@ def spawn(*args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cuda_worker(n: int, dim: int, k: int, repeats: int) -> dict:
+    """dmlkit's knn on CUDA against float32 mm + topk on the same GPU (not exact)."""
+    from dmlkit.evaluate import knn
+
+    x = sop_like(n, dim)[0].cuda()
+
+    def brute(block: int = 8192) -> torch.Tensor:
+        out = []
+        for s in range(0, n, block):
+            scores = x[s : s + block] @ x.T
+            scores[torch.arange(len(scores)), torch.arange(s, s + len(scores))] = -math.inf
+            out.append(scores.topk(k, dim=1).indices)
+        return torch.cat(out)
+
+    runners = {"dmlkit": lambda: knn(x, k=k)[1], "brute": brute}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():  # warm-up
+        run()
+    for r in range(repeats):
+        for name in runners if r % 2 == 0 else reversed(list(runners)):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            runners[name]()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 WORKERS = {
+    "cuda": cuda_worker,
     "knn": knn_worker,
     "rss": rss_worker,
     "reference": reference_worker,
@@ -320,6 +356,33 @@ def nmi_row(args) -> dict:
     }
 
 
+def cuda_rows(args) -> list[dict]:
+    group, reference = "kNN (CUDA)", "float32 mm + topk (CUDA)"
+    if not torch.cuda.is_available():
+        return [not_run(group, "N=8131, 60502 D=512 k=100", NO_CUDA, reference=reference)]
+    rows = []
+    for n in (8_131, SOP):
+        case = f"N={n} D=512 k=100"
+        row = spawn("cuda", n, 512, 100, args.repeats)
+        if "error" in row:
+            rows.append(failed_row(group, case, reference, row["error"]))
+            continue
+        rows.append(
+            {
+                "group": group,
+                "case": case,
+                "dmlkit_s": round(row["dmlkit"], 4),
+                "reference": reference,
+                "reference_s": round(row["brute"], 4),
+                "ratio": round(row["dmlkit"] / row["brute"], 3),
+                "target": "—",
+                "ok": None,
+                "note": "information: the reference is not exact (float32 scores, no re-rank)",
+            }
+        )
+    return rows
+
+
 def failed_row(group: str, case: str, reference: str, error: str) -> dict:
     return {
         "group": group,
@@ -341,7 +404,7 @@ def print_row(row: dict) -> None:
     print(
         f"{row['group']:<12} {row['case']:<26} {cell(row['dmlkit_s'], '9.4f')} "
         f"{cell(row['reference_s'], '9.4f')} {cell(row['ratio'], '6.3f')} "
-        f"{'ok' if row['ok'] else 'MISS':<4}  {row['note']}",
+        f"{ {True: 'ok', False: 'MISS'}.get(row['ok'], '—'):<4}  {row['note']}",
         flush=True,
     )
 
@@ -357,6 +420,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="k-means iterations")
     parser.add_argument("--no-nmi", action="store_true", help="skip the k-means + NMI row")
     parser.add_argument("--nmi-only", action="store_true", help="only the k-means + NMI row")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid, 3 rounds")
     parser.add_argument("--json", type=Path, help="also write the rows here (JSON list)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -364,6 +428,8 @@ def main() -> None:
         name, *rest = json.loads(args.worker)
         print(json.dumps(WORKERS[name](*rest)))
         return
+    if args.quick:
+        args.sizes, args.dims, args.ks, args.repeats = [1_000, 8_131], [512], [1, 100], 3
     print(header())
     print(f"- benchmark threads: {args.threads} (torch and faiss)\n")
     print(f"{'group':<12} {'case':<26} {'dmlkit s':>9} {'faiss s':>9} {'ratio':>6} ok")
@@ -371,6 +437,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         if not args.nmi_only:
             for row in knn_rows(args, Path(tmp)):
+                rows.append(row)
+                print_row(row)
+            for row in cuda_rows(args):
                 rows.append(row)
                 print_row(row)
     if not args.no_nmi:
