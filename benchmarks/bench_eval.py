@@ -165,7 +165,7 @@ def knn_worker(n: int, dim: int, k: int, repeats: int, threads: int, ref_path: s
             start = time.perf_counter()
             results[name] = runners[name](x, k)
             times[name].append(time.perf_counter() - start)
-    reference = torch.load(ref_path)
+    reference = torch.load(ref_path, weights_only=True)
     return {
         "dmlkit_s": statistics.median(times["dmlkit"]),
         "faiss_s": statistics.median(times["faiss"]),
