@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
-from rows import NO_CUDA, not_run  # noqa: E402
+from rows import NO_CUDA, make_row, not_run  # noqa: E402
 
 SIZES = (1_000, 5_924, 8_131, 10_000, 60_502)
 DIMS = (128, 512)
@@ -323,17 +323,16 @@ def knn_row(n: int, dim: int, k: int, row: dict, rss: dict | None) -> dict:
         if "peak_gb" in theirs:
             notes.append(f"faiss peak {theirs['peak_gb']:.2f} GB")
     notes.append(f"faiss same sets {100 * row['faiss_same']:.2f} %")
-    return {
-        "group": "kNN",
-        "case": case,
-        "dmlkit_s": round(row["dmlkit_s"], 4),
-        "reference": "faiss IndexFlatIP",
-        "reference_s": round(row["faiss_s"], 4),
-        "ratio": round(ratio, 3),
-        "target": f"≤ {TARGET}",
-        "ok": bool(ok),
-        "note": "; ".join(notes),
-    }
+    out = make_row(
+        "kNN",
+        case,
+        dmlkit_s=row["dmlkit_s"],
+        reference="faiss IndexFlatIP",
+        reference_s=row["faiss_s"],
+        target=f"≤ {TARGET}",
+        note="; ".join(notes),
+    )
+    return {**out, "ok": bool(ok)}
 
 
 def nmi_row(args) -> dict:
@@ -342,18 +341,16 @@ def nmi_row(args) -> dict:
     if "error" in row:
         return failed_row("k-means+NMI", case, "faiss Kmeans", row["error"])
     delta = row["dmlkit_nmi"] - row["faiss_nmi"]
-    ratio = row["dmlkit_s"] / row["faiss_s"]
-    return {
-        "group": "k-means+NMI",
-        "case": f"N={SOP} D=512 C={row['clusters']} it={row['iterations']}",
-        "dmlkit_s": round(row["dmlkit_s"], 3),
-        "reference": "faiss Kmeans",
-        "reference_s": round(row["faiss_s"], 3),
-        "ratio": round(ratio, 3),
-        "target": f"≤ {TARGET}",
-        "ok": bool(ratio <= TARGET and abs(delta) <= 0.005),
-        "note": f"NMI Δ {delta:+.4f} ({row['dmlkit_nmi']:.4f} vs {row['faiss_nmi']:.4f})",
-    }
+    out = make_row(
+        "k-means+NMI",
+        f"N={SOP} D=512 C={row['clusters']} it={row['iterations']}",
+        dmlkit_s=row["dmlkit_s"],
+        reference="faiss Kmeans",
+        reference_s=row["faiss_s"],
+        target=f"≤ {TARGET}",
+        note=f"NMI Δ {delta:+.4f} ({row['dmlkit_nmi']:.4f} vs {row['faiss_nmi']:.4f})",
+    )
+    return {**out, "ok": bool(out["ok"] and abs(delta) <= 0.005)}
 
 
 def cuda_rows(args) -> list[dict]:
@@ -368,33 +365,21 @@ def cuda_rows(args) -> list[dict]:
             rows.append(failed_row(group, case, reference, row["error"]))
             continue
         rows.append(
-            {
-                "group": group,
-                "case": case,
-                "dmlkit_s": round(row["dmlkit"], 4),
-                "reference": reference,
-                "reference_s": round(row["brute"], 4),
-                "ratio": round(row["dmlkit"] / row["brute"], 3),
-                "target": "—",
-                "ok": None,
-                "note": "information: the reference is not exact (float32 scores, no re-rank)",
-            }
+            make_row(
+                group,
+                case,
+                dmlkit_s=row["dmlkit"],
+                reference=reference,
+                reference_s=row["brute"],
+                note="information: the reference is not exact (float32 scores, no re-rank)",
+            )
         )
     return rows
 
 
 def failed_row(group: str, case: str, reference: str, error: str) -> dict:
-    return {
-        "group": group,
-        "case": case,
-        "dmlkit_s": None,
-        "reference": reference,
-        "reference_s": None,
-        "ratio": None,
-        "target": f"≤ {TARGET}",
-        "ok": False,
-        "note": f"failed: {error}",
-    }
+    row = make_row(group, case, reference=reference, target=f"≤ {TARGET}", note=f"failed: {error}")
+    return {**row, "ok": False}
 
 
 def print_row(row: dict) -> None:

@@ -146,7 +146,8 @@ def run_blocks(
     if workers is None:
         with coarse_threads(torch.device(device)) as available:
             return run_blocks(function, starts, device, available)
-    if workers > 1:
+    starts = list(starts)
+    if workers > 1 and len(starts) > 1:  # one block: no thread to start
         try:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(function, starts))  # list(): re-raise worker errors

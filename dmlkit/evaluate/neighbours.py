@@ -78,8 +78,6 @@ def knn(
             empty = torch.zeros(0, k, device=device)
             return empty.to(_output_dtype(queries)), empty.long()
         skip_self = self_search and exclude_self
-        if len(queries) * len(keys_) <= _ONE_WORKER_SCORES:
-            workers = 1  # a few ms of work: a second Python thread costs more than it saves
         search, block, precision = _prepare(queries, keys_, k, skip_self, precision, workers)
         block = block_size or block
         distances = torch.empty(len(queries), k, dtype=_output_dtype(queries), device=device)
@@ -97,12 +95,6 @@ def knn(
         *(search.retried, search.exhaustive),
     )
     return distances, indices
-
-
-# Searches with at most this many query-key scores run on one worker thread: at N = 1,000
-# (10^6 scores) one thread took 3.9–19 ms against 5.1–19 ms for two (AMD EPYC, 2 cores,
-# D = 128/512, k = 1/100); from N = 2,000 on, two threads win.
-_ONE_WORKER_SCORES = 2**20
 
 
 def _prepare(queries, keys, k, skip_self, precision, workers) -> tuple:
