@@ -554,9 +554,7 @@ def test_release_free_heap_smoke():
 def test_a_small_search_is_one_block_and_a_larger_one_is_shared_by_the_threads():
     def blocks(n: int, threads: int = 2) -> int:
         keys = torch.nn.functional.normalize(torch.randn(n, 16), dim=1)
-        search = _cpu_search.ThresholdSearch(
-            keys, "fp32", 5, skip_self=True, max_candidates=100
-        )
+        search = _cpu_search.ThresholdSearch(keys, "fp32", 5, skip_self=True, max_candidates=100)
         return -(-n // search.default_block(n, threads))
 
     assert blocks(1000) == 1  # 10^6 scores: a second thread costs more than it saves
