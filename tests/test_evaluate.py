@@ -1,6 +1,8 @@
 import json
 import logging
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -543,19 +545,61 @@ def test_threaded_block_search_hands_freed_heap_back_once_done(monkeypatch):
     assert calls == ["trim", "trim"]
 
 
+def test_block_workers_are_started_once_and_a_small_search_keeps_its_heap(monkeypatch):
+    # A fresh thread per search cost more than a whole search at N = 1,000.
+    import threading
+
+    from dmlkit.evaluate import _exact
+
+    calls = []
+    monkeypatch.setattr(_exact, "release_free_heap", lambda: calls.append("trim"))
+
+    def names(start: int) -> None:
+        seen.add(threading.current_thread().ident)
+
+    seen: set[int] = set()
+    for _ in range(3):
+        _exact.run_blocks(names, range(8), "cpu", workers=2, release=False)
+    assert 1 <= len(seen) <= 2 and calls == []  # the same two threads; nothing trimmed
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_block_workers_are_restarted_in_a_forked_child():
+    # A child of fork has none of its parent's threads: a pool inherited as-is would hang.
+    from dmlkit.evaluate import _exact
+
+    _exact.run_blocks(lambda start: None, range(4), "cpu", workers=2)
+    pid = os.fork()
+    if pid == 0:  # the child: search, then leave without running pytest's teardown
+        code = 1
+        try:
+            signal.alarm(60)  # a hang ends the child, and the test fails
+            x = torch.randn(300, 8)
+            knn(x, k=3, block_size=50)
+            _exact.run_blocks(lambda start: None, range(4), "cpu", workers=2)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_release_free_heap_smoke():
-    from dmlkit.runtime import _glibc, release_free_heap
+    from dmlkit.runtime import _glibc, release_free_heap, settle_heap
 
     release_free_heap()
     release_free_heap()
+    settle_heap()
+    settle_heap()  # once per process; again is a no-op
     assert _glibc() is None or hasattr(_glibc(), "malloc_trim")
 
 
 def test_a_small_search_is_one_block_and_a_larger_one_is_shared_by_the_threads():
-    def blocks(n: int, threads: int = 2) -> int:
-        keys = torch.nn.functional.normalize(torch.randn(n, 16), dim=1)
-        search = _cpu_search.ThresholdSearch(keys, "fp32", 5, skip_self=True, max_candidates=100)
+    def blocks(n: int, k: int = 5, dim: int = 16, threads: int = 2) -> int:
+        keys = torch.nn.functional.normalize(torch.randn(n, dim), dim=1)
+        search = _cpu_search.ThresholdSearch(keys, "fp32", k, skip_self=True, max_candidates=400)
         return -(-n // search.default_block(n, threads))
 
     assert blocks(1000) == 1  # 10^6 scores: a second thread costs more than it saves
+    assert blocks(1000, k=100, dim=128) == 2  # unless the float64 re-rank is heavy
     assert blocks(3000) % 2 == 0  # the same number of blocks for each thread

@@ -45,10 +45,14 @@ _GATHERED = 2**18  # pair-row elements up to which the re-rank gathers rows inst
 # too large a part of them for sampled dot products to pay).
 _DENSE_FRACTION = 1 / 8
 _DENSE_KEYS = 512  # and when there are this few keys
-# A search of at most this many scores is one block (so one thread): at N = 1,000 (10^6
-# scores) `make bench` measured 2.9–18.7 ms with one thread against 6.5–26.5 ms with two
-# (AMD EPYC, 2 cores, D = 128 and 512, k = 1 and 100); from N = 2,000 on, two threads win.
+# A search of at most _ONE_BLOCK_SCORES scores whose re-rank is light (k·D below
+# _ONE_BLOCK_RERANK) is one block, so one thread: a second block's hand-over costs more
+# than it saves. Measured at N = 1,000 on the 2-core AMD EPYC (medians of 31, ms, one
+# block / two): k = 1: 2.25 / 2.66 (D = 128), 4.81 / 5.28 (D = 512); k = 10: 4.25 / 4.36
+# (D = 128) but 7.83 / 7.16 (D = 512); k = 30: 6.21 / 6.49 (D = 128), 11.98 / 8.88 (D =
+# 512); N = 2,000, k = 1: 7.06 / 5.99 (D = 128).
 _ONE_BLOCK_SCORES = 2**20
+_ONE_BLOCK_RERANK = 4096
 _INT = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
 _SIGN_FREE = 0x7FFF_FFFF_FFFF_FFFF
 
@@ -67,6 +71,10 @@ class ThresholdSearch:
         self.length = -(-count // self.chunk)  # L chunks of c strided columns
         self.width = self.chunk * self.length  # score columns, padded with −inf
         self.duplicates = bool((self.index.representative != torch.arange(count)).any())
+        # numpy views for the per-pair work (see _sq_distances)
+        self._keys = self.index.keys.numpy()
+        self._sq_norms = self.index.sq_norms.numpy()
+        self._representative = self.index.representative.numpy()
         augmented = self.index.operand_t.shape[0] > keys.shape[1]
         norms = self.index.sq_norms
         # Unequal norms not folded into σ̃ widen the band by their spread (see _threshold).
@@ -78,9 +86,10 @@ class ThresholdSearch:
 
     def default_block(self, num_queries: int, threads: int) -> int:
         """Queries per block: about _BLOCK_SCORES scores, and work for every thread."""
-        if num_queries * self.width <= _ONE_BLOCK_SCORES:
-            return max(1, num_queries)
         dim = self.index.keys.shape[1]
+        small = num_queries * self.width <= _ONE_BLOCK_SCORES
+        if small and self.k * dim < _ONE_BLOCK_RERANK:
+            return max(1, num_queries)
         block = min(max(64, _BLOCK_SCORES // self.width), max(16, _BLOCK_ROWS // (8 * dim)))
         # As many blocks for every thread: the last one would otherwise run alone.
         threads = max(1, threads)
@@ -101,7 +110,7 @@ class ThresholdSearch:
         if not usable.all():  # such rows take the dense path below
             keep = usable[rows]
             cols, rows, counts = cols[keep], rows[keep], counts * usable
-        sq = self._sq_distances(queries, start, torch.from_numpy(rows), torch.from_numpy(cols))
+        sq = self._sq_distances(queries, start, rows, cols)
         top_sq, top_cols = _top_k(sq, cols, rows, counts, self.k)
         q_sq = self._query_sq_norms(queries, start)
         usable = torch.from_numpy(usable)
@@ -182,39 +191,52 @@ class ThresholdSearch:
         t32[~torch.isfinite(t32)] = math.inf
         return t32
 
-    def _sq_distances(self, queries: Tensor, start: int, rows: Tensor, cols: Tensor) -> Tensor:
-        """float64 d² of each (row, col) pair; duplicate keys through their representative."""
-        key_rows = self.index.representative[cols] if self.duplicates else cols
+    def _sq_distances(
+        self, queries: Tensor, start: int, rows: np.ndarray, cols: np.ndarray
+    ) -> np.ndarray:
+        """float64 d² of each (row, col) pair; duplicate keys through their representative.
+
+        Per-pair indexing and arithmetic in numpy: its ``take`` is several times faster
+        than torch's indexing at these sizes (about 60,000 pairs per block at N = 1,000).
+        """
+        key_rows = self._representative[cols] if self.duplicates else cols
         if len(rows) * queries.shape[1] <= _GATHERED:  # few pairs: gather their rows
-            q64 = queries[rows].double()
-            dots = (self.index.keys[key_rows].double() * q64).sum(1)
+            q64 = torch.from_numpy(queries.numpy().take(rows, axis=0)).double()
+            k64 = torch.from_numpy(self._keys.take(key_rows, axis=0)).double()
+            dots = (k64 * q64).sum(1).numpy()
         else:
             dots = self._sampled_dots(queries, start, rows, key_rows)
-        q_sq = self._query_sq_norms(queries, start)
-        sq = q_sq[rows] + self.index.sq_norms[key_rows] - 2 * dots
-        return sq.clamp_min_(0)
+        q_sq = self._query_sq_norms(queries, start).numpy()
+        sq = self._sq_norms.take(key_rows)  # ||k||² + ||q||² − 2⟨q, k⟩ (+ commutes exactly)
+        sq += q_sq.take(rows)
+        sq -= 2 * dots
+        return np.maximum(sq, 0, out=sq)
 
-    def _sampled_dots(self, queries, start, rows, key_rows) -> Tensor:
+    def _sampled_dots(self, queries, start, rows, key_rows) -> np.ndarray:
         """float64 ⟨q_row, k_key⟩ per pair, computed in key order: each key row is read
         once per block and dotted with the block's queries, which stay in cache."""
         n, count = len(rows), len(self.index.keys)
         if count <= 2**16:  # numpy sorts 16-bit integers by radix
-            order = np.argsort(key_rows.numpy().astype(np.uint16), kind="stable")
+            order = np.argsort(key_rows.astype(np.uint16), kind="stable")
         else:
             bits = max(1, (n - 1).bit_length())
-            order = np.sort((key_rows << bits | torch.arange(n)).numpy()) & ((1 << bits) - 1)
-        order = torch.from_numpy(order)
+            order = np.sort(key_rows << bits | np.arange(n)) & ((1 << bits) - 1)
         keys64 = self._keys64()
         q64 = keys64[start : start + len(queries)] if self.skip_self else queries.double()
-        crow = torch.zeros(count + 1, dtype=torch.long)
-        crow[1:] = torch.cumsum(torch.bincount(key_rows, minlength=count), 0)
+        crow = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(np.bincount(key_rows, minlength=count), out=crow[1:])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             pattern = torch.sparse_csr_tensor(
-                crow, rows[order], torch.zeros(n, dtype=torch.float64), size=(count, len(q64))
+                torch.from_numpy(crow),
+                torch.from_numpy(rows.take(order)),
+                torch.zeros(n, dtype=torch.float64),
+                size=(count, len(q64)),
             )
-        dots = torch.sparse.sampled_addmm(pattern, keys64, q64.T, beta=0.0).values()
-        return torch.empty_like(dots).index_copy_(0, order, dots)
+        dots = torch.sparse.sampled_addmm(pattern, keys64, q64.T, beta=0.0).values().numpy()
+        out = np.empty_like(dots)
+        out[order] = dots
+        return out
 
     def _keys64(self) -> Tensor:
         """(M, D) float64 keys, made by the first block that needs them (no copy if float64)."""
@@ -249,7 +271,7 @@ class ThresholdSearch:
         return torch.cat(parts_sq), torch.cat(parts_cols)
 
 
-def _top_k(sq: Tensor, cols, rows, counts, k) -> tuple[Tensor, Tensor]:
+def _top_k(sq: np.ndarray, cols, rows, counts, k) -> tuple[Tensor, Tensor]:
     """Per row, the k smallest (d², column) of the pairs (row-major, columns ascending; a
     row with fewer than k pairs is left with whatever its slots hold)."""
     m = len(counts)
@@ -257,7 +279,7 @@ def _top_k(sq: Tensor, cols, rows, counts, k) -> tuple[Tensor, Tensor]:
     width = max(k, int(counts.max(initial=0)))
     slots = np.arange(len(rows)) + np.repeat(np.arange(m) * width - starts, counts)
     padded = np.full(m * width, np.inf)
-    padded[slots] = sq.numpy()
+    padded[slots] = sq
     top_sq, top_slots = sorted_rows(torch.from_numpy(padded.reshape(m, width)), k)
     if not len(rows):
         return top_sq, top_slots
@@ -277,8 +299,9 @@ def sorted_rows(sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """
     m, w = sq.shape
     bits = max(1, (w - 1).bit_length())
-    high = (sq.numpy().view(np.int64) & _SIGN_FREE) >> bits  # −0.0 sorts as +0.0
-    key = high << bits | np.arange(w)
+    # (bits >> b) << b in one pass: the sign (−0.0 sorts as +0.0) and the low b bits cleared.
+    key = sq.numpy().view(np.int64) & (_SIGN_FREE & ~((1 << bits) - 1))
+    key |= np.arange(w)
     if 4 * k < w:  # the k + 1 smallest first (the keys are distinct), then sort those
         key = np.partition(key, k, axis=1)[:, : k + 1]
     key = np.sort(key, axis=1)[:, : min(w, k + 1)]

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -133,29 +135,76 @@ def query_operand(
 
 
 def run_blocks(
-    function: Callable[[int], None], starts: Iterable[int], device, workers: int | None = None
+    function: Callable[[int], None],
+    starts: Iterable[int],
+    device,
+    workers: int | None = None,
+    *,
+    release: bool = True,
 ) -> None:
     """Call ``function(start)`` for every block start; independent blocks.
 
     On CPU they run on ``torch.get_num_threads()`` Python threads while torch's intra-op
     threads are set to 1 (restored afterwards): a block is many small ops, and each
     parallel op would pay an OpenMP barrier that costs milliseconds whenever other
-    processes share the cores. Elsewhere (CUDA) they run in order. Inside
-    ``coarse_threads`` pass the worker count it yielded as ``workers``.
+    processes share the cores. The threads are kept for the next call (``_pool``).
+    Elsewhere (CUDA) the blocks run in order. Inside ``coarse_threads`` pass the worker
+    count it yielded as ``workers``. release: hand the heap the blocks freed back to the
+    OS afterwards (worth it after a large search; a small one would only fault the same
+    pages in again next time).
     """
     if workers is None:
         with coarse_threads(torch.device(device)) as available:
-            return run_blocks(function, starts, device, available)
+            return run_blocks(function, starts, device, available, release=release)
     starts = list(starts)
-    if workers > 1 and len(starts) > 1:  # one block: no thread to start
+    if workers > 1 and len(starts) > 1:  # one block: no thread to wake
         try:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(function, starts))  # list(): re-raise worker errors
+            list(_pool(workers).map(_one_thread(function), starts))  # list(): re-raise errors
         finally:
-            release_free_heap()  # the threads' arenas keep their freed blocks otherwise
+            if release:
+                release_free_heap()  # the threads' arenas keep their freed blocks otherwise
     else:
         for start in starts:
             function(start)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The process's block workers, started once: a fresh thread costs more than a small
+    search (measured ~2.5 ms at N = 1,000: thread start, a new malloc arena whose pages
+    fault in, oneDNN's per-thread set-up)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="dmlkit-blocks")
+        return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's worker threads do not exist: start new ones."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _one_thread(function: Callable[[int], None]) -> Callable[[int], None]:
+    """``function`` run with one intra-op thread in this worker (torch's count is per thread
+    once set; a worker started under another setting would otherwise oversubscribe)."""
+
+    def call(start: int) -> None:
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        function(start)
+
+    return call
 
 
 @contextmanager

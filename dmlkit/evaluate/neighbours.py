@@ -11,10 +11,13 @@ from torch import Tensor
 from dmlkit.evaluate import _exact
 from dmlkit.evaluate._count_search import CountSearch, default_block
 from dmlkit.evaluate._cpu_search import ThresholdSearch
+from dmlkit.runtime import settle_heap
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# Searches of at least this many scores hand their freed heap back to the OS afterwards.
+_RELEASE_SCORES = 2**24
 
 
 def knn(
@@ -72,6 +75,8 @@ def knn(
         )
         return d.to(queries.device), i.to(queries.device)
     device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
+    if device.type == "cpu":
+        settle_heap()  # MB-sized temporaries: from the heap, not fresh pages each time
     with _exact.coarse_threads(device) as workers:
         queries, keys_, self_search = _check_inputs(queries, keys, k, exclude_self, precision)
         if len(queries) == 0:
@@ -88,7 +93,8 @@ def knn(
             sq, indices[rows] = search.block(queries[rows], start)
             distances[rows] = sq.sqrt()  # from the float64 d², rounded once
 
-        _exact.run_blocks(run, range(0, len(queries), block), device, workers)
+        large = len(queries) * len(keys_) >= _RELEASE_SCORES
+        _exact.run_blocks(run, range(0, len(queries), block), device, workers, release=large)
     log.debug(
         "knn %s: %d queries, %d keys, k=%d, %d candidates; uncertified %d, exhaustive %d",
         *(precision, len(queries), len(keys_), k, search.count),
