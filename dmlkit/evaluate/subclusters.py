@@ -14,9 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
 from dmlkit.evaluate.neighbours import knn
@@ -76,6 +73,11 @@ def subcluster_agreement(
     Returns: ``ari``, ``nmi`` (floats; 0 when no class qualifies), ``num_classes`` (int).
     Cost: one small k-means per class (about 10 ms each).
     """
+    # Deferred: scikit-learn takes ~0.8 s and ~100 MB to import, and only this needs it.
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
     labels, mode_ids = _labels_and_modes(embeddings, labels, modes)
     points = embeddings.detach().float().cpu().numpy()
     aris, nmis = [], []
