@@ -584,6 +584,33 @@ def test_block_workers_are_restarted_in_a_forked_child():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_the_matmul_of_a_one_block_search_gets_every_thread(monkeypatch):
+    # Inside a search torch runs on one thread; a single block's matmul takes them all.
+    from dmlkit.evaluate import _exact
+
+    seen = []
+    real_mm = torch.mm
+    monkeypatch.setattr(
+        torch, "mm", lambda *a, **kw: (seen.append(torch.get_num_threads()), real_mm(*a, **kw))[1]
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.nn.functional.normalize(torch.randn(600, 16), dim=1)
+        knn(x, k=1, precision="fp32")  # 600 × 600 scores: one block
+        assert seen and seen[-1] == 2
+        seen.clear()
+        knn(x, k=1, precision="fp32", block_size=100)  # six blocks on two threads
+        assert seen and set(seen) == {1}
+        with _exact.coarse_threads(torch.device("cpu")):
+            with _exact.intra_op_threads(2):
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_release_free_heap_smoke():
     from dmlkit.runtime import _glibc, release_free_heap, settle_heap
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.evaluate._exact import build_key_index, certified, query_operand
+from dmlkit.evaluate._exact import build_key_index, certified, intra_op_threads, query_operand
 
 # Scores per block (16 MB in bf16), and float64 query rows per block (4 MB): larger
 # blocks make the matmul more efficient and read the keys fewer times in the sampled dot
@@ -80,6 +80,9 @@ class ThresholdSearch:
         # Unequal norms not folded into σ̃ widen the band by their spread (see _threshold).
         self.spread = 0.0 if augmented else float(norms.max() - norms.min()) / 2
         self.count = self.retried = self.exhaustive = 0  # for the debug log
+        # Intra-op threads of the block's big matmul: 1 while blocks share the threads;
+        # a search that is one block sets all of them (see neighbours.knn).
+        self.matmul_threads = 1
         self._float64_keys = None  # (M, D), see _keys64
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -135,7 +138,8 @@ class ThresholdSearch:
             buffer[:, count:] = -math.inf  # padding: never written by the matmul
             self._local.scores = buffer
         scores = buffer[:m]
-        torch.mm(operand, self.index.operand_t, out=scores[:, :count])
+        with intra_op_threads(self.matmul_threads):
+            torch.mm(operand, self.index.operand_t, out=scores[:, :count])
         if own is not None:
             scores[torch.arange(m), own] = -math.inf
         return scores
@@ -259,7 +263,8 @@ class ThresholdSearch:
         parts_sq, parts_cols = [], []
         for s in range(0, len(queries), rows):
             q64 = queries[s : s + rows].double()
-            sq = torch.addmm(self.index.sq_norms, q64, keys64.T, alpha=-2)
+            with intra_op_threads(self.matmul_threads):
+                sq = torch.addmm(self.index.sq_norms, q64, keys64.T, alpha=-2)
             sq = sq.add_(q64.pow(2).sum(1, keepdim=True)).clamp_min_(0)
             if self.duplicates:
                 sq = sq[:, self.index.representative]  # duplicates share one value

@@ -225,6 +225,23 @@ def coarse_threads(device: torch.device):
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def intra_op_threads(threads: int):
+    """Run the enclosed op on ``threads`` intra-op threads (inside ``coarse_threads``).
+
+    For the one matmul of a search that is a single block: the other thread would idle,
+    and a bf16 matmul at N = 1,000 takes half the time on two (0.51 → 0.26 ms at D = 128).
+    """
+    if threads <= 1:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Resolve "auto": bf16 on a CPU that runs bf16 matmuls fast (see below), else fp32."""
     if precision != "auto":

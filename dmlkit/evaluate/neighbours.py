@@ -85,6 +85,8 @@ def knn(
         skip_self = self_search and exclude_self
         search, block, precision = _prepare(queries, keys_, k, skip_self, precision, workers)
         block = block_size or block
+        if block >= len(queries) and device.type == "cpu":
+            search.matmul_threads = workers  # one block: its matmul gets every thread
         distances = torch.empty(len(queries), k, dtype=_output_dtype(queries), device=device)
         indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
 
