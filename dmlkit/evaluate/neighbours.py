@@ -42,9 +42,10 @@ def knn(
     docs/methods.md, "Exact kNN".
 
     On CPU the whole call runs with torch's intra-op threads set to 1 (restored
-    afterwards) and the blocks on ``torch.get_num_threads()`` Python threads: a block is
-    many small ops, and each parallel op would pay an OpenMP barrier that costs
-    milliseconds whenever other processes share the cores.
+    afterwards) and the blocks on ``torch.get_num_threads()`` Python threads, started once
+    per process and kept: a block is many small ops, and each parallel op would pay an
+    OpenMP barrier that costs milliseconds whenever other processes share the cores. A
+    search that is a single block runs its one matmul on all the threads instead.
 
     Args:
         queries: (Q, D) floating tensor (CPU or CUDA).
