@@ -820,7 +820,7 @@ def test_a_dry_run_piped_into_head_ends_quietly(project):
 
 
 def test_a_kernel_that_dies_before_any_cell_is_started_once_more(monkeypatch):
-    # Kernels started at the same moment can die at start-up (seen once in ~10 CI runs);
+    # Kernels started at the same moment can die at start-up (seen once in 3 CI runs);
     # such a run executed nothing, so a second start decides its outcome.
     import papermill
 

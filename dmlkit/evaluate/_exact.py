@@ -169,6 +169,7 @@ def run_blocks(
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_WORKERS = 0
 _POOL_LOCK = threading.Lock()
 
 
@@ -176,19 +177,20 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     """The process's block workers, started once: a fresh thread costs more than a small
     search (measured ~2.5 ms at N = 1,000: thread start, a new malloc arena whose pages
     fault in, oneDNN's per-thread set-up)."""
-    global _POOL
+    global _POOL, _POOL_WORKERS
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != workers:
+        if _POOL is None or _POOL_WORKERS != workers:
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="dmlkit-blocks")
+            _POOL_WORKERS = workers
         return _POOL
 
 
 def _forget_pool() -> None:
     """In a forked child the parent's worker threads do not exist: start new ones."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
+    global _POOL, _POOL_WORKERS, _POOL_LOCK
+    _POOL, _POOL_WORKERS, _POOL_LOCK = None, 0, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -227,19 +229,20 @@ def coarse_threads(device: torch.device):
 
 @contextmanager
 def intra_op_threads(threads: int):
-    """Run the enclosed op on ``threads`` intra-op threads (inside ``coarse_threads``).
+    """Run the enclosed op on ``threads`` intra-op threads, then restore the count.
 
     For the one matmul of a search that is a single block: the other thread would idle,
     and a bf16 matmul at N = 1,000 takes half the time on two (0.51 → 0.26 ms at D = 128).
     """
-    if threads <= 1:
+    previous = torch.get_num_threads()
+    if threads == previous:
         yield
         return
     torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(previous)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -95,10 +95,10 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "error": None, "error_cell": None}
 
 
-# Starts of a kernel that dies before answering kernel_info. Seen once in about ten
-# clean-clone test runs, with four kernels starting at once on two cores; a likely cause
-# is that jupyter_client picks a kernel's ports before the kernel binds them, so kernels
-# started at the same moment can race for one.
+# Starts of a kernel that dies before answering kernel_info. Seen once in three
+# clean-clone test runs on two cores (a sweep test starting two kernels at once while the
+# other test worker ran); a likely cause is that jupyter_client picks a kernel's ports
+# before the kernel binds them, so kernels started at the same moment can race for one.
 _KERNEL_STARTS = 2
 
 
