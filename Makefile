@@ -8,7 +8,7 @@ STAMP := $(VENV)/.dmlkit-installed
 JOBS ?= 2
 DATA ?= $(DMLKIT_DATA)
 
-.PHONY: setup test test-all demo lint format lab browser-deps bench figures reference reproduce lock clean
+.PHONY: setup test test-all demo lint format lab browser-deps bench bench-gpu figures reference reproduce lock clean
 
 setup: $(STAMP)
 
@@ -121,6 +121,12 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
 	$(PY) benchmarks/report.py $(BENCH_ARGS)
+
+# Only the CUDA rows (kNN, losses, training at 224 px with JPEG decoding, AMP), written to
+# benchmarks/results-gpu.md: minutes on a GPU machine, where the CPU grid takes ~18.
+bench-gpu: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(PY) benchmarks/report.py --gpu-only
 
 lock: $(STAMP)
 	{ echo "# Exact versions used by 'make setup' on Python 3.11, CI, the demo and the committed figures (pip -c)."; \

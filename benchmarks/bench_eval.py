@@ -26,7 +26,8 @@ stop off), each followed by ``normalized_mutual_info`` with the labels.
 
 kNN (CUDA) rows, only when a GPU is present: dmlkit's ``knn`` on the GPU against the plain
 float32 brute force on the same GPU (``X @ X.T`` in blocks + ``topk``, which is not exact),
-N ∈ {8,131; 60,502}, D = 512, k = 100; "not run: no CUDA" otherwise.
+N ∈ {8,131; 60,502}, D = 512, k = 100; "not run: no CUDA" otherwise. ``--gpu-only``: these
+rows alone; ``--gpu-dry-run``: their code on the CPU at N = 300 (see rows.py).
 
 ``--quick``: N ∈ {1,000; 8,131}, D = 512, k ∈ {1, 100}, 3 rounds, and the NMI row.
 
@@ -51,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
-from rows import NO_CUDA, make_row, not_run  # noqa: E402
+from rows import DRY_RUN, NO_CUDA, add_gpu_options, gpu_device, make_row, not_run  # noqa: E402
 
 SIZES = (1_000, 5_924, 8_131, 10_000, 60_502)
 DIMS = (128, 512)
@@ -256,17 +257,22 @@ def spawn(*args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cuda_worker(n: int, dim: int, k: int, repeats: int) -> dict:
+def cuda_worker(n: int, dim: int, k: int, repeats: int, device: str = "cuda") -> dict:
     """dmlkit's knn on CUDA against float32 mm + topk on the same GPU (not exact)."""
     from dmlkit.evaluate import knn
 
-    x = sop_like(n, dim)[0].cuda()
+    x = sop_like(n, dim)[0].to(device)
+
+    def synchronize() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
 
     def brute(block: int = 8192) -> torch.Tensor:
         out = []
         for s in range(0, n, block):
             scores = x[s : s + block] @ x.T
-            scores[torch.arange(len(scores)), torch.arange(s, s + len(scores))] = -math.inf
+            rows = torch.arange(len(scores), device=x.device)
+            scores[rows, rows + s] = -math.inf
             out.append(scores.topk(k, dim=1).indices)
         return torch.cat(out)
 
@@ -276,10 +282,10 @@ def cuda_worker(n: int, dim: int, k: int, repeats: int) -> dict:
         run()
     for r in range(repeats):
         for name in runners if r % 2 == 0 else reversed(list(runners)):
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
             runners[name]()
-            torch.cuda.synchronize()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -368,12 +374,17 @@ def nmi_row(args) -> dict:
 
 def cuda_rows(args) -> list[dict]:
     group, reference = "kNN (CUDA)", "float32 mm + topk (CUDA)"
-    if not torch.cuda.is_available():
+    device = gpu_device(args.gpu_dry_run)
+    if device is None:
         return [not_run(group, "N=8131, 60502 D=512 k=100", NO_CUDA, reference=reference)]
+    note = "information: the reference is not exact (float32 scores, no re-rank)"
+    sizes, k = (8_131, SOP), 100
+    if args.gpu_dry_run:
+        sizes, k, note = (300,), 10, DRY_RUN
     rows = []
-    for n in (8_131, SOP):
-        case = f"N={n} D=512 k=100"
-        row = spawn("cuda", n, 512, 100, args.repeats)
+    for n in sizes:
+        case = f"N={n} D=512 k={k}"
+        row = spawn("cuda", n, 512, k, args.repeats, device.type)
         if "error" in row:
             rows.append(failed_row(group, case, reference, row["error"]))
             continue
@@ -384,7 +395,7 @@ def cuda_rows(args) -> list[dict]:
                 dmlkit_s=row["dmlkit"],
                 reference=reference,
                 reference_s=row["brute"],
-                note="information: the reference is not exact (float32 scores, no re-rank)",
+                note=note,
             )
         )
     return rows
@@ -420,6 +431,7 @@ def main() -> None:
     parser.add_argument("--nmi-only", action="store_true", help="only the k-means + NMI row")
     parser.add_argument("--quick", action="store_true", help="a smaller grid, 3 rounds")
     parser.add_argument("--json", type=Path, help="also write the rows here (JSON list)")
+    add_gpu_options(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -428,19 +440,22 @@ def main() -> None:
         return
     if args.quick:
         args.sizes, args.dims, args.ks, args.repeats = [1_000, 8_131], [512], [1, 100], 3
+    gpu_only = args.gpu_only or args.gpu_dry_run
+    if args.gpu_dry_run:
+        args.repeats = 1
     print(header())
     print(f"- benchmark threads: {args.threads} (torch and faiss)\n")
     print(f"{'group':<12} {'case':<26} {'dmlkit s':>9} {'faiss s':>9} {'ratio':>6} ok")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         if not args.nmi_only:
-            for row in knn_rows(args, Path(tmp)):
+            for row in [] if gpu_only else knn_rows(args, Path(tmp)):
                 rows.append(row)
                 print_row(row)
             for row in cuda_rows(args):
                 rows.append(row)
                 print_row(row)
-    if not args.no_nmi:
+    if not (args.no_nmi or gpu_only):
         rows.append(nmi_row(args))
         print_row(rows[-1])
     if args.json:

@@ -13,6 +13,8 @@ same loss value in both libraries (the note gives the relative difference measur
 "≈" rows have no exact PML equivalent and use the nearest one; "—" rows have none and
 report dmlkit's time alone. PML columns are empty when pytorch-metric-learning is not
 installed (``make bench`` installs it); CUDA rows run when a GPU is present.
+``--gpu-only``: the CUDA rows alone; ``--gpu-dry-run``: their code on the CPU at B = 128,
+one repeat, no target (see rows.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from dataclasses import dataclass
 
 import torch
 from machine import header
-from rows import NO_CUDA, make_row, markdown_table, not_run, write_json
+from rows import (
+    DRY_RUN,
+    NO_CUDA,
+    add_gpu_options,
+    gpu_device,
+    make_row,
+    markdown_table,
+    not_run,
+    write_json,
+)
 
 from dmlkit.losses import build_loss
 
@@ -187,9 +198,12 @@ def measure(
     }
 
 
-def row_for(case: Case, batch: int, device: torch.device, result: dict, threads: int) -> dict:
+def row_for(
+    case: Case, batch: int, device: torch.device, result: dict, threads: int, gpu: bool = False
+) -> dict:
+    """The row of one cell; ``gpu``: a CUDA row (a dry run when ``device`` is the CPU)."""
     group = f"losses ({device.type.upper()}, {threads} thread{'s' * (threads > 1)})"
-    if device.type == "cuda":
+    if gpu:
         group = "losses (CUDA)"
     name = case.name
     if case.loss in ("proxy_anchor", "daal"):
@@ -198,6 +212,7 @@ def row_for(case: Case, batch: int, device: torch.device, result: dict, threads:
     if result["value"] is not None:
         notes.append(f"value Δ {result['value']:.1e}")
     notes.append(f"median of {result['repeats']}")
+    dry_run = gpu and device.type != "cuda"
     has_reference = result["theirs"] is not None
     return make_row(
         group,
@@ -205,8 +220,8 @@ def row_for(case: Case, batch: int, device: torch.device, result: dict, threads:
         dmlkit_s=result["ours"],
         reference=f"PML {_pml_version()}" if has_reference else "—",
         reference_s=result["theirs"],
-        target="≤ 1.0" if has_reference else "—",
-        note="; ".join(notes),
+        target="≤ 1.0" if has_reference and not dry_run else "—",
+        note=DRY_RUN if dry_run else "; ".join(notes),
     )
 
 
@@ -230,11 +245,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="case names containing any of these")
     parser.add_argument("--quick", action="store_true", help="B = 128 and 512, 5 repeats")
     parser.add_argument("--json", help="also write the rows (benchmarks/rows.py) to this file")
+    add_gpu_options(parser)
     args = parser.parse_args()
     sizes = args.sizes or ([128, 512] if args.quick else [128, 512, 2048])
     repeats = args.repeats or (5 if args.quick else 15)
     torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    gpu = gpu_device(args.gpu_dry_run)
+    # (device, is it the CUDA row) per pass
+    devices = [] if args.gpu_only or args.gpu_dry_run else [(torch.device("cpu"), False)]
+    devices += [(gpu, True)] if gpu is not None else []
+    if args.gpu_dry_run:
+        sizes, repeats, args.warmup = [128], 1, 0
     selected = [c for c in CASES if not args.only or any(s in c.name for s in args.only)]
     print(header())
     print(
@@ -244,13 +265,14 @@ def main() -> None:
         flush=True,
     )
     rows = []
-    for device in devices:
+    for device, is_gpu in devices:
         for batch in sizes:
             for case in selected:
                 result = measure(case, batch, device, repeats, args.warmup, args.budget)
-                rows.append(row_for(case, batch, device, result, torch.get_num_threads()))
+                threads = torch.get_num_threads()
+                rows.append(row_for(case, batch, device, result, threads, gpu=is_gpu))
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-    if not torch.cuda.is_available():
+    if gpu is None:
         rows.append(not_run("losses (CUDA)", "every loss", NO_CUDA, target="≤ 1.0"))
     print("\n" + markdown_table(rows))
     if args.json:

@@ -1,6 +1,7 @@
 """Every benchmark in one table: runs each ``benchmarks/bench_*.py --json`` and assembles it.
 
     .venv/bin/python benchmarks/report.py [--quick] [--out benchmarks/results.md]
+    .venv/bin/python benchmarks/report.py --gpu-only      # → benchmarks/results-gpu.md
 
 ``make bench`` runs this (``make bench BENCH_ARGS=--quick`` for the smaller grids). Each
 script runs in its own process, one after the other, so they never share the cores; inside
@@ -8,6 +9,11 @@ a script dmlkit and its reference are measured side by side (interleaved, same i
 The table (columns: ``rows.markdown_table``) is printed and written to ``--out`` under the
 machine header (``machine.header()``) and the load average seen before and after, so a
 table measured on a busy machine says so.
+
+``--gpu-only`` runs only the CUDA rows of the scripts that have them (``make bench-gpu``;
+minutes on a GPU machine, where the full CPU grid takes ~18) and writes
+``benchmarks/results-gpu.md``; ``--gpu-dry-run`` runs those rows' code on the CPU at toy
+sizes, as the tests do (rows.py).
 """
 
 from __future__ import annotations
@@ -40,9 +46,15 @@ def _help(script: Path) -> str:
     return done.stdout
 
 
-def run_script(script: Path, quick: bool) -> list[dict[str, Any]]:
-    """The rows of one script; a row saying why when it has no --json or fails."""
+def run_script(script: Path, quick: bool, gpu: str | None = None) -> list[dict[str, Any]]:
+    """The rows of one script; a row saying why when it has no --json or fails.
+
+    gpu: "--gpu-only" or "--gpu-dry-run" — passed on; a script without it has no CUDA rows
+    and is skipped (no rows).
+    """
     options = _help(script)
+    if gpu is not None and gpu not in options:
+        return []
     if "--json" not in options:
         return [missing_json_row(script)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,6 +62,8 @@ def run_script(script: Path, quick: bool) -> list[dict[str, Any]]:
         command = [sys.executable, str(script), "--json", str(out)]
         if quick and "--quick" in options:
             command.append("--quick")
+        if gpu is not None:
+            command.append(gpu)
         print(f"\n$ {' '.join(command[1:])}", flush=True)
         code = subprocess.run(command, check=False).returncode  # its table goes to our stdout
         if code != 0 or not out.exists():
@@ -81,7 +95,7 @@ def render(rows: list[dict[str, Any]], machine: str, load: str, command: str) ->
             "# dmlkit benchmarks",
             "",
             f"`{command}` — every row measured side by side in one run; regenerate with "
-            "`make bench` on a quiet machine.",
+            f"`{command}` on a quiet machine.",
             "",
             machine,
             load,
@@ -95,23 +109,31 @@ def render(rows: list[dict[str, Any]], machine: str, load: str, command: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller grids in every script")
-    parser.add_argument("--out", default=str(HERE / "results.md"), help="Markdown file to write")
+    parser.add_argument("--out", help="Markdown file to write (default benchmarks/results.md)")
     parser.add_argument("--only", nargs="*", help="scripts whose name contains any of these")
+    gpu = parser.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu-only", action="store_true", help="only the CUDA rows")
+    gpu.add_argument("--gpu-dry-run", action="store_true", help="the CUDA rows' code on the CPU")
     args = parser.parse_args()
+    flag = "--gpu-only" if args.gpu_only else "--gpu-dry-run" if args.gpu_dry_run else None
+    out = args.out or str(HERE / ("results-gpu.md" if flag else "results.md"))
     before = os.getloadavg()
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for script in scripts():
         if args.only and not any(part in script.name for part in args.only):
             continue
-        rows += run_script(script, args.quick)
+        rows += run_script(script, args.quick, flag)
     load = load_line(before, os.getloadavg())
     command = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
+    if flag:
+        command = "make bench-gpu" if args.gpu_only else "benchmarks/report.py --gpu-dry-run"
     text = render(rows, header(), load, command)
     text += f"\nTotal wall time: {time.perf_counter() - started:.0f} s.\n"
     print("\n" + text)
-    Path(args.out).write_text(text, encoding="utf-8")
-    print(f"written to {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text, encoding="utf-8")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

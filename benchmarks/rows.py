@@ -13,6 +13,10 @@ A row is a plain dict (a JSON object); a script writes a JSON list of them:
   ``dmlkit_s`` itself; "—" means no target (a row for information).
 - ``ok``: whether the target is met; null when not run or without a target.
 - ``note``: anything else (semantics, values compared, "not run: no CUDA").
+
+Every script takes ``--gpu-only`` (its CUDA rows alone) and ``--gpu-dry-run`` (those rows'
+code on the CPU at toy sizes, rows marked ``DRY_RUN`` without a target: what the tests run,
+so that a session on a GPU machine only has to measure).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from typing import Any
 
 FIELDS = ("group", "case", "dmlkit_s", "reference", "reference_s", "ratio", "target", "ok", "note")
 NO_CUDA = "not run: no CUDA"
+DRY_RUN = "dry run of the CUDA row on the CPU at toy size: the code ran; not a measurement"
+GPU_OPTIONS_HELP = {
+    "--gpu-only": "only the CUDA rows (for a short session on a GPU machine)",
+    "--gpu-dry-run": "run the CUDA rows' code on the CPU at toy size (tests; no timing claim)",
+}
 _TARGET = re.compile(r"^\s*(≤|<=|≥|>=)\s*([0-9.]+)\s*(s?)\s*$")
 
 
@@ -121,3 +130,18 @@ def markdown_table(rows: Iterable[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
+
+
+def add_gpu_options(parser) -> None:
+    """``--gpu-only`` and ``--gpu-dry-run`` on a script's argparse parser."""
+    for flag, text in GPU_OPTIONS_HELP.items():
+        parser.add_argument(flag, action="store_true", help=text)
+
+
+def gpu_device(dry_run: bool):
+    """Where the CUDA rows run: the GPU, the CPU for a dry run, None for "not run"."""
+    import torch
+
+    if dry_run:
+        return torch.device("cpu")
+    return torch.device("cuda") if torch.cuda.is_available() else None

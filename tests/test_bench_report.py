@@ -1,11 +1,13 @@
 """benchmarks/report.py and rows.py: the one table assembled from the scripts' JSON rows.
 
-Fake rows only — no timing is measured here.
+Fake rows, and the CUDA rows' code run on the CPU at toy sizes (``--gpu-dry-run``); no
+timing is judged here.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,3 +151,34 @@ def test_load_line_marks_a_busy_machine(bench, monkeypatch):
     monkeypatch.setattr(report.os, "cpu_count", lambda: 2)
     assert "measured under load" in report.load_line((3.5, 3.0, 2.0), (3.9, 3.0, 2.0))
     assert "quiet" in report.load_line((0.1, 0.1, 0.1), (1.0, 0.5, 0.2))
+
+
+def test_a_script_without_the_gpu_flag_has_no_cuda_rows_and_is_skipped(bench, tmp_path):
+    _, report = bench
+    script = tmp_path / "bench_cpu_only.py"
+    script.write_text("import argparse\nargparse.ArgumentParser().parse_args()\n")
+    assert report.run_script(script, quick=False, gpu="--gpu-only") == []
+
+
+def test_the_cuda_rows_code_runs_on_the_cpu_as_a_dry_run(bench, tmp_path):
+    """What ``make bench-gpu`` runs on a GPU machine, here on the CPU at toy sizes: the kNN,
+    loss and training rows (JPEG folder, DataLoader workers, bf16 autocast) all run."""
+    rows, _ = bench
+    out = tmp_path / "results-gpu.md"
+    report = [sys.executable, str(BENCHMARKS / "report.py"), "--gpu-dry-run", "--out", str(out)]
+    done = subprocess.run(report, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in out.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| ") and "(CUDA)" in line
+    ]
+    groups = {cells[0] for cells in table}
+    assert groups == {"kNN (CUDA)", "losses (CUDA)", "training (CUDA)"}, groups
+    import bench_losses
+
+    # one kNN size, every loss case at B = 128, one backbone
+    assert len(table) == 1 + len(bench_losses.CASES) + 1
+    for cells in table:
+        assert cells[-1] == rows.DRY_RUN, cells  # not "failed: …" nor "not run: no CUDA"
+        assert cells[2] != "—" and cells[6] == "—", cells  # timed, judged by no target
