@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA rows of `make bench` on a GPU machine that has PyTorch but not this project's
-# .venv (no `make setup` there: no package index): dmlkit is imported from the checkout.
+# On a GPU machine that has PyTorch but not this project's .venv (no `make setup` there: no
+# package index), with dmlkit imported from the checkout: the CUDA tests (kNN on CUDA
+# against the CPU, tests/test_evaluate.py; pytest needed), then the CUDA rows of
+# `make bench`. Exit status 1 if the tests failed (the rows run anyway).
 #
 #     benchmarks/gpu_session.sh                  # → $OUT/results-gpu.md, else benchmarks/
 #     PYTHON=.venv/bin/python benchmarks/gpu_session.sh --gpu-dry-run   # the check, on CPU
@@ -8,7 +10,9 @@
 # Needs torch, torchvision, numpy, scipy, scikit-learn, matplotlib, pandas, pillow, pyyaml
 # and tqdm. pytorch-metric-learning gives the loss rows their reference: without it they
 # time dmlkit alone. Wheels put in .whl/ (pip download … -d .whl) are installed first,
-# offline. Takes a few minutes on an H100/H200; the CPU grid is not run (`make bench`).
+# offline. Meant to fit one device call (≤ 10 min; not yet run on a GPU); the CPU grid is
+# not run (`make bench`). Checked here with torch 2.11.0 / torchvision 0.26.0 (the H200
+# image's versions) in a venv without the project's other packages, as a --gpu-dry-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -20,4 +24,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mode=${1:---gpu-only}
 out=${OUT:-benchmarks}/results-gpu.md
 "$python" -c 'import torch; print("torch", torch.__version__, "| CUDA:", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+status=0
+if [ "$mode" = --gpu-only ]; then
+  "$python" -m pytest -q -p no:cacheprovider -rs tests/test_evaluate.py -k cuda || status=1
+fi
 "$python" benchmarks/report.py "$mode" --out "$out"
+exit $status
