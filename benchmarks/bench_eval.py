@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
-from rows import DRY_RUN, NO_CUDA, add_gpu_options, gpu_device, make_row, not_run  # noqa: E402
+from rows import NO_CUDA, add_gpu_options, cpu_rows_wanted, dry_run, gpu_device, make_row, not_run  # noqa: E402  # noqa: E402
 
 SIZES = (1_000, 5_924, 8_131, 10_000, 60_502)
 DIMS = (128, 512)
@@ -374,13 +374,10 @@ def nmi_row(args) -> dict:
 
 def cuda_rows(args) -> list[dict]:
     group, reference = "kNN (CUDA)", "float32 mm + topk (CUDA)"
-    device = gpu_device(args.gpu_dry_run)
+    device = gpu_device(args)
     if device is None:
         return [not_run(group, "N=8131, 60502 D=512 k=100", NO_CUDA, reference=reference)]
-    note = "information: the reference is not exact (float32 scores, no re-rank)"
-    sizes, k = (8_131, SOP), 100
-    if args.gpu_dry_run:
-        sizes, k, note = (300,), 10, DRY_RUN
+    sizes, k = ((300,), 10) if args.gpu_dry_run else ((8_131, SOP), 100)
     rows = []
     for n in sizes:
         case = f"N={n} D=512 k={k}"
@@ -388,16 +385,15 @@ def cuda_rows(args) -> list[dict]:
         if "error" in row:
             rows.append(failed_row(group, case, reference, row["error"]))
             continue
-        rows.append(
-            make_row(
-                group,
-                case,
-                dmlkit_s=row["dmlkit"],
-                reference=reference,
-                reference_s=row["brute"],
-                note=note,
-            )
+        measured = make_row(
+            group,
+            case,
+            dmlkit_s=row["dmlkit"],
+            reference=reference,
+            reference_s=row["brute"],
+            note="information: the reference is not exact (float32 scores, no re-rank)",
         )
+        rows.append(dry_run(measured) if args.gpu_dry_run else measured)
     return rows
 
 
@@ -440,7 +436,7 @@ def main() -> None:
         return
     if args.quick:
         args.sizes, args.dims, args.ks, args.repeats = [1_000, 8_131], [512], [1, 100], 3
-    gpu_only = args.gpu_only or args.gpu_dry_run
+    gpu_only = not cpu_rows_wanted(args)
     if args.gpu_dry_run:
         args.repeats = 1
     print(header())

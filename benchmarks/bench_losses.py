@@ -26,18 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import rows as table_rows
 import torch
 from machine import header
-from rows import (
-    DRY_RUN,
-    NO_CUDA,
-    add_gpu_options,
-    gpu_device,
-    make_row,
-    markdown_table,
-    not_run,
-    write_json,
-)
+from rows import NO_CUDA, make_row, markdown_table, not_run, write_json
 
 from dmlkit.losses import build_loss
 
@@ -212,17 +204,17 @@ def row_for(
     if result["value"] is not None:
         notes.append(f"value Δ {result['value']:.1e}")
     notes.append(f"median of {result['repeats']}")
-    dry_run = gpu and device.type != "cuda"
     has_reference = result["theirs"] is not None
-    return make_row(
+    row = make_row(
         group,
         f"{name}, B = {batch}",
         dmlkit_s=result["ours"],
         reference=f"PML {_pml_version()}" if has_reference else "—",
         reference_s=result["theirs"],
-        target="≤ 1.0" if has_reference and not dry_run else "—",
-        note=DRY_RUN if dry_run else "; ".join(notes),
+        target="≤ 1.0" if has_reference else "—",
+        note="; ".join(notes),
     )
+    return table_rows.dry_run(row) if gpu and device.type != "cuda" else row
 
 
 def _pml_version() -> str:
@@ -245,14 +237,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="case names containing any of these")
     parser.add_argument("--quick", action="store_true", help="B = 128 and 512, 5 repeats")
     parser.add_argument("--json", help="also write the rows (benchmarks/rows.py) to this file")
-    add_gpu_options(parser)
+    table_rows.add_gpu_options(parser)
     args = parser.parse_args()
     sizes = args.sizes or ([128, 512] if args.quick else [128, 512, 2048])
     repeats = args.repeats or (5 if args.quick else 15)
     torch.set_num_threads(args.threads)
-    gpu = gpu_device(args.gpu_dry_run)
+    gpu = table_rows.gpu_device(args)
     # (device, is it the CUDA row) per pass
-    devices = [] if args.gpu_only or args.gpu_dry_run else [(torch.device("cpu"), False)]
+    devices = [(torch.device("cpu"), False)] if table_rows.cpu_rows_wanted(args) else []
     devices += [(gpu, True)] if gpu is not None else []
     if args.gpu_dry_run:
         sizes, repeats, args.warmup = [128], 1, 0

@@ -33,18 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import rows as table_rows
 import torch
 from machine import header
-from rows import (
-    DRY_RUN,
-    NO_CUDA,
-    add_gpu_options,
-    gpu_device,
-    make_row,
-    markdown_table,
-    not_run,
-    write_json,
-)
+from rows import NO_CUDA, make_row, markdown_table, not_run, write_json
 
 from dmlkit.models import build_model
 from dmlkit.train import TrainConfig, fit
@@ -187,17 +179,14 @@ CUDA_CASES = (
 )
 
 
-def as_row(result: dict, threads: int, gpu: bool | None = None) -> dict:
+def as_row(result: dict, threads: int, cuda: bool) -> dict:
     """The measurement as a rows.py row: seconds per training step, ratio = fit / bare.
 
-    gpu: whether it is a CUDA row (default: whether it ran on CUDA); one that ran on the
-    CPU is a dry run, without a target.
+    cuda: whether it is a CUDA row; one that ran on the CPU is a dry run.
     """
-    cuda = result["device"].startswith("cuda") if gpu is None else gpu
-    dry_run = cuda and not result["device"].startswith("cuda")
     group = "training (CUDA)" if cuda else f"training (CPU, {threads} thread{'s' * (threads > 1)})"
     images = result["images"]
-    return make_row(
+    row = make_row(
         group,
         f"{result['model']}, {result['px']} px, {result['batch']}, {result['amp']}"
         + (", JPEG decoding" if cuda else ""),
@@ -205,15 +194,14 @@ def as_row(result: dict, threads: int, gpu: bool | None = None) -> dict:
         reference=BARE,
         reference_s=images / result["bare img/s"],
         ratio=result["fit img/s"] / result["bare img/s"],
-        target="—" if dry_run else "≥ 0.85",
-        note=DRY_RUN
-        if dry_run
-        else (
+        target="≥ 0.85",
+        note=(
             f"times per step of {images} images; fit {result['fit img/s']:.0f} img/s, "
             f"bare {result['bare img/s']:.0f} img/s"
             + ("; fit decodes the JPEG files in DataLoader workers" if cuda else "")
         ),
     )
+    return table_rows.dry_run(row) if cuda and result["device"] == "cpu" else row
 
 
 def main() -> None:
@@ -223,18 +211,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help="CPU backbones (default glyphnet resnet18)")
     parser.add_argument("--quick", action="store_true", help="glyphnet only, 1 bare round")
     parser.add_argument("--json", help="also write the rows (benchmarks/rows.py) to this file")
-    add_gpu_options(parser)
+    table_rows.add_gpu_options(parser)
     args = parser.parse_args()
     models = args.models or (["glyphnet"] if args.quick else ["glyphnet", "resnet18"])
     repeats = args.repeats or (1 if args.quick or args.gpu_dry_run else 3)
-    gpu = gpu_device(args.gpu_dry_run)
+    gpu = table_rows.gpu_device(args)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     print(header() + "\n", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        plans = [] if args.gpu_only or args.gpu_dry_run else cpu_configs(models, out)
+        plans = cpu_configs(models, out) if table_rows.cpu_rows_wanted(args) else []
         plans = [(*plan, False) for plan in plans]
         if gpu is not None:
             classes = {"classes": 8, "train_images": 8} if args.gpu_dry_run else {}
@@ -242,7 +230,7 @@ def main() -> None:
             plans += [(*plan, True) for plan in cuda_configs(out / "jpegs", out, gpu)]
         for cfg, size, bare_steps, is_gpu in plans:
             result = measure(cfg, size, repeats, bare_steps)
-            rows.append(as_row(result, args.threads, gpu=is_gpu))
+            rows.append(as_row(result, args.threads, cuda=is_gpu))
             print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     if gpu is None:
         rows += [

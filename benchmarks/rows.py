@@ -138,10 +138,20 @@ def add_gpu_options(parser) -> None:
         parser.add_argument(flag, action="store_true", help=text)
 
 
-def gpu_device(dry_run: bool):
+def cpu_rows_wanted(args) -> bool:
+    """Whether a script parsed with ``add_gpu_options`` runs its CPU rows."""
+    return not (args.gpu_only or args.gpu_dry_run)
+
+
+def gpu_device(args):
     """Where the CUDA rows run: the GPU, the CPU for a dry run, None for "not run"."""
     import torch
 
-    if dry_run:
+    if args.gpu_dry_run:
         return torch.device("cpu")
     return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def dry_run(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as a dry run (a CUDA row whose code ran on the CPU): no target, no verdict."""
+    return {**row, "target": "—", "ok": None, "note": DRY_RUN}

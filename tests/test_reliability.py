@@ -1414,21 +1414,19 @@ def test_every_test_the_readme_names_exists():
 
 # ---------------------------------------------------------------- load (slow)
 
-# The peak is this process's VmHWM. Not getrusage's ru_maxrss: Linux carries the peak of
-# the memory image an exec replaces into it, so a child that pytest starts reports the
-# test worker's own peak (1.52-1.57 GB measured under `make test-all`, against ~1.2 GB
-# for this search).
+# The peak is this process's VmHWM (bench_eval.peak_rss_gb). Not getrusage's ru_maxrss:
+# Linux carries the peak of the memory image an exec replaces into it, so a child that
+# pytest starts reports the test worker's own peak (1.52-1.57 GB measured under
+# `make test-all`, against ~1.2 GB for this search).
 SOP_SCALE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from bench_eval import sop_like
+from bench_eval import peak_rss_gb, sop_like
 from dmlkit.evaluate import retrieval_metrics
 
 embeddings, labels = sop_like(60_502)  # (60502, 512) unit vectors, SOP-like classes
 metrics = retrieval_metrics(embeddings, labels, ks=(1, 10, 100), nmi=False)
-with open("/proc/self/status") as status:
-    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-print(json.dumps({"peak_bytes": peak, **metrics}))
+print(json.dumps({"peak_bytes": peak_rss_gb() * 1e9, **metrics}))
 """
 
 

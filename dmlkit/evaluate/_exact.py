@@ -220,11 +220,8 @@ def coarse_threads(device: torch.device):
     if device.type != "cpu" or threads <= 1:
         yield 1
         return
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         yield threads
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextmanager
