@@ -52,7 +52,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
-from rows import NO_CUDA, add_gpu_options, cpu_rows_wanted, dry_run, gpu_device, make_row, not_run  # noqa: E402  # noqa: E402
+from rows import (  # noqa: E402
+    NO_CUDA,
+    add_gpu_options,
+    cpu_rows_wanted,
+    dry_run,
+    failed,
+    gpu_device,
+    make_row,
+    not_run,
+)
 
 SIZES = (1_000, 5_924, 8_131, 10_000, 60_502)
 DIMS = (128, 512)
@@ -398,8 +407,7 @@ def cuda_rows(args) -> list[dict]:
 
 
 def failed_row(group: str, case: str, reference: str, error: str) -> dict:
-    row = make_row(group, case, reference=reference, target=f"≤ {TARGET}", note=f"failed: {error}")
-    return {**row, "ok": False}
+    return failed(group, case, error, reference=reference, target=f"≤ {TARGET}")
 
 
 def print_row(row: dict) -> None:

@@ -23,6 +23,7 @@ import argparse
 import math
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -260,9 +261,16 @@ def main() -> None:
     for device, is_gpu in devices:
         for batch in sizes:
             for case in selected:
-                result = measure(case, batch, device, repeats, args.warmup, args.budget)
                 threads = torch.get_num_threads()
-                rows.append(row_for(case, batch, device, result, threads, gpu=is_gpu))
+                try:
+                    result = measure(case, batch, device, repeats, args.warmup, args.budget)
+                except Exception as error:  # one failing cell must not cost the others
+                    traceback.print_exc()
+                    group = "losses (CUDA)" if is_gpu else f"losses (CPU, {threads} threads)"
+                    error_text = f"{type(error).__name__}: {error}".splitlines()[0]
+                    rows.append(table_rows.failed(group, f"{case.name}, B = {batch}", error_text))
+                else:
+                    rows.append(row_for(case, batch, device, result, threads, gpu=is_gpu))
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     if gpu is None:
         rows.append(not_run("losses (CUDA)", "every loss", NO_CUDA, target="≤ 1.0"))

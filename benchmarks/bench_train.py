@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -229,8 +230,16 @@ def main() -> None:
             write_jpeg_folder(out / "jpegs", **classes)
             plans += [(*plan, True) for plan in cuda_configs(out / "jpegs", out, gpu)]
         for cfg, size, bare_steps, is_gpu in plans:
-            result = measure(cfg, size, repeats, bare_steps)
-            rows.append(as_row(result, args.threads, cuda=is_gpu))
+            try:
+                result = measure(cfg, size, repeats, bare_steps)
+            except Exception as error:  # one failing model must not cost the others
+                traceback.print_exc()
+                group = "training (CUDA)" if is_gpu else f"training (CPU, {args.threads} threads)"
+                error_text = f"{type(error).__name__}: {error}".splitlines()[0]
+                case = f"{cfg.backbone}, {size} px, {cfg.p}×{cfg.k}, {cfg.amp}"
+                rows.append(table_rows.failed(group, case, error_text, reference=BARE))
+            else:
+                rows.append(as_row(result, args.threads, cuda=is_gpu))
             print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     if gpu is None:
         rows += [

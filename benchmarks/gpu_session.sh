@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine that has PyTorch but not this project's .venv (no `make setup` there: no
-# package index), with dmlkit imported from the checkout: the CUDA tests (kNN on CUDA
-# against the CPU, tests/test_evaluate.py; pytest needed), then the CUDA rows of
-# `make bench`. Exit status 1 if the tests failed (the rows run anyway).
+# package index), with dmlkit imported from the checkout: the CUDA tests (pytest needed:
+# kNN and retrieval metrics on CUDA against the CPU; every loss on CUDA against the CPU;
+# fit on CUDA under AMP, bit-for-bit repeat and resume, a CUDA run resumed on the CPU),
+# then the CUDA rows of `make bench`. Exit status 1 if the tests failed (the rows run
+# anyway).
 #
 #     benchmarks/gpu_session.sh                  # → $OUT/results-gpu.md, else benchmarks/
 #     PYTHON=.venv/bin/python benchmarks/gpu_session.sh --gpu-dry-run   # the check, on CPU
@@ -26,7 +28,8 @@ out=${OUT:-benchmarks}/results-gpu.md
 "$python" -c 'import torch; print("torch", torch.__version__, "| CUDA:", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
 status=0
 if [ "$mode" = --gpu-only ]; then
-  "$python" -m pytest -q -p no:cacheprovider -rs tests/test_evaluate.py -k cuda || status=1
+  "$python" -m pytest -q -p no:cacheprovider -rs -k cuda \
+    tests/test_evaluate.py tests/test_losses.py tests/test_train.py || status=1
 fi
 "$python" benchmarks/report.py "$mode" --out "$out"
 exit $status

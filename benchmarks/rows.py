@@ -85,6 +85,12 @@ def not_run(group: str, case: str, why: str, *, reference: str = "—", target: 
     return make_row(group, case, reference=reference, target=target, note=why)
 
 
+def failed(group: str, case: str, error: str, *, reference: str = "—", target: str = "—") -> dict:
+    """A row for a measurement that raised: the others in the script still run."""
+    row = make_row(group, case, reference=reference, target=target, note=f"failed: {error}")
+    return {**row, "ok": False}
+
+
 def write_json(rows: list[dict[str, Any]], path: str | Path) -> None:
     Path(path).write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -544,3 +544,38 @@ def test_fractional_labels_are_not_truncated_to_a_class():
     for fn in (contrastive_loss, triplet_margin_loss, npair_loss, multi_similarity_loss):
         with pytest.raises(ValueError, match="integer class ids"):
             fn(z, torch.tensor([1.5, 1.5, 3.0, 3.0]))
+
+
+# ---------------------------------------------------------------- CUDA (skipped without one)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("density", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_on_cuda_matches_cpu_over_training_steps(name, density):
+    # Three train-mode steps, so the EMA buffers (density radii, DAAL's class radii) move too.
+    def build():
+        torch.manual_seed(0)  # the same proxy initialisation on both devices
+        return build_loss(name, num_classes=8, embedding_dim=32, density=density).train()
+
+    cpu, gpu = build(), build().cuda()
+    for step in range(3):
+        z, y = _random_batch(40 + step, n=64, dim=32, classes=8)
+        z_cpu = z.float().requires_grad_(True)
+        z_gpu = z.float().cuda().requires_grad_(True)
+        expected, value = cpu(z_cpu, y), gpu(z_gpu, y.cuda())
+        expected.backward()
+        value.backward()
+        msg = f"{name} density={density} step {step}"
+        assert value.device.type == "cuda" and value.dtype == torch.float32, msg
+        assert_close(value.cpu(), expected, rtol=1e-4, atol=1e-5, msg=msg)
+        assert_close(z_gpu.grad.cpu(), z_cpu.grad, rtol=1e-4, atol=1e-5, msg=msg)
+        states = zip(gpu.state_dict().items(), cpu.state_dict().values(), strict=True)
+        for (key, ours), theirs in states:
+            assert_close(ours.cpu(), theirs, rtol=1e-4, atol=1e-5, msg=f"{msg}: {key}")
+        for ours, theirs in zip(gpu.parameters(), cpu.parameters(), strict=True):
+            assert_close(ours.grad.cpu(), theirs.grad, rtol=1e-4, atol=1e-5, msg=f"{msg}: grad")
+    gpu.eval()  # buffers stay put
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        under_autocast = gpu(z_gpu.detach(), y.cuda())
+    assert under_autocast.dtype == torch.float32 and torch.isfinite(under_autocast), name

@@ -528,3 +528,52 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_p
     assert error.value.errno == errno.ENOSPC
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- CUDA (skipped without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DAAL_RUN = {"loss": "daal", "density": True, "lr_schedule": "cosine"}  # stateful loss
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_fit_on_cuda_under_amp_gives_finite_results(tiny, amp):
+    result = fit(tiny_config(device="cuda", amp=amp, channels_last=True))
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert all(np.isfinite(record["loss"]) for record in result.history)
+    assert np.isfinite(result.metrics["recall@1"])
+
+
+@needs_cuda
+@pytest.mark.parametrize("overrides", [{}, DAAL_RUN])
+def test_deterministic_cuda_runs_repeat_and_resume_bit_for_bit(tiny, tmp_path, overrides):
+    # TrainConfig.deterministic (the default) promises bit-reproducible runs on CUDA.
+    cfg = tiny_config(device="cuda", **overrides)
+    reference = fit(dataclasses.replace(cfg, out_dir=str(tmp_path / "reference")))
+    again = fit(cfg)
+    assert again.metrics == reference.metrics
+    assert comparable(again.history) == comparable(reference.history)
+
+    def crash(epoch, step):
+        if (epoch, step) == (1, 2):
+            raise Crash
+
+    crashed = dataclasses.replace(cfg, out_dir=str(tmp_path / "crashed"))
+    with pytest.raises(Crash):
+        fit(crashed, on_step=crash)
+    resumed = fit(dataclasses.replace(crashed, resume=True))
+    assert resumed.metrics == reference.metrics
+    assert comparable(resumed.history) == comparable(reference.history)
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+@needs_cuda
+def test_a_cuda_run_resumes_on_the_cpu(tiny, tmp_path):
+    fit(tiny_config(device="cuda", epochs=2, out_dir=tmp_path, **DAAL_RUN))
+    resumed = fit(tiny_config(device="cpu", epochs=3, out_dir=tmp_path, resume=True, **DAAL_RUN))
+    assert [record["epoch"] for record in resumed.history][-1] == 3
+    assert next(resumed.model.parameters()).device.type == "cpu"
+    assert all(b.device.type == "cpu" for b in resumed.loss.buffers())
+    assert np.isfinite(resumed.metrics["recall@1"])
