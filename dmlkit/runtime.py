@@ -3,8 +3,10 @@ handing freed heap memory back to the OS."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import os
 import platform
 import random
 import subprocess
@@ -37,6 +39,44 @@ def default_device(preferred: str | torch.device | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def cuda_kernel_choice(device: torch.device, deterministic: bool):
+    """Inside the block, how kernels are chosen on CUDA (a no-op on other devices).
+
+    deterministic: bit-reproducible runs: deterministic cuDNN kernels with no autotuning,
+    and PyTorch's deterministic versions of the ops that otherwise add with atomics, such
+    as ``index_add_`` and the backward of indexing (``torch.use_deterministic_algorithms``
+    with ``warn_only``: an op that has no deterministic version warns instead of stopping
+    the run). cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for that; ``:4096:8`` is set when
+    it is unset. Otherwise: cuDNN autotuning, the fastest kernels. Restores every setting
+    and the variable on exit.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    before = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+        if before[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = before[4]
 
 
 def seed_everything(seed: int) -> None:

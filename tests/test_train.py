@@ -7,6 +7,7 @@ transform draws noise from torch's global RNG, which exercises the RNG checkpoin
 
 import dataclasses
 import json
+import os
 import pickle
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 
 import dmlkit.data
 from dmlkit.models import build_model
+from dmlkit.runtime import cuda_kernel_choice
 from dmlkit.train import (
     CheckpointError,
     NonFiniteLossError,
@@ -528,6 +530,23 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_p
     assert error.value.errno == errno.ENOSPC
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_kernel_choice_sets_and_restores_every_setting(monkeypatch, deterministic):
+    # These are global flags and an environment variable: the choice must not outlive a run.
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    flags = torch.backends.cudnn
+    before = (flags.benchmark, flags.deterministic, torch.are_deterministic_algorithms_enabled())
+    with cuda_kernel_choice(torch.device("cuda"), deterministic):
+        assert (flags.benchmark, flags.deterministic) == (not deterministic, deterministic)
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+        assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) == deterministic
+    assert (flags.benchmark, flags.deterministic) == before[:2]
+    assert torch.are_deterministic_algorithms_enabled() == before[2]
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with cuda_kernel_choice(torch.device("cpu"), deterministic):  # other devices: untouched
+        assert torch.are_deterministic_algorithms_enabled() == before[2]
 
 
 # ---------------------------------------------------------------- CUDA (skipped without one)

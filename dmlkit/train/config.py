@@ -108,7 +108,8 @@ class TrainConfig:
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
     deterministic: bool = True
-    """On CUDA: deterministic cuDNN kernels and no autotuning (bit-reproducible runs)."""
+    """On CUDA: deterministic cuDNN kernels, no autotuning and PyTorch's deterministic
+    algorithms (bit-reproducible runs; ``dmlkit.runtime.cuda_kernel_choice``)."""
     num_workers: int = 0
     """DataLoader worker processes (0: load in the training process)."""
     batch_size_eval: int = 256

@@ -24,7 +24,7 @@ from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidget
 
 from dmlkit.data.loader import loader_batches
 from dmlkit.models import EmbeddingModel, build_model
-from dmlkit.runtime import default_device, seed_everything
+from dmlkit.runtime import cuda_kernel_choice, default_device, seed_everything
 from dmlkit.train import distributed
 from dmlkit.train.build import (
     build_datasets,
@@ -179,9 +179,7 @@ def _prepare(
     checkpoint = resume_state(cfg, log)  # read and checked before anything is built
     device = distributed.rank_device(ctx, cfg.device) or default_device(cfg.device)
     check_device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.backends.cudnn.deterministic = cfg.deterministic
+    stack.enter_context(cuda_kernel_choice(device, cfg.deterministic))
     # Every rank builds the same datasets and model: rank 0 alone reports on them.
     with distributed.quiet_unless_main(ctx):
         run = _assemble(cfg, ctx, device, log, bad_images_log(cfg, stack))
