@@ -13,9 +13,10 @@ after the fit run (so load from other processes hits both). ratio = fit / bare; 
 target is ≥ 0.85 (data, sampler, loss and optimizer overhead ≤ 15 %).
 
 CUDA rows (only when a GPU is present): resnet50 and googlenet at 224 px, batch 128
-(32×4), bf16 autocast + channels_last, fed from JPEG files this script writes into a
-temporary ``folder`` dataset and decodes with DataLoader workers ("imagenet" transforms),
-so the input pipeline is part of what is measured. Without a GPU they are rows that say
+(32×4), bf16 autocast + channels_last, fed from 256 px JPEG files this script writes into a
+temporary ``folder`` dataset (100 train classes × 60 images: a CUB-sized epoch of 46 steps)
+and decodes with DataLoader workers ("imagenet" transforms), so the input pipeline is part
+of what is measured; the note gives the rate of that DataLoader alone (one epoch, no model). Without a GPU they are rows that say
 "not run: no CUDA". ``--quick``: glyphnet only, one bare round before and after.
 ``--gpu-only``: the CUDA rows alone; ``--gpu-dry-run``: their whole path (JPEG folder,
 DataLoader workers, bf16 autocast, channels_last, ``fit``) on the CPU with glyphnet at 224 px
@@ -39,8 +40,10 @@ import torch
 from machine import header
 from rows import NO_CUDA, make_row, markdown_table, not_run, write_json
 
+from dmlkit.data.loader import loader_batches
 from dmlkit.models import build_model
 from dmlkit.train import TrainConfig, fit
+from dmlkit.train.build import build_datasets, build_loader
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,12 +85,30 @@ def fit_images_per_s(cfg: TrainConfig) -> float:
     return statistics.median(record["images_per_s"] for record in history[1:])
 
 
-def measure(cfg: TrainConfig, size: int, repeats: int, bare_steps: int) -> dict:
+def loader_images_per_s(cfg: TrainConfig, device: torch.device) -> float:
+    """One epoch of ``fit``'s own DataLoader alone (fresh workers, as every epoch of ``fit``
+    starts them; batches copied to ``device``): the rate the input pipeline can feed."""
+    train_set, _ = build_datasets(cfg)
+    loader = build_loader(cfg, train_set, pin_memory=device.type == "cuda")
+    start, count = time.perf_counter(), 0
+    with loader_batches(loader) as batches:
+        for images, _labels in batches:
+            images.to(device, non_blocking=True)
+            count += len(images)
+    _synchronize(device)
+    return count / (time.perf_counter() - start)
+
+
+def measure(
+    cfg: TrainConfig, size: int, repeats: int, bare_steps: int, loader: bool = False
+) -> dict:
+    """fit's and the bare model's images/s; ``loader``: also the DataLoader's alone."""
     device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
     bare = [bare_images_per_s(cfg, size, device, bare_steps) for _ in range(repeats)]
     fitted = fit_images_per_s(cfg)
     bare += [bare_images_per_s(cfg, size, device, bare_steps) for _ in range(repeats)]
     bare_median = statistics.median(bare)
+    loader_rate = loader_images_per_s(cfg, device) if loader else None
     return {
         "model": cfg.backbone,
         "device": str(device),
@@ -99,6 +120,8 @@ def measure(cfg: TrainConfig, size: int, repeats: int, bare_steps: int) -> dict:
         "bare img/s": bare_median,
         "fit img/s": fitted,
         "ratio": fitted / bare_median,
+        "loader img/s": loader_rate,
+        "workers": cfg.num_workers,
     }
 
 
@@ -174,6 +197,7 @@ def cuda_configs(
 
 
 BARE = "bare forward+backward"
+CUB_SIZED = {"classes": 200, "train_images": 60}
 CUDA_CASES = (
     "resnet50, 224 px, 32×4, bf16 + channels_last, JPEG decoding",
     "googlenet, 224 px, 32×4, bf16 + channels_last, JPEG decoding",
@@ -199,7 +223,12 @@ def as_row(result: dict, threads: int, cuda: bool) -> dict:
         note=(
             f"times per step of {images} images; fit {result['fit img/s']:.0f} img/s, "
             f"bare {result['bare img/s']:.0f} img/s"
-            + ("; fit decodes the JPEG files in DataLoader workers" if cuda else "")
+            + (
+                f"; fit decodes the JPEG files in {result['workers']} DataLoader workers, "
+                f"which alone deliver {result['loader img/s']:.0f} img/s"
+                if cuda
+                else ""
+            )
         ),
     )
     return table_rows.dry_run(row) if cuda and result["device"] == "cpu" else row
@@ -226,12 +255,13 @@ def main() -> None:
         plans = cpu_configs(models, out) if table_rows.cpu_rows_wanted(args) else []
         plans = [(*plan, False) for plan in plans]
         if gpu is not None:
-            classes = {"classes": 8, "train_images": 8} if args.gpu_dry_run else {}
+            # 100 train classes × 60: a CUB-sized epoch (5,864 images, 46 steps of 128)
+            classes = {"classes": 8, "train_images": 8} if args.gpu_dry_run else CUB_SIZED
             write_jpeg_folder(out / "jpegs", **classes)
             plans += [(*plan, True) for plan in cuda_configs(out / "jpegs", out, gpu)]
         for cfg, size, bare_steps, is_gpu in plans:
             try:
-                result = measure(cfg, size, repeats, bare_steps)
+                result = measure(cfg, size, repeats, bare_steps, loader=is_gpu)
             except Exception as error:  # one failing model must not cost the others
                 traceback.print_exc()
                 group = "training (CUDA)" if is_gpu else f"training (CPU, {args.threads} threads)"
