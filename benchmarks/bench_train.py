@@ -16,11 +16,12 @@ CUDA rows (only when a GPU is present): resnet50 and googlenet at 224 px, batch 
 (32×4), bf16 autocast + channels_last, fed from 256 px JPEG files this script writes into a
 temporary ``folder`` dataset (100 train classes × 60 images: a CUB-sized epoch of 46 steps)
 and decodes with DataLoader workers ("imagenet" transforms), so the input pipeline is part
-of what is measured; the note gives the rate of that DataLoader alone (one epoch, no model). Without a GPU they are rows that say
-"not run: no CUDA". ``--quick``: glyphnet only, one bare round before and after.
-``--gpu-only``: the CUDA rows alone; ``--gpu-dry-run``: their whole path (JPEG folder,
-DataLoader workers, bf16 autocast, channels_last, ``fit``) on the CPU with glyphnet at 224 px
-and a toy batch, no target (see rows.py).
+of what is measured; the note gives the rate of that DataLoader alone (one epoch, no
+model). Without a GPU they are rows that say "not run: no CUDA". ``--quick``: glyphnet
+only, one bare round before and after. ``--gpu-only``: the CUDA rows alone;
+``--gpu-dry-run``: their whole path (JPEG folder, DataLoader workers, bf16 autocast,
+channels_last, ``fit``) on the CPU with glyphnet at 224 px and a toy batch, no target (see
+rows.py).
 """
 
 from __future__ import annotations
