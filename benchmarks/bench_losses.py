@@ -191,13 +191,14 @@ def measure(
     }
 
 
+def group_name(threads: int, gpu: bool) -> str:
+    return "losses (CUDA)" if gpu else f"losses (CPU, {threads} thread{'s' * (threads > 1)})"
+
+
 def row_for(
     case: Case, batch: int, device: torch.device, result: dict, threads: int, gpu: bool = False
 ) -> dict:
     """The row of one cell; ``gpu``: a CUDA row (a dry run when ``device`` is the CPU)."""
-    group = f"losses ({device.type.upper()}, {threads} thread{'s' * (threads > 1)})"
-    if gpu:
-        group = "losses (CUDA)"
     name = case.name
     if case.loss in ("proxy_anchor", "daal"):
         name += f" (C = {result['classes']})"
@@ -207,7 +208,7 @@ def row_for(
     notes.append(f"median of {result['repeats']}")
     has_reference = result["theirs"] is not None
     row = make_row(
-        group,
+        group_name(threads, gpu),
         f"{name}, B = {batch}",
         dmlkit_s=result["ours"],
         reference=f"PML {_pml_version()}" if has_reference else "—",
@@ -266,9 +267,8 @@ def main() -> None:
                     result = measure(case, batch, device, repeats, args.warmup, args.budget)
                 except Exception as error:  # one failing cell must not cost the others
                     traceback.print_exc()
-                    group = "losses (CUDA)" if is_gpu else f"losses (CPU, {threads} threads)"
-                    error_text = f"{type(error).__name__}: {error}".splitlines()[0]
-                    rows.append(table_rows.failed(group, f"{case.name}, B = {batch}", error_text))
+                    group = group_name(threads, is_gpu)
+                    rows.append(table_rows.failed(group, f"{case.name}, B = {batch}", error))
                 else:
                     rows.append(row_for(case, batch, device, result, threads, gpu=is_gpu))
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)

@@ -86,18 +86,21 @@ def fit_images_per_s(cfg: TrainConfig) -> float:
     return statistics.median(record["images_per_s"] for record in history[1:])
 
 
-def loader_images_per_s(cfg: TrainConfig, device: torch.device) -> float:
-    """One epoch of ``fit``'s own DataLoader alone (fresh workers, as every epoch of ``fit``
-    starts them; batches copied to ``device``): the rate the input pipeline can feed."""
+def loader_epoch(cfg: TrainConfig, device: torch.device, pin_memory: bool | None = None):
+    """(images, seconds, seconds to the first batch) of one epoch of ``fit``'s own
+    DataLoader alone: fresh workers, as every epoch of ``fit`` starts them; batches copied to
+    ``device``; ``pin_memory`` as ``fit`` sets it unless given."""
     train_set, _ = build_datasets(cfg)
-    loader = build_loader(cfg, train_set, pin_memory=device.type == "cuda")
-    start, count = time.perf_counter(), 0
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    loader = build_loader(cfg, train_set, pin_memory=pin)
+    start, first, count = time.perf_counter(), None, 0
     with loader_batches(loader) as batches:
         for images, _labels in batches:
             images.to(device, non_blocking=True)
+            first = first if first is not None else time.perf_counter() - start
             count += len(images)
     _synchronize(device)
-    return count / (time.perf_counter() - start)
+    return count, time.perf_counter() - start, first or 0.0
 
 
 def measure(
@@ -109,19 +112,15 @@ def measure(
     fitted = fit_images_per_s(cfg)
     bare += [bare_images_per_s(cfg, size, device, bare_steps) for _ in range(repeats)]
     bare_median = statistics.median(bare)
-    loader_rate = loader_images_per_s(cfg, device) if loader else None
+    images, seconds, _ = loader_epoch(cfg, device) if loader else (None, None, None)
     return {
         "model": cfg.backbone,
         "device": str(device),
-        "px": size,
-        "batch": f"{cfg.p}×{cfg.k}",
-        "amp": ("fp32" if cfg.amp == "off" else cfg.amp)
-        + (" + channels_last" if cfg.channels_last else ""),
         "images": cfg.p * cfg.k,
         "bare img/s": bare_median,
         "fit img/s": fitted,
         "ratio": fitted / bare_median,
-        "loader img/s": loader_rate,
+        "loader img/s": images / seconds if loader else None,
         "workers": cfg.num_workers,
     }
 
@@ -199,23 +198,29 @@ def cuda_configs(
 
 BARE = "bare forward+backward"
 CUB_SIZED = {"classes": 200, "train_images": 60}
-CUDA_CASES = (
-    "resnet50, 224 px, 32×4, bf16 + channels_last, JPEG decoding",
-    "googlenet, 224 px, 32×4, bf16 + channels_last, JPEG decoding",
-)
 
 
-def as_row(result: dict, threads: int, cuda: bool) -> dict:
+def group_name(threads: int, cuda: bool) -> str:
+    return "training (CUDA)" if cuda else f"training (CPU, {threads} thread{'s' * (threads > 1)})"
+
+
+def case_name(cfg: TrainConfig, size: int, cuda: bool) -> str:
+    amp = ("fp32" if cfg.amp == "off" else cfg.amp) + (
+        " + channels_last" if cfg.channels_last else ""
+    )
+    jpeg = ", JPEG decoding" if cuda else ""
+    return f"{cfg.backbone}, {size} px, {cfg.p}×{cfg.k}, {amp}{jpeg}"
+
+
+def as_row(result: dict, case: str, threads: int, cuda: bool) -> dict:
     """The measurement as a rows.py row: seconds per training step, ratio = fit / bare.
 
     cuda: whether it is a CUDA row; one that ran on the CPU is a dry run.
     """
-    group = "training (CUDA)" if cuda else f"training (CPU, {threads} thread{'s' * (threads > 1)})"
     images = result["images"]
     row = make_row(
-        group,
-        f"{result['model']}, {result['px']} px, {result['batch']}, {result['amp']}"
-        + (", JPEG decoding" if cuda else ""),
+        group_name(threads, cuda),
+        case,
         dmlkit_s=images / result["fit img/s"],
         reference=BARE,
         reference_s=images / result["bare img/s"],
@@ -261,21 +266,26 @@ def main() -> None:
             write_jpeg_folder(out / "jpegs", **classes)
             plans += [(*plan, True) for plan in cuda_configs(out / "jpegs", out, gpu)]
         for cfg, size, bare_steps, is_gpu in plans:
+            case = case_name(cfg, size, is_gpu)
             try:
                 result = measure(cfg, size, repeats, bare_steps, loader=is_gpu)
             except Exception as error:  # one failing model must not cost the others
                 traceback.print_exc()
-                group = "training (CUDA)" if is_gpu else f"training (CPU, {args.threads} threads)"
-                error_text = f"{type(error).__name__}: {error}".splitlines()[0]
-                case = f"{cfg.backbone}, {size} px, {cfg.p}×{cfg.k}, {cfg.amp}"
-                rows.append(table_rows.failed(group, case, error_text, reference=BARE))
+                group = group_name(args.threads, is_gpu)
+                rows.append(table_rows.failed(group, case, error, reference=BARE))
             else:
-                rows.append(as_row(result, args.threads, cuda=is_gpu))
+                rows.append(as_row(result, case, args.threads, cuda=is_gpu))
             print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     if gpu is None:
         rows += [
-            not_run("training (CUDA)", case, NO_CUDA, reference=BARE, target="≥ 0.85")
-            for case in CUDA_CASES
+            not_run(
+                group_name(1, True),
+                case_name(cfg, size, True),
+                NO_CUDA,
+                reference=BARE,
+                target="≥ 0.85",
+            )
+            for cfg, size, _ in cuda_configs(Path(), Path())  # only named, never built
         ]
     print(f"\n{args.threads} CPU thread(s); target: fit / bare ≥ 0.85\n")
     print(markdown_table(rows))

@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_train import cuda_configs, measure, write_jpeg_folder
+from bench_train import cuda_configs, loader_epoch, measure, write_jpeg_folder
 from machine import header
 
-from dmlkit.data.loader import loader_batches
-from dmlkit.train.build import build_datasets, build_loader
+from dmlkit.train.build import build_datasets
 
 
 def per_image_seconds(cfg, count: int = 300) -> float:
@@ -38,21 +37,6 @@ def per_image_seconds(cfg, count: int = 300) -> float:
     for i in range(count):
         train_set[i % len(train_set)]
     return (time.perf_counter() - start) / count
-
-
-def loader_epoch(cfg, device: torch.device, pin: bool) -> tuple[int, float, float]:
-    """(images, seconds, seconds to the first batch) of one epoch of fit's DataLoader."""
-    train_set, _ = build_datasets(cfg)
-    loader = build_loader(cfg, train_set, pin_memory=pin)
-    start, first, count = time.perf_counter(), None, 0
-    with loader_batches(loader) as batches:
-        for images, _labels in batches:
-            images.to(device, non_blocking=True)
-            first = first if first is not None else time.perf_counter() - start
-            count += len(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return count, time.perf_counter() - start, first or 0.0
 
 
 def main() -> None:

@@ -85,8 +85,13 @@ def not_run(group: str, case: str, why: str, *, reference: str = "—", target: 
     return make_row(group, case, reference=reference, target=target, note=why)
 
 
-def failed(group: str, case: str, error: str, *, reference: str = "—", target: str = "—") -> dict:
-    """A row for a measurement that raised: the others in the script still run."""
+def failed(
+    group: str, case: str, error: str | BaseException, *, reference: str = "—", target: str = "—"
+) -> dict:
+    """A row for a measurement that raised (the exception, or its text from a child process):
+    the others in the script still run."""
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}".splitlines()[0]
     row = make_row(group, case, reference=reference, target=target, note=f"failed: {error}")
     return {**row, "ok": False}
 

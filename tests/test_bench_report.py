@@ -117,6 +117,15 @@ def test_not_run_rows_say_why(bench, tmp_path):
     assert text.startswith("# dmlkit benchmarks") and "- cpu: test" in text
 
 
+def test_a_measurement_that_raised_is_a_failed_row(bench):
+    rows, _ = bench
+    row = rows.failed("losses (CUDA)", "npair, B = 128", ValueError("bad shape\nmore"))
+    assert row["ok"] is False and row["note"] == "failed: ValueError: bad shape"
+    assert rows.verdict(row) == "**NO**"
+    from_child = rows.failed("kNN", "N=1000", "MemoryError", target="≤ 1.0")
+    assert from_child["note"] == "failed: MemoryError" and from_child["target"] == "≤ 1.0"
+
+
 def test_a_script_without_json_gets_a_row_saying_so(bench, tmp_path):
     _, report = bench
     script = tmp_path / "bench_eval.py"
