@@ -1,4 +1,5 @@
-"""Crash-safe file writes shared by the glyph cache, checkpoints, metrics and the sweep.
+"""Crash-safe file writes shared by the glyph cache, checkpoints, metrics and the sweep,
+and the advisory lock that keeps two processes out of one run folder.
 
 A write either lands whole or not at all: data goes to a temporary file in the same
 folder, is flushed and fsynced, then renamed over the target (``os.replace`` is atomic
@@ -20,6 +21,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the run folder lock is then skipped
+    fcntl = None
 
 # mkstemp creates 0600 files; give finished files the permissions open() would have given.
 _UMASK = os.umask(0)
@@ -52,6 +58,54 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
     _fsync_dir(path.parent)
     remove_stale_temporaries(path)
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds the lock; the message names it (pid and host)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` for the block, or fail at once.
+
+    The lock file is created for the block and deleted at its end; the holder writes its
+    pid and host into it, so that a refused process can say who holds it. A process that
+    locked a file just deleted by the previous holder sees it is no longer at ``path`` and
+    tries again, so two processes never both hold the lock.
+
+    Raises:
+        LockHeldError: another process holds it; ``what`` names the resource in the message.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(fd, path):
+                break
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LockHeldError(f"{what} is in use by another process ({holder})") from None
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # only for others' messages: a full disk may refuse
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still holding it: see above for who may have opened it
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:

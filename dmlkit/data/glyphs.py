@@ -141,6 +141,7 @@ class GlyphDataset(torch.utils.data.Dataset):
         class_names: the characters, aligned with ``classes``.
         images: (N, S, S) uint8, dark ink on light paper (memory-mapped when cached).
         load_seconds: wall time of the load (render or cache read); from_cache: which.
+        cache_key: every option and library version the pixels depend on.
     """
 
     def __init__(self, images, labels, font_index, fonts, transform, *, name, split, seed):
@@ -159,6 +160,7 @@ class GlyphDataset(torch.utils.data.Dataset):
         elif transform in ("train", "test"):
             self._tensor_transform = GlyphTransform(transform == "train", seed=seed)
         self.images_path: Path | None = None
+        self.cache_key: dict | None = None
         self.load_seconds, self.from_cache = 0.0, False
 
     def __len__(self) -> int:
@@ -249,6 +251,7 @@ def load_glyphs(
     )
     if isinstance(images, np.memmap):
         dataset.images_path = folder / "images.npy"
+    dataset.cache_key = key  # what the pixels are a function of (dmlkit.data.identity)
     dataset.from_cache, dataset.load_seconds = from_cache, time.perf_counter() - start
     log(
         f"{preset}/{split}: {len(labels)} images, {len(dataset.classes)} classes, "

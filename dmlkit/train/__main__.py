@@ -11,7 +11,9 @@ of its options and stops with "ambiguous option".
 
 Dict fields take JSON (``--loss-params '{"margin": 0.1}'``), eval_ks a comma list
 (``--eval-ks 1,10,100``); booleans have ``--x/--no-x``. The final metrics are printed as
-JSON on stdout (rank 0); progress and per-epoch lines go to stderr.
+JSON on stdout (rank 0); progress and per-epoch lines go to stderr. Exit status 2: the
+configuration, the data, the checkpoint or the run folder was refused (one message);
+1: training diverged (``NonFiniteLossError``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from typing import Any
 
 import torch
 
+from dmlkit.data import DatasetError
+from dmlkit.io import LockHeldError
 from dmlkit.train.config import TrainConfig, field_docs
 from dmlkit.train.loop import fit
 from dmlkit.train.outputs import check_out_dir
+from dmlkit.train.state import NonFiniteLossError
 
 # Long spellings that no torchrun option starts with: torchrun's argparse expands
 # abbreviations in the whole command line, script flags included, so "--p" is ambiguous.
@@ -127,7 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         sys.stderr.write(f"{error}\n")
         return 2
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except (ValueError, DatasetError, LockHeldError) as error:  # incl. CheckpointError
+        sys.stderr.write(f"{error}\n")  # a bad input: its message, not a traceback
+        return 2
+    except NonFiniteLossError as error:
+        sys.stderr.write(f"{error}\n")
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write(json.dumps(result.metrics, indent=2) + "\n")
     return 0

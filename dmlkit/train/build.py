@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from dmlkit.data.subset import ClassSubset, validation_classes
 from dmlkit.models import EmbeddingModel
 from dmlkit.train import distributed
-from dmlkit.train.config import TrainConfig, loss_kwargs
+from dmlkit.train.config import TrainConfig, loss_kwargs, resolve_eval_ks
 
 
 def dataset_options(
@@ -64,6 +64,13 @@ def build_datasets(
             f"a batch of p={cfg.p} classes x k={cfg.k} images does not fit the training split "
             f"of {cfg.dataset} ({num_classes} classes, {len(train_set)} images): choose "
             f"p <= {num_classes} and p*k <= {len(train_set)}"
+        )
+    ks = resolve_eval_ks(cfg)
+    if max(ks) > len(test_set) - 1:  # found now, not after the training it would waste
+        raise ValueError(
+            f"eval_ks={list(ks)}: Recall@{max(ks)} needs more than {max(ks)} images, and the "
+            f"{cfg.eval_split} split of {cfg.dataset} has {len(test_set)}: choose eval_ks <= "
+            f"{len(test_set) - 1}"
         )
     return train_set, test_set
 

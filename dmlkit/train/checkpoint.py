@@ -9,11 +9,12 @@ Also how ``fit`` finds, restores and saves the checkpoint of its run folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
 def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Raise CheckpointError listing every field where ``cfg`` differs from the checkpoint's.
 
-    Fields in ``RESUMABLE_CHANGES`` (epochs, num_workers, device, ...) may differ.
+    Fields in ``RESUMABLE_CHANGES`` (epochs, eval_ks, num_workers, device, ...) may differ;
+    epochs not under a cosine schedule.
     """
     saved, current = state["config"], cfg.to_dict()
     differences = [
@@ -92,6 +94,12 @@ def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str | os.Pat
         for name, value in current.items()
         if name not in RESUMABLE_CHANGES and _normal(saved.get(name, "<absent>")) != _normal(value)
     ]
+    if cfg.lr_schedule == "cosine" and saved.get("epochs") != cfg.epochs:
+        differences.append(
+            f"epochs: checkpoint {saved.get('epochs')!r}, config {cfg.epochs!r} (the cosine "
+            "schedule decays to 0 over the run's epochs: another count would restart its curve "
+            "mid-way)"
+        )
     if differences:
         raise CheckpointError(
             f"checkpoint {path} was written with a different configuration:\n  "
@@ -120,6 +128,7 @@ def resume_state(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]
 
 def restore_run(run: RunState, state: dict[str, Any]) -> None:
     """Load a resumed run's model, loss, optimizer, counters and this rank's RNG state."""
+    check_same_data(state, run)
     try:
         run.model.load_state_dict(state["model"])
         run.loss_fn.load_state_dict(state["loss"])
@@ -140,6 +149,32 @@ def restore_run(run: RunState, state: dict[str, Any]) -> None:
             "the resumed run will not be bit-identical"
         )
     restore_rng_state(rng[run.ctx.rank % len(rng)])
+
+
+def check_same_data(state: dict[str, Any], run: RunState) -> None:
+    """CheckpointError when the run's datasets are not those the checkpoint was trained and
+    evaluated on (``dmlkit.data.identity.describe``); checkpoints older than the record pass."""
+    saved = state.get("data")
+    if not saved:
+        return
+    changed = [
+        f"{split}: checkpoint {_summary(saved[split])}, now {_summary(now)}"
+        for split, now in run.data.items()
+        if split in saved and saved[split]["fingerprint"] != now["fingerprint"]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{run.checkpoint_path} was trained on other data than this run reads "
+            f"(dataset {run.cfg.dataset!r}, data_root {run.cfg.data_root!r}):\n  "
+            + "\n  ".join(changed)
+            + "\nResume with the data it was trained on, or start over with resume=False and "
+            "overwrite=True."
+        )
+
+
+def _summary(data: dict[str, Any]) -> str:
+    images, classes, fingerprint = data["images"], data["classes"], data["fingerprint"]
+    return f"{images} images of {classes} classes, fingerprint {fingerprint}"
 
 
 def save_run(run: RunState, finished_epochs: int, session_seconds: float) -> None:
@@ -163,6 +198,7 @@ def save_run(run: RunState, finished_epochs: int, session_seconds: float) -> Non
                 "train_seconds": run.train_seconds,
                 "wall_seconds": run.wall_seconds + session_seconds,
                 "images_seen": run.images_seen,
+                "data": run.data,
             },
         )
     distributed.barrier(run.ctx)
@@ -184,6 +220,18 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Restore every global RNG after the block: what it draws (a DataLoader's base seed
+    while evaluating) must not shift the training's random streams, or a run resumed from
+    the checkpoint written before the block would differ from the uninterrupted one."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

@@ -19,11 +19,13 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 EVAL_SPLITS = ("test", "validation")
 # Configuration fields that may change between a run and its resumption: they do not
-# affect the trained weights (or, for epochs, only extend the run).
+# affect the trained weights (or, for epochs, only extend the run; not under a cosine
+# schedule, whose curve depends on the number of epochs).
 RESUMABLE_CHANGES = frozenset(
     {
         "epochs",
         "eval_every",
+        "eval_ks",
         "num_workers",
         "device",
         "out_dir",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
+from dmlkit.data.identity import describe
 from dmlkit.data.loader import loader_batches
 from dmlkit.models import EmbeddingModel, build_model
 from dmlkit.runtime import cuda_kernel_choice, default_device, seed_everything
@@ -36,7 +39,7 @@ from dmlkit.train.build import (
     initialise_loss,
     wrap_model,
 )
-from dmlkit.train.checkpoint import restore_run, resume_state, save_run
+from dmlkit.train.checkpoint import restore_run, resume_state, rng_untouched, save_run
 from dmlkit.train.config import TrainConfig
 from dmlkit.train.outputs import (
     bad_images_log,
@@ -46,18 +49,15 @@ from dmlkit.train.outputs import (
     evaluate_retrieval,
     final_evaluation,
     forget_bad_images,
+    lock_run_folder,
     read_bad_images,
     write_outputs,
 )
-from dmlkit.train.state import RunState
+from dmlkit.train.state import NonFiniteLossError, RunState, kept_checkpoint, non_finite_names
 
 logger = logging.getLogger("dmlkit.train")
 
 _SYNC_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the message names the epoch, step and loss terms."""
 
 
 @dataclass
@@ -148,24 +148,39 @@ def fit(
         ctx = distributed.setup(cfg.device)
         stack.callback(distributed.cleanup, ctx)
         run = _prepare(cfg, ctx, log, stack)
-        final = None
+        if run.history:  # resumed: a curve point the checkpoint was saved without
+            _curve_point(run, run.history[-1])
         for epoch in range(run.epoch, cfg.epochs):
             record = _train_epoch(run, epoch, on_step)
-            if epoch + 1 == cfg.epochs:
-                final = final_evaluation(run) if ctx.is_main else None
-                record.update(curve_metrics(final[2]) if final else {})
-            elif cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and ctx.is_main:
-                record.update(curve_metrics(evaluate_retrieval(run)[0]))
             run.history.append(record)
-            run.log(epoch_line(record, cfg.epochs))
+            # Saved before evaluating: an evaluation that fails or is killed costs no training.
             save_run(run, epoch + 1, time.perf_counter() - started)
-        if final is None and ctx.is_main:
+            if epoch + 1 < cfg.epochs:
+                _curve_point(run, record)
+                run.log(epoch_line(record, cfg.epochs))
+        metrics = {}
+        if ctx.is_main:
             final = final_evaluation(run)
-        metrics = write_outputs(run, final, time.perf_counter() - started) if final else {}
+            if run.history:  # the last epoch's curve point is the final evaluation
+                run.history[-1].update(curve_metrics(final.retrieval))
+                run.log(epoch_line(run.history[-1], cfg.epochs))
+            metrics = write_outputs(run, final, time.perf_counter() - started)
         distributed.barrier(ctx)
         out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         bad = read_bad_images(run.bad_images_log)
         return RunResult(cfg, run.history, metrics, run.model, run.loss_fn, out_dir, bad)
+
+
+def _curve_point(run: RunState, record: dict[str, Any]) -> None:
+    """Add the test retrieval metrics to an epoch's record when ``eval_every`` asks for them
+    (the last epoch's are the final evaluation's). Rank 0 only. The evaluation draws nothing
+    from the training's random streams, so measuring it again after a resume (the
+    checkpoint is written before it) gives the same numbers."""
+    cfg, epoch = run.cfg, record["epoch"]
+    due = cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs
+    if due and run.ctx.is_main and not any(key.startswith("recall@") for key in record):
+        with rng_untouched():
+            record.update(curve_metrics(evaluate_retrieval(run)[0]))
 
 
 def _prepare(
@@ -175,7 +190,10 @@ def _prepare(
     stack: contextlib.ExitStack,
 ) -> RunState:
     log = (log if log is not None else logger.info) if ctx.is_main else _silent
-    check_out_dir(cfg)
+    if ctx.is_main:
+        lock_run_folder(cfg, stack)
+    else:
+        check_out_dir(cfg)
     checkpoint = resume_state(cfg, log)  # read and checked before anything is built
     device = distributed.rank_device(ctx, cfg.device) or default_device(cfg.device)
     check_device(device)
@@ -237,6 +255,7 @@ def _assemble(
         scheduler=build_scheduler(optimizer, cfg, len(loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
         bad_images_log=bad_images,
+        data={"train": describe(train_set), "evaluation": describe(test_set)},
     )
 
 
@@ -246,6 +265,10 @@ def _train_epoch(run: RunState, epoch: int, on_step: Callable[[int, int], None] 
     num_steps = len(run.loader)
     losses = torch.zeros(num_steps, device=device)  # (steps,) filled on the device
     terms: dict[str, Tensor] = {}
+    # (steps,) whether every weight and buffer was finite after the step: BatchNorm keeps
+    # the loss finite while its running variance overflows, so the loss alone is no guard.
+    finite_state = torch.ones(num_steps, dtype=torch.bool, device=device)
+    watched = _watched_tensors(run)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gather = distributed.gather if run.ctx.enabled else None
     batch = cfg.p * cfg.k * run.ctx.world_size  # images per global step
@@ -274,19 +297,22 @@ def _train_epoch(run: RunState, epoch: int, on_step: Callable[[int, int], None] 
             )
             run.scheduler.step()
             losses[step] = loss
+            finite_state[step] = get_total_norm(watched, math.inf).isfinite()  # one fused pass
             for name, value in step_terms.items():
                 terms.setdefault(name, torch.zeros(num_steps, device=device))[step] = value
             if on_step is not None:
                 on_step(epoch, step)
             bar.update(batch)
             if (step + 1) % _SYNC_EVERY == 0:
-                _check_finite(run, epoch, losses[: step + 1], terms)
+                _check_finite(run, epoch, losses[: step + 1], terms, finite_state[: step + 1])
                 bar.set_postfix(loss=f"{losses[step - _SYNC_EVERY + 1 : step + 1].mean():.4f}")
-    _check_finite(run, epoch, losses, terms)  # also waits for the device: timing below is true
+    _check_finite(run, epoch, losses, terms, finite_state)  # waits for the device: true timing
     if num_steps % _SYNC_EVERY:  # steps since the last read: every bar ends with its loss
         bar.set_postfix(loss=f"{losses[num_steps - num_steps % _SYNC_EVERY :].mean():.4f}")
     bar.close()
-    return _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
+    record = _epoch_record(run, epoch, losses, terms, time.perf_counter() - start)
+    _check_evaluation_mode(run, epoch, images[:8])
+    return record
 
 
 def _start_epoch(run: RunState, epoch: int) -> None:
@@ -311,21 +337,50 @@ def _epoch_record(
     return {**record, "lr": lr, "seconds": seconds, "images_per_s": images / seconds}
 
 
-def _check_finite(run: RunState, epoch: int, losses: Tensor, terms: dict[str, Tensor]) -> None:
-    bad = ~torch.isfinite(losses)
+def _watched_tensors(run: RunState) -> list[Tensor]:
+    """The floating-point parameters and buffers of the model and the loss (EMAs, vertices)."""
+    modules = (run.model, run.loss_fn)
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    return [t for t in tensors if t.is_floating_point()]
+
+
+def _check_finite(
+    run: RunState, epoch: int, losses: Tensor, terms: dict[str, Tensor], finite_state: Tensor
+) -> None:
+    bad = ~torch.isfinite(losses) | ~finite_state  # (steps,)
     if not bad.any():
         return
     step = int(bad.nonzero()[0])
-    values = ", ".join(f"{name}={float(v[step]):.6g}" for name, v in terms.items())
-    kept = (
-        f"{run.checkpoint_path} still holds epoch {run.epoch}"
-        if run.checkpoint_path is not None and run.epoch > 0
-        else "no checkpoint had been written yet"
-    )
+    what = []
+    if not math.isfinite(float(losses[step])):
+        values = ", ".join(f"{name}={float(v[step]):.6g}" for name, v in terms.items())
+        what.append(f"loss={float(losses[step]):.6g}; terms: {values or 'none'}")
+    if not finite_state[step]:
+        what.append(f"non-finite weights or buffers: {non_finite_names(run) or 'none now'}")
     raise NonFiniteLossError(
-        f"non-finite loss at epoch {epoch + 1}, step {step + 1}/{len(losses)}: "
-        f"loss={float(losses[step]):.6g}; terms: {values or 'none'}. Training stopped; {kept}."
+        f"training diverged at epoch {epoch + 1}, step {step + 1}/{len(losses)}: "
+        f"{'; '.join(what)}. Training stopped; {kept_checkpoint(run)}."
     )
+
+
+def _check_evaluation_mode(run: RunState, epoch: int, images: Tensor) -> None:
+    """NonFiniteLossError, before the epoch is checkpointed, when the model in evaluation
+    mode gives non-finite embeddings for a few training images: BatchNorm's running
+    statistics can overflow activations that batch statistics keep finite in training."""
+    run.model.eval()
+    with (
+        torch.no_grad(),
+        torch.autocast(images.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
+    ):
+        finite = bool(torch.isfinite(run.model(images)).all())
+    run.model.train()
+    if not finite:
+        names = non_finite_names(run) or "none (an activation overflowed)"
+        raise NonFiniteLossError(
+            f"training diverged in epoch {epoch + 1}: in evaluation mode the model's embeddings "
+            f"of training images are NaN or infinite; non-finite weights or buffers: {names}. "
+            f"Training stopped; {kept_checkpoint(run)}."
+        )
 
 
 def _silent(message: str) -> None:

@@ -12,6 +12,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,15 +20,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.io import atomic_writer, json_bytes
+from dmlkit.io import atomic_writer, exclusive_lock, json_bytes
 from dmlkit.runtime import git_commit, library_versions
 from dmlkit.train import distributed
 from dmlkit.train.config import TrainConfig, resolve_eval_ks
-from dmlkit.train.state import CHECKPOINT_NAME, EMBEDDINGS_NAME, METRICS_NAME, RunState
+from dmlkit.train.state import (
+    CHECKPOINT_NAME,
+    EMBEDDINGS_NAME,
+    METRICS_NAME,
+    NonFiniteLossError,
+    RunState,
+    kept_checkpoint,
+    non_finite_names,
+)
 
 _MODES = ("family", "style")  # glyph sub-cluster labels, in order of coarseness
 PURITY_KS = (5,)  # family purity@k beside the nearest-neighbour measure (k = 1)
 BAD_IMAGES_LOG = "bad_images.jsonl"
+RUN_LOCK = ".run.lock"  # held by the process training into the folder (rank 0 under DDP)
 # What makes a folder a run's: a new run would replace these (never notebook.ipynb, tsne/).
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, EMBEDDINGS_NAME)
 
@@ -44,6 +54,26 @@ def check_out_dir(cfg: TrainConfig) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir: cannot write in {existing} (permission denied)")
     check_run_files(cfg, path)
+
+
+def lock_run_folder(cfg: TrainConfig, stack: contextlib.ExitStack) -> None:
+    """Check ``out_dir`` and hold its lock until ``stack`` closes: a second ``fit`` into the
+    same folder at the same time is refused (``LockHeldError``) instead of mixing two runs'
+    files. The folder is created now, to hold the lock file; a run that ends without
+    writing anything into it (an error before the first checkpoint) removes it again."""
+    check_out_dir(cfg)
+    if cfg.out_dir is None:
+        return
+    path = Path(cfg.out_dir)
+    if not path.exists():
+        stack.callback(_remove_if_empty, path)  # runs after the lock file is gone
+    stack.enter_context(exclusive_lock(path / RUN_LOCK, f"run folder {path}"))
+    check_run_files(cfg, path)  # again, under the lock: another run may just have written
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def check_run_files(cfg: TrainConfig, path: Path) -> None:
@@ -121,17 +151,45 @@ def evaluate_retrieval(run: RunState) -> tuple[dict[str, Any], Tensor, Tensor]:
             num_workers=cfg.num_workers,
             progress=cfg.progress,
         )
+    check_embeddings(run, embeddings)
     metrics = retrieval_metrics(
         embeddings, labels, ks=resolve_eval_ks(cfg), nmi=True, seed=cfg.seed
     )
     return dict(metrics), embeddings, labels
 
 
-def final_evaluation(run: RunState) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-    """Retrieval + density diagnostics (+ glyph sub-cluster measures) of the final model.
+def check_embeddings(run: RunState, embeddings: Tensor) -> None:
+    """NonFiniteLossError when an evaluation embedding holds NaN or inf: metrics of such a
+    model would be numbers about nothing (and the kNN refuses them)."""
+    bad = ~torch.isfinite(embeddings).all(1)  # (N,)
+    if not bad.any():
+        return
+    names = non_finite_names(run)
+    cause = (
+        f"non-finite weights or buffers: {names}"
+        if names
+        else f"the weights and buffers are finite: an activation overflowed (amp={run.cfg.amp!r})"
+    )
+    raise NonFiniteLossError(
+        f"training diverged: after epoch {run.epoch}, {int(bad.sum())} of {len(bad)} evaluation "
+        f"embeddings are NaN or infinite ({cause}). No metrics written; {kept_checkpoint(run)}."
+    )
 
-    Returns: (all scalar metrics, arrays for embeddings.npz, the retrieval metrics alone).
-    """
+
+@dataclass
+class FinalEvaluation:
+    """What ``final_evaluation`` measured of the final model."""
+
+    metrics: dict[str, Any]
+    """Every scalar metric: retrieval, density diagnostics, glyph sub-cluster measures."""
+    arrays: dict[str, np.ndarray]
+    """embeddings.npz: embeddings, labels, per-class density, glyph family/style."""
+    retrieval: dict[str, Any]
+    """The retrieval metrics alone (what an epoch's history record keeps)."""
+
+
+def final_evaluation(run: RunState) -> FinalEvaluation:
+    """Retrieval + density diagnostics (+ glyph sub-cluster measures) of the final model."""
     from dmlkit.evaluate import density_metrics, subcluster_agreement, subcluster_preservation
 
     retrieval, embeddings, labels = evaluate_retrieval(run)
@@ -161,19 +219,15 @@ def final_evaluation(run: RunState) -> tuple[dict[str, Any], dict[str, np.ndarra
         agreement = subcluster_agreement(embeddings, labels, values)
         metrics["subcluster_ari"] = _plain(agreement["ari"])
         metrics["subcluster_nmi"] = _plain(agreement["nmi"])
-    return metrics, arrays, retrieval
+    return FinalEvaluation(metrics, arrays, retrieval)
 
 
-def write_outputs(
-    run: RunState,
-    final: tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]],
-    session_seconds: float,
-) -> dict[str, Any]:
+def write_outputs(run: RunState, final: FinalEvaluation, session_seconds: float) -> dict[str, Any]:
     """Write embeddings.npz, then metrics.json (each atomically) into ``out_dir``.
 
     Returns: the final metrics. Raises: OSError naming the file that could not be written.
     """
-    metrics, arrays, _ = final
+    metrics, arrays = final.metrics, final.arrays
     run.log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if _is_float(v)))
     if run.cfg.out_dir is None:
         return metrics

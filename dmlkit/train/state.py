@@ -27,6 +27,11 @@ EMBEDDINGS_NAME = "embeddings.npz"
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: the loss, a parameter or buffer of the model or loss, or an
+    embedding became NaN or infinite; the message names the epoch, step and what."""
+
+
 @dataclass
 class RunState:
     """Everything ``fit``'s helpers share (a plain record, not a trainer object).
@@ -48,6 +53,7 @@ class RunState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     bad_images_log: Path | None = None  # where every process records skipped images
+    data: dict[str, Any] = field(default_factory=dict)  # {split: dmlkit.data.identity.describe}
     epoch: int = 0  # finished epochs
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -61,3 +67,24 @@ class RunState:
     @property
     def checkpoint_path(self) -> Path | None:
         return Path(self.cfg.out_dir) / CHECKPOINT_NAME if self.cfg.out_dir else None
+
+
+def non_finite_names(run: RunState, limit: int = 5) -> str:
+    """The model's and loss's parameters/buffers holding NaN or inf now, e.g.
+    ``model.bn1.running_var (inf)``; at most ``limit`` named; "" when all are finite."""
+    found = []
+    for prefix, module in (("model", run.model), ("loss", run.loss_fn)):
+        named = (*module.named_parameters(), *module.named_buffers())
+        for name, tensor in named:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                kind = "nan" if torch.isnan(tensor).any() else "inf"
+                found.append(f"{prefix}.{name} ({kind})")
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more if found else ""
+
+
+def kept_checkpoint(run: RunState) -> str:
+    """What a run stopped by an error leaves to resume from, for its message."""
+    if run.checkpoint_path is not None and run.epoch > 0:
+        return f"{run.checkpoint_path} holds epoch {run.epoch}"
+    return "no checkpoint had been written yet"
