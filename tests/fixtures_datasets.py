@@ -26,6 +26,47 @@ def write_jpeg(path: str | os.PathLike, seed: int, size: int = 8) -> Path:
     return path
 
 
+def write_image_modes(
+    folder: str | os.PathLike, size: int = 24
+) -> dict[str, tuple[Path, np.ndarray]]:
+    """One file per kind of image a real dataset holds; name → (path, RGB uint8 it shows).
+
+    Grayscale and CMYK JPEGs, palette PNG with transparency, RGBA and LA PNGs, a 16-bit
+    grayscale PNG (mid-grey and a ramp), an RGB PNG and a GIF named .jpg (SOP has some).
+    The expected pixels are Pillow's own conversion to RGB, except for 16-bit grayscale,
+    whose 0…65535 range maps to 0…255.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    ramp = np.arange(size * size, dtype=np.uint32).reshape(size, size) * 65535 // (size * size)
+    sources = {
+        "gray.jpg": (Image.fromarray(rgb[..., 0], "L"), "JPEG"),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        "palette.png": (Image.fromarray(rgb).quantize(16), "PNG"),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"), "PNG"),
+        "la.png": (Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), "LA"), "PNG"),
+        "rgb.png": (Image.fromarray(rgb), "PNG"),
+        "gif-named.jpg": (Image.fromarray(rgb).quantize(32), "GIF"),
+        "grey16.png": (Image.fromarray(np.full((size, size), 32768, np.uint16)), "PNG"),
+        "ramp16.png": (Image.fromarray(ramp.astype(np.uint16)), "PNG"),
+    }
+    sources["palette.png"][0].info["transparency"] = 3
+    files = {}
+    for name, (image, kind) in sources.items():
+        path = folder / name
+        image.save(path, format=kind)
+        with Image.open(path) as saved:
+            if saved.mode.startswith("I"):
+                wide = np.asarray(saved, dtype=np.float64)
+                expected = np.repeat(np.rint(wide * 255 / 65535).astype(np.uint8)[..., None], 3, 2)
+            else:
+                expected = np.asarray(saved.convert("RGB"))
+        files[name] = (path, expected)
+    return files
+
+
 def make_cub(root, images_per_class: int = 1, classes: int = CUB_CLASSES) -> Path:
     """CUB_200_2011/: images.txt, image_class_labels.txt, classes.txt, train_test_split.txt
     (a deliberately misleading classification split: every other image is 'train') and

@@ -25,6 +25,7 @@ from tests.fixtures_datasets import (
     make_cub,
     make_folder,
     make_sop,
+    write_image_modes,
     write_jpeg,
 )
 
@@ -435,3 +436,16 @@ def test_cli_default_sheet_path(cub, tmp_path, monkeypatch, capsys):
         cli_main(["cub200", "--root", str(cub), "--split", "test", "--classes", "3"])
     assert (tmp_path / "figures" / "cub200_contact_sheet.png").is_file()
     assert "contact sheet (test): figures/cub200_contact_sheet.png" in capsys.readouterr().out
+
+
+def test_every_image_mode_decodes_to_rgb_and_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    from dmlkit.data.images import decode_image
+
+    files = write_image_modes(tmp_path)
+    for name, (path, expected) in files.items():
+        image = decode_image("folder", str(path))
+        assert image.mode == "RGB" and image.size == (24, 24), name
+        np.testing.assert_array_equal(np.asarray(image), expected, err_msg=name)
+    assert (np.asarray(decode_image("folder", str(files["grey16.png"][0]))) == 128).all()
+    ramp = np.asarray(decode_image("folder", str(files["ramp16.png"][0])))[..., 0]
+    assert ramp.min() == 0 and ramp.max() >= 250 and len(np.unique(ramp)) > 200

@@ -134,9 +134,18 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 
 def decode_image(dataset: str, path: str) -> Image.Image:
-    """The image at ``path`` as PIL RGB, fully decoded; DatasetError if it cannot be."""
+    """The image at ``path`` as PIL RGB, fully decoded; DatasetError if it cannot be.
+
+    Any mode Pillow reads (grayscale, palette, alpha, CMYK; a GIF named .jpg) is converted
+    by Pillow, except 16-bit grayscale ("I;16…", "I"), which Pillow's conversion clips to
+    255 (a mid-grey 32768 would turn white): its 0…65535 range is scaled to 0…255.
+    """
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):
+                wide = np.asarray(image, dtype=np.float64).clip(0, 65535)
+                narrow = np.rint(wide * (255 / 65535)).astype(np.uint8)
+                return Image.fromarray(narrow, "L").convert("RGB")
             return image.convert("RGB")
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, EOFError...
         raise DatasetError(
