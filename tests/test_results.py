@@ -181,14 +181,17 @@ def test_summarize_matches_mean_and_sample_std_over_seeds(sweep):
         "loss",
         "density",
         "n",
+        "recall@1_n",
         "recall@1_mean",
         "recall@1_std",
         "recall@1_ci_low",
         "recall@1_ci_high",
+        "map@r_n",
         "map@r_mean",
         "map@r_std",
         "map@r_ci_low",
         "map@r_ci_high",
+        "not_measured_n",
         "not_measured_mean",
         "not_measured_std",
         "not_measured_ci_low",
@@ -203,7 +206,7 @@ def test_summarize_matches_mean_and_sample_std_over_seeds(sweep):
         assert row["recall@1_ci_low"] == pytest.approx(values.mean() - half)
         assert row["recall@1_ci_high"] == pytest.approx(values.mean() + half)
         assert row["map@r_mean"] == pytest.approx(0.1)
-    assert summary["not_measured_mean"].isna().all()
+    assert summary["not_measured_mean"].isna().all() and (summary["not_measured_n"] == 0).all()
 
 
 def test_summarize_without_grouping_columns_warns_and_uses_one_group(sweep):
@@ -212,6 +215,7 @@ def test_summarize_without_grouping_columns_warns_and_uses_one_group(sweep):
     assert summary.to_dict("records") == [
         {
             "n": 12,
+            "nmi_n": 12,
             "nmi_mean": pytest.approx(0.6),
             "nmi_std": pytest.approx(0.0),
             "nmi_ci_low": pytest.approx(0.6),
@@ -429,3 +433,20 @@ def test_select_variant_applies_the_constraint_then_the_score():
     assert select_variant(summary, candidates=["daal"], **rule) == "daal"
     with pytest.raises(ValueError, match="no runs for \\['x'\\]"):
         select_variant(summary, candidates=["x"], **rule)
+
+
+def test_a_run_with_a_nan_metric_is_counted_and_shown_not_silently_dropped(tmp_path):
+    for seed, value in enumerate([0.5, 0.6, float("nan")]):
+        folder = tmp_path / f"seed={seed}"
+        folder.mkdir()
+        config = {"dataset": "glyphs-mini", "loss": "triplet", "density": False, "seed": seed}
+        record = {"config": config, "metrics": {"recall@1": value, "map@r": 0.1}}
+        (folder / "metrics.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=r"recall@1: some runs have no value.*2 of 3"):
+        summary = summarize(load_runs(tmp_path), metrics=("recall@1", "map@r"))
+    row = summary.iloc[0]
+    assert (row["n"], row["recall@1_n"], row["map@r_n"]) == (3, 2, 3)
+    assert row["recall@1_mean"] == pytest.approx(0.55)
+    table = mean_std_table(summary)
+    assert table["recall@1"][0] == "0.550 ± 0.071 (2 of 3 runs)"
+    assert table["map@r"][0] == "0.100 ± 0.000"

@@ -179,7 +179,10 @@ def summarize(
 ) -> pd.DataFrame:
     """Mean, sample std (ddof=1) and 95 % t interval of each metric per group, and ``n``.
 
-    The std and the interval are NaN for a group of one run (one seed: no interval).
+    The std and the interval are NaN for a group of one run (one seed: no interval). A
+    run whose value of a metric is NaN (a diverged run's metrics.json) or missing is not
+    averaged: ``<metric>_n`` counts the runs each statistic is over, a warning names the
+    groups where it is fewer than ``n``, and ``mean_std_table`` shows it in the cell.
 
     Args:
         df: from :func:`load_runs`.  by: grouping columns (those absent are dropped with a
@@ -187,9 +190,9 @@ def summarize(
             ``recall@K`` column in ``df`` by K (at least ``recall@1``), then
             :data:`DEFAULT_METRICS`.
     Returns:
-        ``by`` columns, ``n`` (runs in the group), then per metric ``<metric>_mean``,
-        ``<metric>_std``, ``<metric>_ci_low``, ``<metric>_ci_high``
-        (``dmlkit.results.stats.mean_interval``, method "t").
+        ``by`` columns, ``n`` (runs in the group), then per metric ``<metric>_n`` (runs
+        with a value), ``<metric>_mean``, ``<metric>_std``, ``<metric>_ci_low``,
+        ``<metric>_ci_high`` (``dmlkit.results.stats.mean_interval``, method "t").
     """
     by = _present(df, by)
     if metrics is None:
@@ -197,12 +200,29 @@ def summarize(
     groups = _numeric(df, metrics).groupby(by or ["_all"], dropna=False, sort=True)
     out = groups.size().rename("n").to_frame()
     for metric in metrics:
+        out[f"{metric}_n"] = groups[metric].count()
+        _warn_on_missing(metric, out["n"], out[f"{metric}_n"])
         out[f"{metric}_mean"] = groups[metric].mean()
         out[f"{metric}_std"] = groups[metric].std(ddof=1)
         intervals = groups[metric].apply(lambda values: mean_interval(values)[1:])
         out[f"{metric}_ci_low"] = [low for low, _ in intervals]
         out[f"{metric}_ci_high"] = [high for _, high in intervals]
     return out.reset_index().drop(columns="_all", errors="ignore")
+
+
+def _warn_on_missing(metric: str, runs: pd.Series, counted: pd.Series) -> None:
+    short = runs[(counted > 0) & (counted < runs)]
+    if len(short):
+        groups = ", ".join(
+            f"{'/'.join(map(str, key if isinstance(key, tuple) else (key,)))}: "
+            f"{counted[key]} of {runs[key]}"
+            for key in short.index
+        )
+        warnings.warn(
+            f"{metric}: some runs have no value (NaN or missing in metrics.json) and are left "
+            f"out of its statistics; runs counted per group: {groups}",
+            stacklevel=3,
+        )
 
 
 def _recall_columns(df: pd.DataFrame) -> list[str]:
@@ -231,16 +251,23 @@ def mean_std_table(
     """A :func:`summarize` table with one ``"mean ± std"`` text column per metric.
 
     ``scale=100`` shows fractions as percentages; the std is left out when NaN (n = 1).
+    A cell over fewer runs than its row's ``n`` says so: ``0.512 ± 0.010 (2 of 3 runs)``.
     ``intervals``: metrics that also get a ``<metric> 95% CI`` column ``[low, high]``
     (right after the metric's own column; "–" for one seed).
     """
     if metrics is None:
         metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
-    suffixes = ("_mean", "_std", "_ci_low", "_ci_high")
+    suffixes = ("_n", "_mean", "_std", "_ci_low", "_ci_high")
     out = summary[[c for c in summary.columns if not c.endswith(suffixes)]].copy()
     for metric in metrics:
         means, stds = summary[f"{metric}_mean"] * scale, summary[f"{metric}_std"] * scale
         out[metric] = [_mean_std(m, s, floatfmt) for m, s in zip(means, stds, strict=True)]
+        if f"{metric}_n" in summary and "n" in summary:
+            counts = zip(summary[f"{metric}_n"], summary["n"], strict=True)
+            out[metric] = [
+                f"{cell} ({c} of {n} runs)" if cell and c < n else cell
+                for cell, (c, n) in zip(out[metric], counts, strict=True)
+            ]
         if metric in intervals:
             lows = summary[f"{metric}_ci_low"] * scale
             highs = summary[f"{metric}_ci_high"] * scale
@@ -289,6 +316,13 @@ def density_gain(
         pair_on = ["_pair"]
     rows = []
     for keys, group in frame.groupby(by or ["_all"], dropna=False, sort=True):
+        if group[metric].isna().any():
+            warnings.warn(
+                f"{metric}: {int(group[metric].isna().sum())} run(s) of group {keys} have no "
+                "value (NaN or missing in metrics.json) and are left out; n_without and "
+                "n_with count the others",
+                stacklevel=2,
+            )
         off = group.loc[~group["_on"], metric].dropna()
         on = group.loc[group["_on"], metric].dropna()
         pair = paired_difference(group, metric, factor="_on", by=(), pair_on=pair_on).iloc[0]
