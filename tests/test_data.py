@@ -449,3 +449,13 @@ def test_every_image_mode_decodes_to_rgb_and_16_bit_grey_is_scaled_not_clipped(t
     assert (np.asarray(decode_image("folder", str(files["grey16.png"][0]))) == 128).all()
     ramp = np.asarray(decode_image("folder", str(files["ramp16.png"][0])))[..., 0]
     assert ramp.min() == 0 and ramp.max() >= 250 and len(np.unique(ramp)) > 200
+
+
+def test_data_cli_with_an_undecodable_image_is_one_message_and_draws_nothing(tmp_path, capsys):
+    root = make_folder(tmp_path / "tree", ["ant", "bee", "cat", "dog"], images_per_class=2)
+    (root / "ant" / "0.jpg").write_bytes(b"not an image")
+    sheet = tmp_path / "sheet.png"
+    assert cli_main(["folder", "--root", str(root), "--sheet", str(sheet)]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'ant' / '0.jpg'}: cannot decode image" in err and "Traceback" not in err
+    assert not sheet.exists()

@@ -173,7 +173,11 @@ def test_skip_bad_images_finishes_and_metrics_json_counts_them(tmp_path, tree, w
     # shared log sees what the worker processes skipped.
     assert (saved["num_bad_images"], saved["bad_images"]) == (2, bad)
     assert result.bad_images == bad
-    assert saved["metrics"]["num_queries"] == 15  # the broken test image was substituted
+    # The broken test image is left out of the evaluation: a substitute, a copy of another
+    # test image of its class, would be a guaranteed hit.
+    assert saved["metrics"]["num_queries"] == 14
+    with np.load(tmp_path / "run" / "embeddings.npz") as arrays:
+        assert len(arrays["embeddings"]) == len(arrays["labels"]) == 14
 
 
 def test_skipped_images_count_once_across_a_resume_and_not_from_an_old_run(tmp_path, tree):

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         picture = contact_sheet(loaded[0], args.classes, args.samples)
     except ValueError as error:
         parser.error(str(error))
+    except DatasetError as error:  # an image of the sheet cannot be decoded
+        sys.stderr.write(f"python -m dmlkit.data: {error}\n")
+        return 2
     with atomic_writer(sheet, "wb") as handle:
         picture.save(handle, format=image_format, optimize=False)
     print(f"contact sheet ({loaded[0].split}): {sheet}")

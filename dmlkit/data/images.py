@@ -58,6 +58,10 @@ class ImageListDataset(torch.utils.data.Dataset):
             met — per process: DataLoader workers keep their own lists. With
             ``bad_images_log`` set, every process also appends each path it skips to that
             file (see ``append_bad_image``), so a trainer can count them across workers.
+        substitute_bad_images: with ``skip_bad_images``, what a bad image becomes: the next
+            decodable image of its class (True: training keeps its P×K batches) or a 1×1
+            black placeholder (False: for evaluation, which leaves the item out — a copy of
+            another test image would be a guaranteed hit).
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.skip_bad_images = skip_bad_images
         self.bad_images_log = os.fspath(bad_images_log) if bad_images_log is not None else None
         self.bad_images: list[str] = []
+        self.substitute_bad_images = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -102,6 +107,8 @@ class ImageListDataset(torch.utils.data.Dataset):
             if not self.skip_bad_images:
                 raise
             self._record_bad(self.paths[index])
+        if not self.substitute_bad_images:
+            return Image.new("RGB", (1, 1))
         # The next decodable image of the same class (cyclically): deterministic, and the
         # batch keeps its P×K class structure.
         same = np.flatnonzero(self.labels == self.labels[index])

@@ -52,6 +52,8 @@ def build_datasets(
         )
     except TypeError as error:  # an unknown dataset option
         raise ValueError(f"dataset_options for {cfg.dataset!r}: {error}") from error
+    if hasattr(test_set, "substitute_bad_images"):  # evaluation leaves a bad image out
+        test_set.substitute_bad_images = False
     if cfg.eval_split == "validation":
         held_out = validation_classes(
             train_set.classes, cfg.validation_fraction, cfg.validation_seed

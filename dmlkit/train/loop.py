@@ -180,7 +180,7 @@ def _curve_point(run: RunState, record: dict[str, Any]) -> None:
     due = cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs
     if due and run.ctx.is_main and not any(key.startswith("recall@") for key in record):
         with rng_untouched():
-            record.update(curve_metrics(evaluate_retrieval(run)[0]))
+            record.update(curve_metrics(evaluate_retrieval(run).metrics))
 
 
 def _prepare(

@@ -134,10 +134,21 @@ def read_bad_images(log: Path | None) -> list[str]:
     return read_log(log) if log is not None else []
 
 
-def evaluate_retrieval(run: RunState) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """Embed the test split with the current model; Recall@K, MAP@R, R-precision, NMI.
+@dataclass
+class Retrieval:
+    """The evaluation split embedded by the current model, and its retrieval metrics."""
 
-    Returns: (metrics, embeddings (N, D) float32 CPU, labels (N,) int64 CPU).
+    metrics: dict[str, Any]
+    embeddings: Tensor  # (n, D) float32 CPU, the evaluated items only
+    labels: Tensor  # (n,) int64 CPU
+    evaluated: np.ndarray  # (N,) bool over the split: False for images skipped as undecodable
+
+
+def evaluate_retrieval(run: RunState) -> Retrieval:
+    """Embed the evaluation split with the current model; Recall@K, MAP@R, R-precision, NMI.
+
+    Images skipped as undecodable (``skip_bad_images``) are left out: their placeholder
+    would be a query and a neighbour of nothing.
     """
     from dmlkit.evaluate import embed, retrieval_metrics
 
@@ -151,11 +162,21 @@ def evaluate_retrieval(run: RunState) -> tuple[dict[str, Any], Tensor, Tensor]:
             num_workers=cfg.num_workers,
             progress=cfg.progress,
         )
+    evaluated = _decoded_items(run)
+    embeddings, labels = embeddings[evaluated], labels[evaluated]
     check_embeddings(run, embeddings)
     metrics = retrieval_metrics(
         embeddings, labels, ks=resolve_eval_ks(cfg), nmi=True, seed=cfg.seed
     )
-    return dict(metrics), embeddings, labels
+    return Retrieval(dict(metrics), embeddings, labels, evaluated)
+
+
+def _decoded_items(run: RunState) -> np.ndarray:
+    paths = getattr(run.test_set, "paths", None)
+    bad = set(read_bad_images(run.bad_images_log))
+    if not bad or paths is None:
+        return np.ones(len(run.test_set), dtype=bool)
+    return np.array([path not in bad for path in paths])
 
 
 def check_embeddings(run: RunState, embeddings: Tensor) -> None:
@@ -192,8 +213,9 @@ def final_evaluation(run: RunState) -> FinalEvaluation:
     """Retrieval + density diagnostics (+ glyph sub-cluster measures) of the final model."""
     from dmlkit.evaluate import density_metrics, subcluster_agreement, subcluster_preservation
 
-    retrieval, embeddings, labels = evaluate_retrieval(run)
-    metrics = dict(retrieval)
+    retrieval = evaluate_retrieval(run)
+    embeddings, labels = retrieval.embeddings, retrieval.labels
+    metrics = dict(retrieval.metrics)
     arrays: dict[str, np.ndarray] = {"embeddings": embeddings.numpy(), "labels": labels.numpy()}
     for name, value in density_metrics(embeddings, labels).items():
         if _is_scalar(value):
@@ -204,7 +226,7 @@ def final_evaluation(run: RunState) -> FinalEvaluation:
         values = getattr(run.test_set, mode, None)
         if values is None:
             continue
-        values = np.asarray(values)
+        values = np.asarray(values)[retrieval.evaluated]
         arrays[mode] = values.astype(str)
         suffix = "" if mode == "family" else f"_{mode}"
         result = subcluster_preservation(embeddings, labels, values)
@@ -219,7 +241,7 @@ def final_evaluation(run: RunState) -> FinalEvaluation:
         agreement = subcluster_agreement(embeddings, labels, values)
         metrics["subcluster_ari"] = _plain(agreement["ari"])
         metrics["subcluster_nmi"] = _plain(agreement["nmi"])
-    return FinalEvaluation(metrics, arrays, retrieval)
+    return FinalEvaluation(metrics, arrays, retrieval.metrics)
 
 
 def write_outputs(run: RunState, final: FinalEvaluation, session_seconds: float) -> dict[str, Any]:
