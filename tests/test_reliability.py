@@ -1,8 +1,7 @@
 """Reliability and security: bad input, injected faults and untrusted files (issue 7); no
 silent wrong result and no silent overwrite (issue 14).
 
-Every case is listed, with what dmlkit does, in the README section "What happens when
-things go wrong". Training runs use a tiny ``folder`` dataset of real JPEG files (5 + 5
+Every case is listed, with what dmlkit does, in docs/reliability.md. Training runs use a tiny ``folder`` dataset of real JPEG files (5 + 5
 classes of 3 images; glyphnet on 224 px crops; one run ≈ 1 s), so image decoding, the
 DataLoader workers and the run folder are the real ones. Faults are injected for real
 where that is cheap (SIGKILL of a training subprocess, a kill between the temporary write
@@ -1402,14 +1401,13 @@ def test_results_name_a_metric_that_is_not_a_number_and_a_source_that_is_not_a_p
             load_runs(source)
 
 
-def test_every_test_the_readme_names_exists():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## What happens when things go wrong") :]
-    section = section[: section.index("\n## ")]
-    named = re.findall(r"`(R|test_\w+\.py)::(test_\w+)", section)
+def test_every_test_the_reliability_docs_name_exists():
+    section = (ROOT / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(R|G|test_\w+\.py)::(test_\w+)", section)
     missing = []
+    short = {"R": "test_reliability.py", "G": "test_run_guards.py"}
     for file, test in named:
-        source = ROOT / "tests" / ("test_reliability.py" if file == "R" else file)
+        source = ROOT / "tests" / short.get(file, file)
         # A name ending in "_" is a prefix followed by *: several tests.
         if not test.endswith("_") and f"def {test}(" not in source.read_text():
             missing.append(f"{file}::{test}")
