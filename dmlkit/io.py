@@ -65,8 +65,9 @@ class LockHeldError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock (``flock``) on ``path`` for the block, or fail at once.
+def exclusive_lock(path: str | os.PathLike, what: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` for the block, or fail at once
+    (``wait=True``: wait for the holder to finish).
 
     The lock file is created for the block and deleted at its end; the holder writes its
     pid and host into it, so that a refused process can say who holds it. A process that
@@ -82,7 +83,7 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             if _same_file(fd, path):
                 break
         except BlockingIOError:

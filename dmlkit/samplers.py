@@ -8,9 +8,35 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+
+class SampleKey(NamedTuple):
+    """A dataset index and the random stream of its draw: sample ``position`` of the
+    epoch's plan (counted over every rank) of the run seeded ``seed``.
+
+    A dataset given a SampleKey draws its augmentation from ``rng()``, so the images of
+    an epoch depend on (seed, epoch, position) alone: not on which DataLoader worker
+    fetches them, how long that worker has lived, or whether the run was resumed.
+    """
+
+    index: int
+    seed: int
+    epoch: int
+    position: int
+
+    def rng(self) -> np.random.Generator:
+        # The trailing 1 keeps these streams apart from the plan's default_rng([seed, epoch]).
+        return np.random.default_rng([self.seed, self.epoch, self.position, 1])
+
+
+def sample_key(key: int | SampleKey) -> tuple[int, np.random.Generator | None]:
+    """(index, the sample's generator or None) of what a dataset's ``__getitem__`` got."""
+    if isinstance(key, SampleKey):
+        return key.index, key.rng()
+    return int(key), None
 
 
 class PKBatchSampler:
@@ -37,6 +63,7 @@ class PKBatchSampler:
             ``N // (p·k)`` (at least 1), i.e. about one pass over the data.
         rank, world_size: DDP sharding; rank r yields plan batches r, r + world_size, ...
             and every rank yields ``num_batches // world_size`` batches.
+        keys: yield ``SampleKey``s instead of plain indices (``fit`` does).
     Raises:
         ValueError: labels not 1-D integers; p, k, seed, num_batches, rank or world_size
             not a whole number; p or k < 1, seed < 0, num_batches < 1, p > number of
@@ -53,6 +80,7 @@ class PKBatchSampler:
         num_batches: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        keys: bool = False,
     ) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1:
@@ -89,7 +117,7 @@ class PKBatchSampler:
             )
         self.p, self.k, self.seed = p, k, seed
         self.num_batches, self.rank, self.world_size = num_batches, rank, world_size
-        self.epoch = 0
+        self.epoch, self.keys = 0, keys
         order = np.argsort(inverse, kind="stable")
         starts = np.searchsorted(inverse[order], np.arange(len(classes) + 1))
         # members[c]: dataset indices of class c, in index order (the plan shuffles them).
@@ -117,9 +145,17 @@ class PKBatchSampler:
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[SampleKey]]:
         plan = self._epoch_plan()
-        yield from plan[self.rank :: self.world_size][: len(self)]
+        for number in range(self.rank, len(self) * self.world_size, self.world_size):
+            batch = plan[number]
+            if self.keys:
+                first = number * self.p * self.k
+                batch = [
+                    SampleKey(index, self.seed, self.epoch, first + offset)
+                    for offset, index in enumerate(batch)
+                ]
+            yield batch
 
     def _epoch_plan(self) -> list[list[int]]:
         """All ``num_batches`` batches of the current epoch (identical on every rank)."""

@@ -17,6 +17,7 @@ from dmlkit.data.augment import GlyphJitter, jitter_glyph
 from dmlkit.data.charset import _aligned_hausdorff, is_candidate_character
 from dmlkit.data.fonts import FAMILIES, STYLES, family_and_style, font_files, render_clean
 from dmlkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, GlyphTransform
+from dmlkit.samplers import SampleKey
 from tests.fixtures_datasets import glyph_cache_dir
 
 
@@ -293,17 +294,14 @@ def test_glyph_train_transform_shifts_with_replicated_border():
         assert len(matches) == 1
 
 
-def test_glyph_train_transform_epochs_are_reproducible():
+def test_glyph_train_shift_comes_from_the_samples_generator():
     pixels = np.random.default_rng(2).integers(0, 256, (64, 64), dtype=np.uint8)
-    first, second = GlyphTransform(True, seed=3), GlyphTransform(True, seed=3)
-    run = lambda t: torch.stack([t(pixels) for _ in range(6)])  # noqa: E731
-    torch.testing.assert_close(run(first), run(second))
-    first.set_epoch(1)
-    second.set_epoch(1)
-    epoch1 = run(first)
-    torch.testing.assert_close(epoch1, run(second))
-    third = GlyphTransform(True, seed=3)
-    assert not torch.equal(epoch1, run(third))
+    transform = GlyphTransform(True)
+    keys = [SampleKey(0, 3, epoch, position) for epoch in (0, 1) for position in range(6)]
+    first = torch.stack([transform(pixels, key.rng()) for key in keys])
+    again = torch.stack([GlyphTransform(True)(pixels, key.rng()) for key in keys])
+    torch.testing.assert_close(first, again)  # (seed, epoch, position) alone decide
+    assert not torch.equal(first[:6], first[6:])  # another epoch, other shifts
 
 
 def test_corrupt_cache_entry_is_rendered_again(cache):
@@ -351,9 +349,12 @@ def test_glyphs_ignore_root(mini, cache):
 
 
 def test_a_glyph_transform_object_takes_the_fast_path(mini, cache):
-    seeded = data.transforms("glyphs", True, seed=7)
-    ds = data.get_dataset("glyphs-mini", "test", transform=seeded, cache_dir=cache)
-    reference = data.transforms("glyphs", True, seed=7)
-    torch.testing.assert_close(ds[3][0], reference(np.asarray(mini["test"].images[3])))
+    shifted = data.transforms("glyphs", True, max_shift=0.1)
+    ds = data.get_dataset("glyphs-mini", "test", transform=shifted, cache_dir=cache)
+    key = SampleKey(3, 7, 0, 0)
+    expected = data.transforms("glyphs", True, max_shift=0.1)(mini["test"].images[3], key.rng())
+    torch.testing.assert_close(ds[key][0], expected)
     default = data.get_dataset("glyphs-mini", "test", transform="train", cache_dir=cache)
-    assert not torch.equal(default[3][0], ds[3][0]) or not torch.equal(default[4][0], ds[4][0])
+    assert not torch.equal(default[key][0], ds[key][0])
+
+

@@ -30,8 +30,9 @@ DATASETS: dict[str, str] = {
 }
 SPLITS = ("train", "test")
 DATA_FOLDERS = {"cub200": "CUB_200_2011", "cars196": "cars196", "sop": "Stanford_Online_Products"}
-OFFICIAL_OPTIONS = ("skip_bad_images", "bad_images_log", "check_counts")
-FOLDER_OPTIONS = ("skip_bad_images", "bad_images_log", "extensions")
+_IMAGE_OPTIONS = ("skip_bad_images", "bad_images_log", "decoded_cache", "cache_dir")
+OFFICIAL_OPTIONS = (*_IMAGE_OPTIONS, "check_counts")
+FOLDER_OPTIONS = (*_IMAGE_OPTIONS, "extensions")
 
 __all__ = [
     "DATASETS",
@@ -60,12 +61,14 @@ def get_dataset(
             Stanford_Online_Products>``. Ignored by glyphs (see ``cache_dir``).
         transform: None → PIL RGB image; "train"/"test" → the protocol's tensors
             ("glyphs" for glyphs, "imagenet" otherwise); or any callable on PIL RGB. A
-            ``GlyphTransform`` (e.g. ``transforms("glyphs", True, seed=run_seed)``) given
+            ``GlyphTransform`` (e.g. ``transforms("glyphs", True)``) given
             to glyphs runs on the uint8 pixels directly, like "train"/"test".
         options: see ``options_of(name)``; glyphs: size, seed, cache_dir and the jitter
             knobs of ``dmlkit.data.augment.GlyphJitter``; cub200/cars196/sop:
             skip_bad_images=False, bad_images_log=None (a file every process appends each
-            skipped path to), check_counts=True; folder: the same, and extensions.
+            skipped path to), decoded_cache=None (on; see ``load_official``),
+            cache_dir=None, check_counts=True; folder: the same (decoded_cache off), and
+            extensions.
     Raises:
         ValueError: unknown name/split/transform.  TypeError: unknown option.
         DatasetError: missing or malformed data.

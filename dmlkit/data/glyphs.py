@@ -37,6 +37,7 @@ from dmlkit.data.charset import ANALYSIS_SIZE, Charset, analyse_characters
 from dmlkit.data.fonts import FontFile, font_files, render_clean
 from dmlkit.data.transforms import GlyphTransform
 from dmlkit.io import atomic_writer, write_json
+from dmlkit.samplers import SampleKey, sample_key
 
 FORMAT_VERSION = 1
 MINI_CLASSES_PER_SPLIT = 100
@@ -144,7 +145,9 @@ class GlyphDataset(torch.utils.data.Dataset):
         cache_key: every option and library version the pixels depend on.
     """
 
-    def __init__(self, images, labels, font_index, fonts, transform, *, name, split, seed):
+    accepts_sample_keys = True  # see dmlkit.samplers.SampleKey
+
+    def __init__(self, images, labels, font_index, fonts, transform, *, name, split):
         self.images, self.labels = images, labels
         self._pixels = np.asarray(images)  # plain view: np.memmap indexing costs ~10 µs/item
         self.classes = np.unique(labels)
@@ -155,10 +158,10 @@ class GlyphDataset(torch.utils.data.Dataset):
         self.name, self.split = name, split
         self.transform = transform
         self._tensor_transform = None
-        if isinstance(transform, GlyphTransform):  # e.g. transforms("glyphs", True, seed=7)
+        if isinstance(transform, GlyphTransform):  # e.g. transforms("glyphs", True)
             self._tensor_transform = transform
         elif transform in ("train", "test"):
-            self._tensor_transform = GlyphTransform(transform == "train", seed=seed)
+            self._tensor_transform = GlyphTransform(transform == "train")
         self.images_path: Path | None = None
         self.cache_key: dict | None = None
         self.load_seconds, self.from_cache = 0.0, False
@@ -166,21 +169,17 @@ class GlyphDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[Any, int]:
+        index, rng = sample_key(key)
         label = int(self.labels[index])
-        if self._tensor_transform is not None:
-            return self._tensor_transform(self._pixels[index]), label  # (S,S) uint8 → (3,S,S)
+        if self._tensor_transform is not None:  # (S, S) uint8 → (3, S, S)
+            return self._tensor_transform(self._pixels[index], rng), label
         image = self.image(index)
         return (self.transform(image) if self.transform is not None else image), label
 
     def image(self, index: int) -> Image.Image:
         """Item ``index`` as a PIL RGB image, whatever the transform."""
         return Image.fromarray(self._pixels[index], "L").convert("RGB")
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed the train-time shift for ``epoch`` (call before creating the iterator)."""
-        if self._tensor_transform is not None:
-            self._tensor_transform.set_epoch(epoch)
 
     def _describe_fonts(self) -> None:
         fonts, index = self._fonts, self.font_index
@@ -247,7 +246,7 @@ def load_glyphs(
         entry = _write_entry(folder, key, *rendered)
     images, labels, font_index = entry
     dataset = GlyphDataset(
-        images, labels, font_index, fonts, transform, name=preset, split=split, seed=seed
+        images, labels, font_index, fonts, transform, name=preset, split=split
     )
     if isinstance(images, np.memmap):
         dataset.images_path = folder / "images.npy"

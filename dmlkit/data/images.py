@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from dmlkit.data.errors import DatasetError
-from dmlkit.data.transforms import transforms
+from dmlkit.data.transforms import ImagenetTransform, transforms
+from dmlkit.samplers import SampleKey, sample_key
 
 _LOG = logging.getLogger(__name__)
 _INTEGER = re.compile(r"[0-9]+")
@@ -51,9 +52,17 @@ class Listing:
 class ImageListDataset(torch.utils.data.Dataset):
     """``(image, label)`` from image files (CUB, Cars196, SOP, folder).
 
+    With ``transform`` "train"/"test" (the ImageNet protocol) and ``decoded_cache``, items
+    are cut from the decoded cache (``dmlkit.data.decoded``); otherwise PIL decodes the
+    file for every item. An item fetched with a ``SampleKey`` (``fit``'s and ``embed``'s
+    loaders) draws its augmentation from the key's generator and, from the cache, is a
+    uint8 ``Crop`` that the device finishes (``dmlkit.data.crops``); ``dataset[i]`` is the
+    finished tensor.
+
     Attributes:
         labels: (N,) int64 class ids.  classes: sorted unique ids.  paths: absolute paths.
         class_names: names aligned with ``classes`` (None when the dataset has none).
+        decoded: the ``DecodedImages`` in use, or None.
         bad_images: paths that failed to decode (``skip_bad_images=True``), in the order
             met — per process: DataLoader workers keep their own lists. With
             ``bad_images_log`` set, every process also appends each path it skips to that
@@ -63,6 +72,8 @@ class ImageListDataset(torch.utils.data.Dataset):
             black placeholder (False: for evaluation, which leaves the item out — a copy of
             another test image would be a guaranteed hit).
     """
+
+    accepts_sample_keys = True  # see dmlkit.samplers.SampleKey
 
     def __init__(
         self,
@@ -74,6 +85,8 @@ class ImageListDataset(torch.utils.data.Dataset):
         *,
         skip_bad_images: bool = False,
         bad_images_log: str | os.PathLike | None = None,
+        decoded_cache: bool = False,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         self.name, self.split, self.root = name, split, root
         self.paths = [os.path.join(root, rel) for rel in listing.relpaths]
@@ -90,25 +103,63 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.bad_images_log = os.fspath(bad_images_log) if bad_images_log is not None else None
         self.bad_images: list[str] = []
         self.substitute_bad_images = True
+        self.decoded = None
+        if decoded_cache and isinstance(self.transform, ImagenetTransform):
+            from dmlkit.data.decoded import decoded_images
+
+            self.decoded = decoded_images(
+                name,
+                split,
+                self.paths,
+                self.transform.resize,
+                f"Resize({self.transform.resize_to})",
+                cache_dir=cache_dir,
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.image(index)
+    def __getitem__(self, key: int | SampleKey) -> tuple[Any, int]:
+        index, rng = sample_key(key)
         label = int(self.labels[index])
+        if self.decoded is not None:
+            crop = self.transform.crop(self._pixels(index), rng)
+            return (crop if isinstance(key, SampleKey) else crop.finish()), label
+        image = self.image(index)
+        if isinstance(self.transform, ImagenetTransform):
+            return self.transform(image, rng), label
         return (self.transform(image) if self.transform is not None else image), label
 
     def image(self, index: int) -> Image.Image:
         """Item ``index`` as a PIL RGB image (or its substitute), whatever the transform."""
+        return self._load(index, lambda i: decode_image(self.name, self.paths[i]), (1, 1))
+
+    def _pixels(self, index: int) -> np.ndarray:
+        """Item ``index``'s resized uint8 pixels (H, W, 3) from the decoded cache."""
+
+        def cached(i: int) -> np.ndarray:
+            pixels = self.decoded[i]
+            if pixels is None:
+                raise DatasetError(
+                    self.name, "cannot decode image (found building the decoded cache)",
+                    file=self.paths[i],
+                )
+            return pixels
+
+        return self._load(index, cached, None)
+
+    def _load(self, index: int, load: Callable[[int], Any], placeholder: Any) -> Any:
+        """``load(index)``, or with ``skip_bad_images`` what a bad image becomes."""
         try:
-            return decode_image(self.name, self.paths[index])
+            return load(index)
         except DatasetError:
             if not self.skip_bad_images:
                 raise
             self._record_bad(self.paths[index])
         if not self.substitute_bad_images:
-            return Image.new("RGB", (1, 1))
+            if placeholder is None:  # a black crop of the output size
+                return np.zeros((self.transform.crop_size,) * 2 + (3,), np.uint8)
+            return Image.new("RGB", placeholder)
         # The next decodable image of the same class (cyclically): deterministic, and the
         # batch keeps its P×K class structure.
         same = np.flatnonzero(self.labels == self.labels[index])
@@ -117,7 +168,7 @@ class ImageListDataset(torch.utils.data.Dataset):
             if self.paths[other] in self.bad_images:
                 continue
             try:
-                return decode_image(self.name, self.paths[other])
+                return load(other)
             except DatasetError:
                 self._record_bad(self.paths[other])
         raise DatasetError(

@@ -1,7 +1,7 @@
 """CUB-200-2011, Stanford Online Products and ``folder`` trees; the loader of every
 image-file dataset (Cars196's ``.mat`` parsing is in ``cars.py``).
 
-Splits are class-disjoint (METHODS.md, "Datasets and DML splits"): CUB train = classes
+Splits are class-disjoint (docs/datasets.md): CUB train = classes
 1–100, test = 101–200 (``train_test_split.txt`` is the classification split and is not
 read); Cars196 train = 1–98, test = 99–196; SOP = Ebay_train.txt / Ebay_test.txt.
 Every parser reads untrusted text: each problem becomes a DatasetError with file and line.
@@ -47,8 +47,15 @@ def load_official(
     bad_images_log: str | os.PathLike | None = None,
     check_counts: bool = True,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    decoded_cache: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ImageListDataset:
-    """One split of cub200 / cars196 / sop / folder under ``root`` (checked on disk)."""
+    """One split of cub200 / cars196 / sop / folder under ``root`` (checked on disk).
+
+    ``decoded_cache`` (with transform "train"/"test"): read the images decoded and resized
+    once into ``cache_dir`` (default ``$DMLKIT_CACHE/decoded``) instead of decoding every
+    file every epoch; None is on for cub200, cars196 and sop, off for folder trees.
+    """
     if not os.path.isdir(root):
         raise DatasetError(name, "dataset root does not exist or is not a folder", file=root)
     if name == "folder":
@@ -77,6 +84,8 @@ def load_official(
         transform,
         skip_bad_images=skip_bad_images,
         bad_images_log=bad_images_log,
+        decoded_cache=name != "folder" if decoded_cache is None else decoded_cache,
+        cache_dir=cache_dir,
     )
 
 

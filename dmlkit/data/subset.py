@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmlkit.samplers import SampleKey
+
 __all__ = ["ClassSubset", "validation_classes"]
 
 
@@ -24,13 +26,17 @@ class ClassSubset(torch.utils.data.Dataset):
     """The items of ``dataset`` whose class is in ``keep``, in their original order.
 
     Keeps the dataset contract (``labels``, ``classes``, ``paths``, ``class_names``,
-    ``image(i)``, ``set_epoch``) and subsets every per-item array attribute of the
+    ``image(i)``, ``SampleKey`` items) and subsets every per-item array attribute of the
     parent (glyphs' ``family``, ``style``, ``font``, ``font_index``; SOP's
     ``super_class_id``), so the evaluation sees the same metadata as on a full split.
 
     Attributes:
         dataset: the parent.  indices: (n,) int64 rows of the parent, ascending.
     """
+
+    @property
+    def accepts_sample_keys(self) -> bool:
+        return getattr(self.dataset, "accepts_sample_keys", False)
 
     def __init__(self, dataset: Any, keep: Sequence[int] | np.ndarray) -> None:
         keep = np.unique(np.asarray(keep, dtype=np.int64))
@@ -57,16 +63,14 @@ class ClassSubset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[int(self.indices[index])]
+    def __getitem__(self, key: int | SampleKey) -> Any:
+        if isinstance(key, SampleKey):
+            return self.dataset[key._replace(index=int(self.indices[key.index]))]
+        return self.dataset[int(self.indices[key])]
 
     def image(self, index: int) -> Any:
         """Item ``index`` as a PIL RGB image (the parent's ``image``)."""
         return self.dataset.image(int(self.indices[index]))
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
 
     def __repr__(self) -> str:
         return f"ClassSubset({self.dataset!r}, images={len(self)}, classes={len(self.classes)})"

@@ -1,19 +1,22 @@
-"""Image transforms per protocol (METHODS.md, "Protocols").
+"""Image transforms per protocol (docs/datasets.md#transforms-transformsprotocol-train-kw).
 
 - ``"imagenet"``: train = resize 256 → RandomResizedCrop 224 → horizontal flip; test =
-  resize 256 → center crop 224; both ImageNet mean/std. torchvision draws the random
-  crops from torch's global generator, which DataLoader seeds per worker from its own
-  ``generator`` — pass one to the DataLoader for reproducible epochs.
+  resize 256 → center crop 224; both ImageNet mean/std (``ImagenetTransform``). Its
+  ``crop`` is the host half of the fast path (``dmlkit.data.crops``); calling it on a PIL
+  image is the PIL path, the reference, with the same boxes.
 - ``"glyphs"``: the heavy distortions are baked in at render time (``augment.py``), so
   the train transform is a light, cheap random shift (and optional small scale) done on
-  tensors, never through PIL: ~10–20 µs per 64 px item. It owns a
-  ``numpy.random.Generator`` seeded from ``(seed, epoch, DataLoader worker id)``.
+  tensors, never through PIL: ~10–20 µs per 64 px item.
+
+Random draws come from the ``rng`` a dataset passes: the sample's own generator, seeded
+from (seed, epoch, position) by ``dmlkit.samplers.SampleKey``, so DataLoader workers that
+live across epochs and a resumed run draw the same augmentations. Without one (a dataset
+indexed by hand) they come from torch's global generator, as torchvision's do.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -21,45 +24,89 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dmlkit.data.crops import IMAGENET_MEAN, IMAGENET_STD, Box, Crop, center_box, random_resized_box
+
 PROTOCOLS = ("imagenet", "glyphs")
 
 
 def transforms(protocol: str, train: bool, **kw) -> Callable:
     """The transform of ``protocol`` (one of PROTOCOLS): a callable PIL image → tensor.
 
-    ``kw`` go to ``imagenet_transform`` or ``GlyphTransform`` (e.g. ``crop=299``,
+    ``kw`` go to ``ImagenetTransform`` or ``GlyphTransform`` (e.g. ``crop=299``,
     ``max_shift=0.1``); an unknown one raises TypeError.
     """
     if protocol == "imagenet":
-        return imagenet_transform(train, **kw)
+        return ImagenetTransform(train, **kw)
     if protocol == "glyphs":
         return GlyphTransform(train, **kw)
     raise ValueError(f"unknown transform protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
 
 
-def imagenet_transform(
-    train: bool,
-    *,
-    resize: int = 256,
-    crop: int = 224,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> Callable:
-    """PIL RGB → (3, crop, crop) float tensor; the DML "resize 256, crop 224" protocol."""
-    from torchvision import transforms as T  # torchvision import is slow; only when used
+def sample_generator() -> np.random.Generator:
+    """A generator drawn from torch's global one: for items fetched without a SampleKey."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, ())))
 
-    if train:
-        steps = [
-            T.Resize(resize),
-            T.RandomResizedCrop(crop, scale=crop_scale),
-            T.RandomHorizontalFlip(),
-        ]
-    else:
-        steps = [T.Resize(resize), T.CenterCrop(crop)]
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+class ImagenetTransform:
+    """PIL RGB → (3, crop, crop) float tensor; the DML "resize 256, crop 224" protocol.
+
+    ``resize`` (shorter side, bilinear) is the step the decoded cache stores; ``crop``
+    cuts a resized uint8 image for the device to finish; ``__call__`` does it all in PIL.
+    """
+
+    def __init__(
+        self,
+        train: bool,
+        *,
+        resize: int = 256,
+        crop: int = 224,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        if not train and crop > resize:
+            raise ValueError(f"a center crop of {crop} px needs resize >= crop, got {resize}")
+        self.train, self.resize_to, self.crop_size = train, resize, crop
+        self.crop_scale, self.mean, self.std = tuple(crop_scale), tuple(mean), tuple(std)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """``Resize(resize)``: the shorter side to ``resize`` px, bilinear with antialias."""
+        from torchvision.transforms import functional as TF  # slow import; only when used
+
+        return TF.resize(image, self.resize_to, antialias=True)
+
+    def draw(self, height: int, width: int, rng: np.random.Generator | None) -> tuple[Box, bool]:
+        """The crop box and flip of one sample of a (height, width) resized image."""
+        if not self.train:
+            return center_box(height, width, self.crop_size), False
+        rng = rng if rng is not None else sample_generator()
+        box = random_resized_box(height, width, rng, self.crop_scale)
+        return box, bool(rng.random() < 0.5)
+
+    def crop(self, pixels: np.ndarray, rng: np.random.Generator | None = None) -> Crop:
+        """A resized (H, W, 3) uint8 image → its ``Crop`` (resized and normalised later)."""
+        box, flip = self.draw(pixels.shape[0], pixels.shape[1], rng)
+        region = pixels[box.top : box.top + box.height, box.left : box.left + box.width]
+        return Crop(region, flip, self.crop_size, self.mean, self.std)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        image = self.resize(image)
+        box, flip = self.draw(image.height, image.width, rng)
+        image = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+        size = (self.crop_size, self.crop_size)
+        image = image.resize(size, Image.BILINEAR)
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(image, np.float32)).permute(2, 0, 1)  # (3, S, S)
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return pixels / (255.0 * std) - mean / std
+
+    def __repr__(self) -> str:
+        return (
+            f"ImagenetTransform(train={self.train}, resize={self.resize_to}, "
+            f"crop={self.crop_size}, crop_scale={self.crop_scale})"
+        )
 
 
 class GlyphTransform:
@@ -69,10 +116,8 @@ class GlyphTransform:
         train: random shift by up to ``max_shift`` · S px per axis (edge-replicating the
             paper) and a scale in ``scale``; test is deterministic.
         size: output side; None keeps the input's.
-        seed: the generator is seeded from (seed, epoch, worker id) on first use in each
-            process (``set_epoch`` changes the epoch), so DataLoader workers differ and a
-            resumed run redraws the same shifts.
-    Accepts a PIL image (any mode), a (H, W) uint8 array or a (H, W, 3) uint8 array.
+    Accepts a PIL image (any mode), a (H, W) uint8 array or a (H, W, 3) uint8 array, and
+    the sample's generator (module docstring).
     """
 
     def __init__(
@@ -82,28 +127,23 @@ class GlyphTransform:
         max_shift: float = 0.0625,
         scale: tuple[float, float] = (1.0, 1.0),
         size: int | None = None,
-        seed: int = 0,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         self.train, self.max_shift, self.scale, self.size = train, max_shift, scale, size
-        self.seed, self.epoch = seed, 0
         std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self._gain = 1.0 / (255.0 * std_t)  # (3, 1, 1): uint8 → normalized in one addcmul
         self._bias = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t
-        self._rng: np.random.Generator | None = None
-        self._rng_key: tuple | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+    def __call__(
+        self, image: Image.Image | np.ndarray, rng: np.random.Generator | None = None
+    ) -> torch.Tensor:
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("L"))
         elif image.ndim == 3:
             image = image[..., 0]
         if self.train:
-            image = self._jitter(image)
+            image = self._jitter(image, rng if rng is not None else sample_generator())
         pixels = torch.from_numpy(np.array(image, np.float32))  # (H, W), a private copy
         if self.size is not None and pixels.shape[-1] != self.size:
             pixels = F.interpolate(
@@ -115,11 +155,10 @@ class GlyphTransform:
             )[0, 0]
         return torch.addcmul(self._bias, pixels.unsqueeze(0), self._gain)  # (3, H, W)
 
-    def _jitter(self, image: np.ndarray) -> np.ndarray:
+    def _jitter(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         # One gather with clamped indices = shift + nearest-neighbour scale, with the
         # border (paper) replicated; ~10 µs where F.pad + F.interpolate cost ~60–100 µs.
         height, width = image.shape
-        rng = self._generator()
         limit = round(self.max_shift * width)
         dy, dx = (rng.random(2) * (2 * limit + 1)).astype(np.intp) - limit  # uniform ints
         if self.scale == (1.0, 1.0):
@@ -129,18 +168,10 @@ class GlyphTransform:
             rows, cols = _resample_index(height, zoom, dy), _resample_index(width, zoom, dx)
         return np.take(np.take(image, rows, 0), cols, 1)
 
-    def _generator(self) -> np.random.Generator:
-        info = torch.utils.data.get_worker_info()
-        key = (os.getpid(), info.id if info is not None else -1, self.epoch)
-        if key != self._rng_key:
-            self._rng = np.random.default_rng([self.seed, self.epoch, key[1] + 1])
-            self._rng_key = key
-        return self._rng
-
     def __repr__(self) -> str:
         return (
             f"GlyphTransform(train={self.train}, max_shift={self.max_shift}, "
-            f"scale={self.scale}, size={self.size}, seed={self.seed})"
+            f"scale={self.scale}, size={self.size})"
         )
 
 

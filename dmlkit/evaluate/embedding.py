@@ -7,8 +7,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
+from dmlkit.data.crops import collate, to_device
 from dmlkit.data.loader import loader_batches
 from dmlkit.runtime import default_device
+from dmlkit.samplers import SampleKey
 
 
 def embed(
@@ -38,8 +40,9 @@ def embed(
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=False,
+        sampler=_in_order(dataset),
         num_workers=num_workers,
+        collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
     was_training = model.training
@@ -50,7 +53,7 @@ def embed(
             bar = tqdm(batches, total=len(loader), desc="embed", unit="batch", disable=not progress)
             for batch in bar:
                 images, targets = batch[0], batch[1]
-                out = model(images.to(device, non_blocking=True))
+                out = model(to_device(images, device))
                 embeddings.append(out.float().cpu())
                 labels.append(torch.as_tensor(targets).reshape(-1).long().cpu())
     finally:
@@ -58,6 +61,14 @@ def embed(
     if not embeddings:
         raise ValueError("the dataset is empty: nothing to embed")
     return torch.cat(embeddings), torch.cat(labels)
+
+
+def _in_order(dataset: Dataset) -> list:
+    """Every index of ``dataset`` in order: as SampleKeys where it takes them (its images
+    then arrive as uint8 crops and are finished on the device)."""
+    if getattr(dataset, "accepts_sample_keys", False):
+        return [SampleKey(i, 0, 0, i) for i in range(len(dataset))]
+    return list(range(len(dataset)))
 
 
 def _model_device(model: nn.Module) -> torch.device:

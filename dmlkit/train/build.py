@@ -103,9 +103,13 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader over ``train_set`` with this rank's ``PKBatchSampler`` shard.
 
-    It owns a ``torch.Generator`` (``loader.generator``, re-seeded per epoch by ``fit``):
-    worker seeds never draw from the global RNG.
+    The sampler yields ``SampleKey``s, so each image's augmentation is drawn from
+    (seed, epoch, position) alone and the workers can live across epochs
+    (``persistent_workers``): the first batch of an epoch does not wait for them to start,
+    and a resumed run draws the same images. ``collate`` keeps ``Crop`` items as uint8
+    for the device to finish (``dmlkit.data.crops``).
     """
+    from dmlkit.data.crops import collate
     from dmlkit.samplers import PKBatchSampler
 
     sampler = PKBatchSampler(
@@ -116,14 +120,16 @@ def build_loader(
         num_batches=cfg.num_batches,
         rank=rank,
         world_size=world_size,
+        keys=getattr(train_set, "accepts_sample_keys", False),
     )
-    # No persistent workers: their RNG streams would outlive an epoch and its checkpoint.
     return DataLoader(
         train_set,
         batch_sampler=sampler,
         num_workers=cfg.num_workers,
+        collate_fn=collate,
         pin_memory=pin_memory,
-        generator=torch.Generator(),
+        persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 

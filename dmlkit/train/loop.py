@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
+from dmlkit.data.crops import to_device
 from dmlkit.data.identity import describe
-from dmlkit.data.loader import loader_batches
+from dmlkit.data.loader import loader_batches, stop_workers
 from dmlkit.models import EmbeddingModel, build_model
 from dmlkit.runtime import cuda_kernel_choice, default_device, seed_everything
 from dmlkit.train import distributed
@@ -201,6 +202,7 @@ def _prepare(
     # Every rank builds the same datasets and model: rank 0 alone reports on them.
     with distributed.quiet_unless_main(ctx):
         run = _assemble(cfg, ctx, device, log, bad_images_log(cfg, stack))
+        stack.callback(stop_workers, run.loader)  # persistent workers end with the run
         if checkpoint is not None:
             restore_run(run, checkpoint)
         else:
@@ -282,7 +284,7 @@ def _train_epoch(run: RunState, epoch: int, on_step: Callable[[int, int], None] 
     start = time.perf_counter()
     with loader_batches(run.loader) as batches:
         for step, (images, labels) in enumerate(batches):
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            images = to_device(images, device, memory_format)  # (B, 3, H, W)
             labels = labels.to(device, non_blocking=True)
             loss, step_terms = train_step(
                 run.network,
@@ -316,11 +318,8 @@ def _train_epoch(run: RunState, epoch: int, on_step: Callable[[int, int], None] 
 
 
 def _start_epoch(run: RunState, epoch: int) -> None:
-    """Point every random stream of the epoch at (seed, epoch) and switch to training."""
-    run.loader.batch_sampler.set_epoch(epoch)
-    if hasattr(run.train_set, "set_epoch"):  # the dataset's own augmentation generator
-        run.train_set.set_epoch(epoch)
-    run.loader.generator.manual_seed(run.cfg.seed * 1_000_003 + epoch)  # worker seeds
+    """Point the epoch's batches and augmentations at (seed, epoch) and switch to training."""
+    run.loader.batch_sampler.set_epoch(epoch)  # its SampleKeys carry the epoch to workers
     run.network.train()
     run.loss_fn.train()  # loss state (EMAs, tube radii) updates in training mode only
 
