@@ -4,6 +4,7 @@
 - ``load_run(run_dir)``: a finished run folder (metrics.json + embeddings.npz) as a record.
 - ``run_dataset(run, split)``: the run's dataset, as PIL images, for thumbnails.
 - ``figure_stem(run_dir)``: a file-name stem for a run's figures.
+- ``class_names(dataset)``: {class id: name} of a dataset, or None (SOP has no names).
 """
 
 from __future__ import annotations
@@ -96,3 +97,13 @@ def figure_stem(run_dir: str | os.PathLike) -> str:
         else:
             parts.append(f"{key}-{value}")
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(parts))
+
+
+def class_names(dataset: Any) -> dict[Any, str] | None:
+    """{class id: name} from ``dataset.classes`` and ``dataset.class_names``; None without names."""
+    names = getattr(dataset, "class_names", None)
+    if names is None:
+        return None
+    if isinstance(names, Mapping):
+        return dict(names)
+    return dict(zip(np.asarray(dataset.classes).tolist(), names, strict=True))
