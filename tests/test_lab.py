@@ -410,3 +410,101 @@ def test_train_eval_then_tsne_run_in_jupyterlab(lab):
     for call in ("scatter_by_class", "thumbnail_map", "scatter_by_mode"):
         assert _decoded(images_of(state, saved, call)), call
     assert len(list((lab.root / "figures").glob("interactive_train_eval_tsne*.png"))) == 3
+
+
+# The screen position of point ``i`` of the explorer's map (the last Bokeh document on the
+# page), from BokehJS's own view of the plot: its canvas box and its data → pixel scales.
+_BOKEH_POINT = """
+const docs = Bokeh.documents;
+const plot = docs.length ? docs[docs.length - 1].get_model_by_name('map') : null;
+const view = plot ? Bokeh.index.find_one(plot) : null;
+if (!view || !view.frame || !view.canvas_view) return null;
+const data = plot.renderers[0].data_source.data;
+const box = view.canvas_view.el.getBoundingClientRect();
+const i = arguments[0];
+return [box.left + view.frame.x_scale.compute(data.x[i]),
+        box.top + view.frame.y_scale.compute(data.y[i])];
+"""
+# [complete, naturalWidth, naturalHeight] of the visible images matching a CSS selector,
+# looked for inside Bokeh's shadow roots too (its tooltips and Divs live there).
+_DEEP_IMAGES = """
+const found = [];
+const walk = (root) => {
+  root.querySelectorAll(arguments[0]).forEach(e => found.push(e));
+  root.querySelectorAll('*').forEach(e => { if (e.shadowRoot) walk(e.shadowRoot); });
+};
+walk(document);
+return found.filter(e => e.getBoundingClientRect().width > 0)
+  .map(e => [e.complete, e.naturalWidth, e.naturalHeight]);
+"""
+
+
+def _explorer_point(driver, index: int = 0, timeout: float = 60) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout
+    while (point := driver.execute_script(_BOKEH_POINT, index)) is None:
+        assert time.monotonic() < deadline, "the explorer's map did not draw"
+        time.sleep(0.5)
+    return round(point[0]), round(point[1])
+
+
+def hover_and_click(driver, index: int = 0) -> tuple[list, list]:
+    """Hover point ``index`` of the explorer (its tooltip's images), then click it (the
+    gallery's images: the query and its top-k)."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    x, y = _explorer_point(driver, index)
+    action = ActionBuilder(driver)
+    action.pointer_action.move_to_location(x, y)
+    action.perform()
+    time.sleep(1)
+    tooltip = driver.execute_script(_DEEP_IMAGES, ".dmlkit-tooltip img")
+    action = ActionBuilder(driver)
+    action.pointer_action.move_to_location(x, y).click()
+    action.perform()
+    time.sleep(1)
+    return tooltip, driver.execute_script(_DEEP_IMAGES, ".dmlkit-gallery img")
+
+
+@pytest.mark.slow
+def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(lab):
+    """explore.ipynb on a (smoke) run: hover a point, see its image; click it, see the
+    query and its top-k; then its standalone page, opened with the network off."""
+    import papermill as pm
+
+    run_dir = lab.root / "papermill_runs" / "interactive" / "train_eval"
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "train_eval.ipynb"),
+        str(lab.root / "train_eval.ipynb"),
+        parameters={"smoke": True, "progress": False, "out_dir": str(run_dir)},
+        kernel_name="dmlkit",
+        cwd=str(lab.root),
+        progress_bar=False,
+    )
+    path = _copy_notebook(lab, "explore.ipynb")
+    state, saved = run_in_lab(lab, path)
+    assert_ran_cleanly(state, saved)
+    for call in ("retrieval_gallery", "confused_pairs_figure"):
+        assert _decoded(images_of(state, saved, call)), call
+    _scroll_to_cell(lab, saved, "show_explorer")
+    tooltip, gallery = hover_and_click(lab.driver)
+    _screenshot(lab, "explore")
+    assert _decoded(tooltip) and len(tooltip) == 1, tooltip
+    k = int(re.search(r"^num_neighbours: int = (\d+)", saved.cells[2].source, re.M)[1])
+    assert _decoded(gallery) and len(gallery) == k + 1, gallery
+
+    page = run_dir / "explore.html"
+    lab.driver.set_network_conditions(
+        offline=True, latency=0, download_throughput=0, upload_throughput=0
+    )
+    try:
+        lab.driver.get(page.as_uri())
+        tooltip, gallery = hover_and_click(lab.driver, index=5)
+        _screenshot(lab, "explore-offline")
+        fetched = lab.driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+    finally:
+        lab.driver.delete_network_conditions()
+    assert _decoded(tooltip) and len(tooltip) == 1, tooltip
+    assert _decoded(gallery) and len(gallery) == k + 1, gallery
+    assert not [url for url in fetched if not url.startswith("data:")], fetched

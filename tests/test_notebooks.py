@@ -28,6 +28,7 @@ def test_the_collection_is_complete():
     assert names == {
         "train_eval.ipynb",
         "tsne.ipynb",
+        "explore.ipynb",
         "compare.ipynb",
         "density_ablation.ipynb",
         "daal_study.ipynb",
@@ -139,6 +140,30 @@ def test_tsne_smoke_writes_reproducible_figures(trained_run, tmp_path):
     assert {p.name for p in first.iterdir()} == expected
     for name in expected:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_explore_smoke_writes_its_page_and_reproducible_figures(trained_run, tmp_path):
+    pages = []
+    for figures in (tmp_path / "a", tmp_path / "b"):
+        executed = _execute(
+            "explore.ipynb",
+            tmp_path / f"explore_{figures.name}.ipynb",
+            smoke=True,
+            run_dir=str(trained_run),
+            figures_dir=str(figures),
+        )
+        pages.append((trained_run / "explore.html").read_bytes())
+    stem = "smoke_sweep_triplet_density_seed-0"
+    expected = {
+        f"{stem}_{part}.{ext}" for part in ("gallery", "confused") for ext in ("png", "pdf")
+    }
+    assert {p.name for p in (tmp_path / "a").iterdir()} == expected
+    for name in expected:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert pages[0] == pages[1] and b"cdn.bokeh.org" not in pages[0]
+    # The view is in the notebook too, BokehJS inlined in the output (no network).
+    outputs = [o for cell in executed.cells for o in cell.get("outputs", [])]
+    assert any("application/vnd.bokehjs_exec.v0+json" in o.get("data", {}) for o in outputs)
 
 
 def test_compare_and_ablation_smoke(trained_run, tmp_path):
