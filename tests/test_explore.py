@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -24,6 +25,7 @@ from dmlkit.plotting import (
     retrieval_gallery,
     save_explorer,
     save_figure,
+    show_explorer,
     thumbnail_uris,
     top_k,
 )
@@ -108,18 +110,16 @@ def test_retrieval_gallery_frames_hits_green_and_misses_red(tmp_path):
     assert "zero ↔ one: 2×" in " ".join(t.get_text() for ax in pairs.axes for t in ax.texts)
 
 
-def test_thumbnail_uris_are_png_and_glyphs_are_stored_gray():
-    gray = np.repeat(np.arange(64, dtype=np.uint8).reshape(8, 8, 1), 3, axis=2)
-    colour = gray.copy()
-    colour[0, 0] = (255, 0, 0)
-    uris = thumbnail_uris({3: gray, 5: colour})
-    decoded = {
-        i: Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) for i, uri in uris.items()
-    }
-    assert all(uri.startswith("data:image/png;base64,") for uri in uris.values())
-    assert decoded[3].mode == "L" and decoded[5].mode == "RGB"
-    np.testing.assert_array_equal(np.asarray(decoded[5]), colour)
-    assert thumbnail_uris({3: gray}) == {3: uris[3]}
+def test_thumbnail_uris_are_webp_of_the_image_and_the_same_each_time():
+    image = np.zeros((8, 12, 3), dtype=np.uint8)
+    image[:, 6:] = (200, 40, 40)
+    uris = thumbnail_uris({3: image})
+    assert list(uris) == [3] and uris[3].startswith("data:image/webp;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(uris[3].split(",", 1)[1])))
+    assert decoded.format == "WEBP" and decoded.size == (12, 8)
+    error = np.abs(np.asarray(decoded.convert("RGB"), dtype=float) - image)  # lossy, colour
+    assert error.mean() < 6 and error[:, [0, 1, -2, -1]].max() < 10  # blurred at the edge only
+    assert thumbnail_uris({3: image}) == uris
 
 
 def _explorer(points=None, families=None):
@@ -173,3 +173,10 @@ def test_save_explorer_writes_the_page(tmp_path):
 def test_class_names_of_a_dataset(names):
     dataset = type("D", (), {"classes": np.array([7, 9]), "class_names": names})()
     assert notebook.class_names(dataset) == (None if names is None else {7: "a", 9: "b"})
+
+
+def test_show_explorer_puts_the_written_page_into_an_iframe(tmp_path):
+    path = save_explorer(_explorer()[0], tmp_path / "explore.html")
+    shown = show_explorer(path).data
+    srcdoc = re.search(r'<iframe class="dmlkit-explorer" srcdoc="([^"]*)"', shown)[1]
+    assert html.unescape(srcdoc) == path.read_text()

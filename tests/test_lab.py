@@ -439,30 +439,46 @@ return found.filter(e => e.getBoundingClientRect().width > 0)
 """
 
 
-def _explorer_point(driver, index: int = 0, timeout: float = 60) -> tuple[int, int]:
-    deadline = time.monotonic() + timeout
-    while (point := driver.execute_script(_BOKEH_POINT, index)) is None:
-        assert time.monotonic() < deadline, "the explorer's map did not draw"
-        time.sleep(0.5)
-    return round(point[0]), round(point[1])
-
-
-def hover_and_click(driver, index: int = 0) -> tuple[list, list]:
+def hover_and_click(driver, index: int = 0, frame=None) -> tuple[list, list]:
     """Hover point ``index`` of the explorer (its tooltip's images), then click it (the
-    gallery's images: the query and its top-k)."""
+    gallery's images: the query and its top-k). ``frame``: the iframe that holds the page
+    (the pointer moves in the top page's coordinates, the page is read inside the frame)."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
-    x, y = _explorer_point(driver, index)
+    def inside(script: str, *args):
+        if frame is not None:
+            driver.switch_to.frame(frame)
+        try:
+            return driver.execute_script(script, *args)
+        finally:
+            if frame is not None:
+                driver.switch_to.default_content()
+
+    deadline = time.monotonic() + 60
+    while (point := inside(_BOKEH_POINT, index)) is None:
+        assert time.monotonic() < deadline, "the explorer's map did not draw"
+        time.sleep(0.5)
+    if frame is not None:
+        box = driver.execute_script("return arguments[0].getBoundingClientRect()", frame)
+        point = [point[0] + box["left"], point[1] + box["top"]]
+    x, y = round(point[0]), round(point[1])
     action = ActionBuilder(driver)
     action.pointer_action.move_to_location(x, y)
     action.perform()
     time.sleep(1)
-    tooltip = driver.execute_script(_DEEP_IMAGES, ".dmlkit-tooltip img")
+    tooltip = inside(_DEEP_IMAGES, ".dmlkit-tooltip img")
     action = ActionBuilder(driver)
     action.pointer_action.move_to_location(x, y).click()
     action.perform()
     time.sleep(1)
-    return tooltip, driver.execute_script(_DEEP_IMAGES, ".dmlkit-gallery img")
+    return tooltip, inside(_DEEP_IMAGES, ".dmlkit-gallery img")
+
+
+def hover_and_click_in_notebook(lab: Lab, saved: nbformat.NotebookNode) -> tuple[list, list]:
+    """``hover_and_click`` in the explorer that the notebook shows (in an iframe)."""
+    _scroll_to_cell(lab, saved, "show_explorer")
+    frame = lab.driver.find_element(By.CSS_SELECTOR, "iframe.dmlkit-explorer")
+    return hover_and_click(lab.driver, frame=frame)
 
 
 @pytest.mark.slow
@@ -485,11 +501,29 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
     assert_ran_cleanly(state, saved)
     for call in ("retrieval_gallery", "confused_pairs_figure"):
         assert _decoded(images_of(state, saved, call)), call
-    _scroll_to_cell(lab, saved, "show_explorer")
-    tooltip, gallery = hover_and_click(lab.driver)
+    tooltip, gallery = hover_and_click_in_notebook(lab, saved)
     _screenshot(lab, "explore")
     assert _decoded(tooltip) and len(tooltip) == 1, tooltip
     k = int(re.search(r"^num_neighbours: int = (\d+)", saved.cells[2].source, re.M)[1])
+    assert _decoded(gallery) and len(gallery) == k + 1, gallery
+
+    # A sweep's papermill copy of the notebook (the sweep worker runs and signs it), opened
+    # later and not run: the view draws.
+    from dmlkit.sweep import worker
+
+    executed = run_dir / "explore.ipynb"
+    job = {"notebook": str(ROOT / "notebooks" / "explore.ipynb"), "output": str(executed),
+           "parameters": {"smoke": True, "run_dir": str(run_dir)}, "kernel": "dmlkit",
+           "cwd": str(lab.root)}  # fmt: skip
+    assert worker.execute(job)["status"] == "ok"
+    lab.driver.get(
+        f"{lab.url}/lab/tree/{executed.relative_to(lab.root).as_posix()}?reset&token={lab.token}"
+    )
+    _wait(lab, lambda s: s["status"] == "idle" and s["kernel"] != "No Kernel", 180, "the kernel")
+    saved = nbformat.read(executed, as_version=4)
+    tooltip, gallery = hover_and_click_in_notebook(lab, saved)
+    _screenshot(lab, "explore-papermill")
+    assert _decoded(tooltip) and len(tooltip) == 1, tooltip
     assert _decoded(gallery) and len(gallery) == k + 1, gallery
 
     page = run_dir / "explore.html"
@@ -499,6 +533,13 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
     try:
         lab.driver.get(page.as_uri())
         tooltip, gallery = hover_and_click(lab.driver, index=5)
+        # A box/lasso selection sets the renderer's selected indices, as this does.
+        lab.driver.execute_script(
+            "Bokeh.documents[0].get_model_by_name('map').renderers[0]"
+            ".data_source.selected.indices = [0, 1, 2, 3];"
+        )
+        time.sleep(1)
+        grid = lab.driver.execute_script(_DEEP_IMAGES, ".dmlkit-grid img")
         _screenshot(lab, "explore-offline")
         fetched = lab.driver.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)"
@@ -507,4 +548,5 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
         lab.driver.delete_network_conditions()
     assert _decoded(tooltip) and len(tooltip) == 1, tooltip
     assert _decoded(gallery) and len(gallery) == k + 1, gallery
+    assert _decoded(grid) and len(grid) == 4, grid
     assert not [url for url in fetched if not url.startswith("data:")], fetched

@@ -6,6 +6,7 @@ in the order a user would: train → t-SNE → compare → ablation, and the 2-D
 
 import ast
 import dataclasses
+import html
 import json
 import re
 from pathlib import Path
@@ -161,9 +162,14 @@ def test_explore_smoke_writes_its_page_and_reproducible_figures(trained_run, tmp
     for name in expected:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert pages[0] == pages[1] and b"cdn.bokeh.org" not in pages[0]
-    # The view is in the notebook too, BokehJS inlined in the output (no network).
-    outputs = [o for cell in executed.cells for o in cell.get("outputs", [])]
-    assert any("application/vnd.bokehjs_exec.v0+json" in o.get("data", {}) for o in outputs)
+    # The notebook shows the same page, in an iframe (BokehJS inlined: no network).
+    shown = [
+        o["data"]["text/html"]
+        for cell in executed.cells
+        for o in cell.get("outputs", [])
+        if "dmlkit-explorer" in o.get("data", {}).get("text/html", "")
+    ]
+    assert len(shown) == 1 and html.escape(pages[0].decode(), quote=True) in shown[0]
 
 
 def test_compare_and_ablation_smoke(trained_run, tmp_path):

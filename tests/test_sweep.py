@@ -843,3 +843,45 @@ def test_a_kernel_that_never_answers_before_any_cell_is_started_once_more(monkey
         assert outcome["status"] == expected
         assert len(calls) == min(dying + 1, 2)
     assert outcome["error"] is None
+
+
+def test_an_executed_notebook_is_trusted_so_its_javascript_output_runs_when_opened(
+    tmp_path, monkeypatch
+):
+    # explore.ipynb's Bokeh view is JavaScript: Jupyter runs it only in a trusted notebook.
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    from dmlkit.sweep import worker
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))  # the signature store
+    source = tmp_path / "n.ipynb"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")])
+    notebook.metadata["kernelspec"] = {"name": "dmlkit", "display_name": "Python (dmlkit)"}
+    nbformat.write(notebook, source)
+    job = {"notebook": str(source), "output": str(tmp_path / "o.ipynb"), "parameters": {},
+           "kernel": "dmlkit", "cwd": str(tmp_path)}  # fmt: skip
+    assert worker.execute(job)["status"] == "ok"
+    notary = NotebookNotary()
+    assert notary.check_signature(nbformat.read(job["output"], as_version=4))
+    assert not notary.check_signature(nbformat.read(source, as_version=4))
+
+
+def test_a_signature_store_that_cannot_be_written_leaves_the_run_ok(monkeypatch, caplog):
+    import sqlite3
+
+    import papermill
+    from nbformat.sign import NotebookNotary
+
+    from dmlkit.sweep import worker
+
+    def locked(self, notebook):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: None)
+    monkeypatch.setattr(NotebookNotary, "sign", locked)
+    monkeypatch.setattr("nbformat.read", lambda path, as_version: {})
+    job = {"notebook": "n.ipynb", "output": "o.ipynb", "parameters": {}, "kernel": "k", "cwd": "."}
+    with caplog.at_level("WARNING"):
+        assert worker.execute(job) == {"status": "ok", "error": None, "error_cell": None}
+    assert "could not mark o.ipynb trusted: database is locked" in caplog.text

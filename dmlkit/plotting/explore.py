@@ -1,16 +1,17 @@
 """An interactive t-SNE map of a run's test set (Bokeh): hover for the image, click a query
 for its top-k retrievals, lasso or box-select for a grid of the selected images.
 
-Everything the view needs (thumbnails as PNG data URIs, neighbours, distances) is inside
-the Bokeh document and the interactions are ``CustomJS``, so the same view works in
-JupyterLab with no kernel round trip and as one standalone HTML file (BokehJS inlined, no
-CDN) that opens in a browser without a kernel or a network. docs/explore.md says why
-Bokeh and what the file costs at SOP's size.
+Everything the view needs (thumbnails as WebP data URIs, neighbours, distances) is inside
+the Bokeh document and the interactions are ``CustomJS``, so the view needs no kernel round
+trip: one standalone HTML page (BokehJS inlined, no CDN), written to the run folder and
+shown in the notebook in an iframe, that opens without a kernel or a network.
+docs/explore.md says why Bokeh and what the page costs at SOP's size.
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
 import re
@@ -28,20 +29,20 @@ from dmlkit.plotting.gallery import HIT_COLOR, MISS_COLOR, TopK
 MAX_GRID = 120  # images a lasso/box selection shows (the count says how many are selected)
 
 
-def thumbnail_uris(images: Mapping[int, Any]) -> dict[int, str]:
-    """index → ``data:image/png;base64,...`` of each H×W(×3) uint8 image (same bytes each time).
+def thumbnail_uris(images: Mapping[int, Any], *, quality: int = 80) -> dict[int, str]:
+    """index → ``data:image/webp;base64,...`` of each H×W(×3) uint8 image (same bytes each time).
 
-    An RGB image whose three channels are equal (glyphs) is stored as grayscale, a third of
-    the bytes: the page's size is mostly these images.
+    The page's size is mostly these images: lossy WebP at ``quality`` 80 takes ~300 B for a
+    32-px glyph and ~370 B for a 32-px photo crop, where PNG takes ~800 B and ~2,100 B
+    (docs/explore.md); every browser of the last five years decodes it.
     """
     uris = {}
     for index, image in images.items():
-        array = np.asarray(image, dtype=np.uint8)
-        if array.ndim == 3 and (array == array[..., :1]).all():
-            array = array[..., 0]
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        uris[int(index)] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(
+            buffer, format="WEBP", quality=quality
+        )
+        uris[int(index)] = "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
     return uris
 
 
@@ -62,7 +63,7 @@ def embedding_explorer(
     class_names: Mapping[Any, str] | None = None,
     title: str = "t-SNE of the test set",
     note: str = "",
-    size: int = 620,
+    size: int = 560,
     thumb_px: int = 64,
 ) -> Any:
     """The interactive map as a Bokeh layout (show it, or write it with ``save_explorer``).
@@ -179,15 +180,24 @@ def save_explorer(layout: Any, path: str | os.PathLike, *, title: str = "dmlkit 
     return path
 
 
-def show_explorer(layout: Any) -> None:
-    """Display ``layout`` in the notebook, BokehJS inlined in the output (no CDN)."""
-    from bokeh.io import output_notebook, show
-    from bokeh.resources import INLINE
+def show_explorer(page: str | os.PathLike, *, height: int = 760) -> Any:
+    """A page written by ``save_explorer``, for a notebook: in an ``<iframe srcdoc>``.
 
-    if layout.document is not None:  # e.g. written by save_explorer: show() needs it free
-        layout.document.remove_root(layout)
-    output_notebook(INLINE, hide_banner=True)
-    show(layout)
+    The page is self-contained (BokehJS inlined), so it draws whenever JupyterLab attaches
+    the output. Bokeh's own notebook output (``show``) is two JavaScript outputs and an
+    HTML one, and a notebook opened later can run the script before JupyterLab has put
+    the HTML in the page ("could not find #… HTML tag"): the view stays blank.
+    ``height``: the frame's, in pixels (the map and its selector; the grid of a selection
+    scrolls inside). Returns: an ``IPython.display.HTML`` (the cell's last expression, or
+    ``display`` it).
+    """
+    from IPython.display import HTML
+
+    text = html.escape(Path(page).read_text(), quote=True)
+    return HTML(  # in a <div>: IPython would suggest its IFrame, which takes a URL, not a page
+        f'<div><iframe class="dmlkit-explorer" srcdoc="{text}" '
+        f'style="width: 100%; height: {height}px; border: 0"></iframe></div>'
+    )
 
 
 def _colorings(labels, first_hit, families, points) -> dict[str, list[str]]:

@@ -13,6 +13,7 @@ worker exits when the runner dies, so nothing is left running after a hard kill.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -93,7 +94,26 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             error, cell = error_summary(exc)
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             return {"status": status, "error": error, "error_cell": cell}
+        trust(job["output"])
         return {"status": "ok", "error": None, "error_cell": None}
+
+
+def trust(path: str) -> None:
+    """Sign an executed notebook in this user's notebook-signature store (``jupyter trust``).
+
+    Jupyter runs an output's JavaScript only in a trusted notebook, so without this the
+    interactive view of explore.ipynb (Bokeh) in a sweep's executed copy stays blank when
+    opened later. It trusts only what this machine's own sweep just ran. A store that
+    cannot be written (read-only home, locked database) leaves the notebook untrusted: a
+    warning, never a failed run.
+    """
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    try:
+        NotebookNotary().sign(nbformat.read(path, as_version=4))
+    except Exception as error:  # noqa: BLE001 - the run itself succeeded
+        logging.getLogger(__name__).warning("could not mark %s trusted: %s", path, error)
 
 
 # Starts of a kernel that does not answer kernel_info. Seen in clean-clone test runs on two
