@@ -135,22 +135,11 @@ def embedding_explorer(
     grid = Div(name="grid", text="", width=size + side)
     selector = Select(title="colour by", value=next(iter(colorings)), options=list(colorings))
     selector.js_on_change("value", CustomJS(args={"source": source}, code=_RECOLOR))
-    source.selected.js_on_change(
-        "indices",
-        CustomJS(
-            args={
-                "source": source,
-                "images": images,
-                "gallery": gallery,
-                "grid": grid,
-                "px": thumb_px,
-                "hit": HIT_COLOR,
-                "miss": MISS_COLOR,
-                "cap": MAX_GRID,
-            },
-            code=_ON_SELECT,
-        ),  # fmt: skip
-    )
+    args = {"source": source, "images": images, "gallery": gallery, "grid": grid,
+            "px": thumb_px, "hit": HIT_COLOR, "miss": MISS_COLOR, "cap": MAX_GRID}  # fmt: skip
+    source.selected.js_on_change("indices", CustomJS(args=args, code=_PANELS + _ON_SELECT))
+    # A click on overlapping points selects them all: it still shows a gallery (the first's).
+    plot.js_on_event("selectiongeometry", CustomJS(args=args, code=_PANELS + _ON_TAP))
     return column(row(selector, Div(text=note, width=size)), row(plot, gallery), grid)
 
 
@@ -238,8 +227,7 @@ _TOOLTIP = """
 </div>
 """
 _RECOLOR = "source.data.color = source.data['color:' + this.value]; source.change.emit();"
-_ON_SELECT = """
-const picked = source.selected.indices;
+_PANELS = """
 const d = source.data;
 const shown = d.thumb.length;
 const uri = (pos) => pos < shown ? d.thumb[pos] : images.data.uri[pos - shown];
@@ -249,8 +237,7 @@ const figure = (pos, color, caption) =>
   `<img src="${uri(pos)}" width="${px}" height="${px}" ` +
   `style="border:3px solid ${color};image-rendering:pixelated;object-fit:contain">` +
   `<figcaption>${caption}</figcaption></figure>`;
-if (picked.length === 1) {
-  const i = picked[0];
+const show_gallery = (i) => {
   let html = `<div class="dmlkit-gallery"><div><b>query: ${d.name[i]}</b> (item ${d.index[i]})` +
     `</div><img src="${d.thumb[i]}" width="${2 * px}" height="${2 * px}" ` +
     `style="border:3px solid #222;image-rendering:pixelated;object-fit:contain"><div>`;
@@ -260,7 +247,8 @@ if (picked.length === 1) {
       `${r + 1}. ${ok ? 'hit' : 'miss'}<br>${label(pos)}<br>d = ${d.nn_dist[i][r]}`);
   });
   gallery.text = html + '</div></div>';
-} else if (picked.length > 1) {
+};
+const show_grid = (picked) => {
   let html = `<div class="dmlkit-grid"><b>${picked.length} selected</b>` +
     (picked.length > cap ? ` (the first ${cap} shown)` : '') + '<br>';
   for (const i of picked.slice(0, cap)) {
@@ -268,5 +256,19 @@ if (picked.length === 1) {
       `style="margin:1px;image-rendering:pixelated;object-fit:contain">`;
   }
   grid.text = html + '</div>';
+};
+"""
+_ON_SELECT = """
+const picked = source.selected.indices;
+if (picked.length === 1) {
+  show_gallery(picked[0]);
+} else if (picked.length > 1) {
+  show_grid(picked);
+}
+"""
+_ON_TAP = """
+const picked = source.selected.indices;
+if (cb_obj.geometry.type === 'point' && picked.length > 1) {
+  show_gallery(picked[0]);
 }
 """
