@@ -439,6 +439,16 @@ return found.filter(e => e.getBoundingClientRect().width > 0)
 """
 
 
+# Colour by first-neighbour correctness (the selector above the map): the dots' colours.
+_RECOLOUR = """
+Bokeh.documents[0].get_model_by_name('colour').value = 'first neighbour';
+"""
+_COLOURS = """
+const colors = Bokeh.documents[0].get_model_by_name('map').renderers[0].data_source.data.color;
+return [...new Set(colors)].sort();
+"""
+
+
 def hover_and_click(driver, index: int = 0, frame=None) -> tuple[list, list]:
     """Hover point ``index`` of the explorer (its tooltip's images), then click it (the
     gallery's images: the query and its top-k). ``frame``: the iframe that holds the page
@@ -540,6 +550,9 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
         )
         time.sleep(1)
         grid = lab.driver.execute_script(_DEEP_IMAGES, ".dmlkit-grid img")
+        lab.driver.execute_script(_RECOLOUR)
+        time.sleep(1)  # CustomJS callbacks run asynchronously
+        recoloured = lab.driver.execute_script(_COLOURS)
         _screenshot(lab, "explore-offline")
         fetched = lab.driver.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)"
@@ -549,4 +562,5 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
     assert _decoded(tooltip), tooltip  # one image per point under the pointer
     assert _decoded(gallery) and len(gallery) == k + 1, gallery
     assert _decoded(grid) and len(grid) == 4, grid
+    assert recoloured == ["#2ca02c", "#d62728"], recoloured  # hits green, misses red
     assert not [url for url in fetched if not url.startswith("data:")], fetched

@@ -80,7 +80,7 @@ def embedding_explorer(
         size: the map's side in pixels; thumb_px: side of an image in the gallery/grid.
     Returns: a Bokeh ``column``: the colour selector, the map (pan, wheel zoom, tap, box
         and lasso select, hover) and the two panels the selections fill, named
-        "map", "gallery" and "grid" (``document.get_model_by_name``).
+        "colour", "map", "gallery" and "grid" (``document.get_model_by_name``).
     """
     from bokeh.layouts import column, row
     from bokeh.models import ColumnDataSource, CustomJS, Div, HoverTool, Select
@@ -133,7 +133,9 @@ def embedding_explorer(
     side = max(420, found.indices.shape[1] * (thumb_px + 16))
     gallery = Div(name="gallery", text=_HELP, width=side)
     grid = Div(name="grid", text="", width=size + side)
-    selector = Select(title="colour by", value=next(iter(colorings)), options=list(colorings))
+    selector = Select(
+        name="colour", title="colour by", value=next(iter(colorings)), options=list(colorings)
+    )
     selector.js_on_change("value", CustomJS(args={"source": source}, code=_RECOLOR))
     args = {"source": source, "images": images, "gallery": gallery, "grid": grid,
             "px": thumb_px, "hit": HIT_COLOR, "miss": MISS_COLOR, "cap": MAX_GRID}  # fmt: skip
