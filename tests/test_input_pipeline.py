@@ -76,8 +76,10 @@ def test_device_resize_equals_the_pil_reference_within_one_level(shape, train):
 
 def test_a_flip_mirrors_the_crop_and_a_batch_finishes_each_crop_alone():
     transform = ImagenetTransform(True)
-    crops = [transform.crop(np.asarray(transform.resize(photo(260, 340, s))),
-                            np.random.default_rng(s)) for s in range(5)]
+    crops = [
+        transform.crop(np.asarray(transform.resize(photo(260, 340, s))), np.random.default_rng(s))
+        for s in range(5)
+    ]
     batch, labels = collate([(crop, i) for i, crop in enumerate(crops)])
     images = batch.to("cpu")
     assert images.shape == (5, 3, 224, 224) and labels.tolist() == [0, 1, 2, 3, 4]
@@ -123,8 +125,15 @@ def test_every_image_mode_decodes_through_the_cache_as_through_pil(tmp_path):
     files = write_image_modes(tmp_path / "images", size=40)
     paths = [str(path) for path, _ in files.values()]
     transform = ImagenetTransform(False)
-    cache = decoded_images("modes", "test", paths, transform.resize, "Resize(256)",
-                           cache_dir=tmp_path / "cache", progress=False)
+    cache = decoded_images(
+        "modes",
+        "test",
+        paths,
+        transform.resize,
+        "Resize(256)",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     for i, (name, (path, expected)) in enumerate(files.items()):
         np.testing.assert_array_equal(np.asarray(decode_image("modes", str(path))), expected)
         resized = np.asarray(transform.resize(Image.fromarray(expected)))
@@ -139,8 +148,16 @@ def test_the_cache_is_reused_rebuilt_when_a_file_changes_and_never_left_half_bui
     transform = ImagenetTransform(False)
 
     def build():
-        return decoded_images("modes", "test", paths, transform.resize, "Resize(256)",
-                              cache_dir=tmp_path / "cache", processes=2, progress=False)
+        return decoded_images(
+            "modes",
+            "test",
+            paths,
+            transform.resize,
+            "Resize(256)",
+            cache_dir=tmp_path / "cache",
+            processes=2,
+            progress=False,
+        )
 
     first = build()
     monkeypatch.setattr(decoded_module, "_build", lambda *a: pytest.fail("rebuilt"))
@@ -152,8 +169,16 @@ def test_the_cache_is_reused_rebuilt_when_a_file_changes_and_never_left_half_bui
         raise KeyboardInterrupt  # killed mid-build
 
     with pytest.raises(KeyboardInterrupt):
-        decoded_images("modes", "test", paths, broken, "Resize(256)",
-                       cache_dir=tmp_path / "cache", processes=1, progress=False)
+        decoded_images(
+            "modes",
+            "test",
+            paths,
+            broken,
+            "Resize(256)",
+            cache_dir=tmp_path / "cache",
+            processes=1,
+            progress=False,
+        )
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [
         first.folder.name
     ]
@@ -172,14 +197,21 @@ def test_skip_bad_images_through_the_cache_substitutes_as_the_pil_path_does(tmp_
     Path(train.paths[victim]).write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after all")
     options = dict(root=tree, transform="test", skip_bad_images=True)
     pil = get_dataset("folder", "train", **options)
-    cached = get_dataset("folder", "train", decoded_cache=True, cache_dir=tmp_path / "cache",
-                         **options)
+    cached = get_dataset(
+        "folder", "train", decoded_cache=True, cache_dir=tmp_path / "cache", **options
+    )
     assert cached.decoded.bad().tolist() == [victim]
     for index in (victim, victim + 1):
         torch.testing.assert_close(cached[index][0], pil[index][0], rtol=0, atol=1.001 / 255 / 0.2)
     assert cached.bad_images == pil.bad_images == [train.paths[victim]]
-    strict = get_dataset("folder", "train", root=tree, transform="test", decoded_cache=True,
-                         cache_dir=tmp_path / "cache")
+    strict = get_dataset(
+        "folder",
+        "train",
+        root=tree,
+        transform="test",
+        decoded_cache=True,
+        cache_dir=tmp_path / "cache",
+    )
     with pytest.raises(DatasetError, match="cannot decode image") as info:
         strict[victim]
     assert train.paths[victim] in str(info.value)
@@ -191,8 +223,10 @@ def test_skip_bad_images_through_the_cache_substitutes_as_the_pil_path_does(tmp_
 def test_ddp_ranks_draw_the_augmentations_of_the_single_process_run():
     labels = np.repeat(np.arange(6), 4)
     single = list(PKBatchSampler(labels, 2, 2, seed=3, num_batches=4, keys=True))
-    ranks = [list(PKBatchSampler(labels, 2, 2, seed=3, num_batches=4, rank=r, world_size=2,
-                                 keys=True)) for r in range(2)]
+    ranks = [
+        list(PKBatchSampler(labels, 2, 2, seed=3, num_batches=4, rank=r, world_size=2, keys=True))
+        for r in range(2)
+    ]
     assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == single
     positions = [key.position for batch in single for key in batch]
     assert positions == list(range(16))
@@ -202,9 +236,20 @@ def test_ddp_ranks_draw_the_augmentations_of_the_single_process_run():
 
 def tree_config(tree: Path, out_dir: Path, cache: Path, **overrides) -> TrainConfig:
     values = dict(
-        dataset="folder", data_root=str(tree), backbone="glyphnet", embedding_dim=8,
-        p=3, k=2, num_batches=2, epochs=2, eval_ks=(1,), batch_size_eval=8,
-        num_workers=2, progress=False, seed=0, out_dir=str(out_dir),
+        dataset="folder",
+        data_root=str(tree),
+        backbone="glyphnet",
+        embedding_dim=8,
+        p=3,
+        k=2,
+        num_batches=2,
+        epochs=2,
+        eval_ks=(1,),
+        batch_size_eval=8,
+        num_workers=2,
+        progress=False,
+        seed=0,
+        out_dir=str(out_dir),
         dataset_options={"decoded_cache": True, "cache_dir": str(cache)},
     )
     values.update(overrides)

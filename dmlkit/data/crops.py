@@ -52,7 +52,8 @@ def random_resized_box(
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            return Box(int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+            top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            return Box(int(top), int(left), h, w)
     aspect = width / height
     if aspect < min(ratio):
         w, h = width, round(width / min(ratio))
@@ -108,8 +109,12 @@ class CropBatch:
         return images.contiguous(memory_format=memory_format)
 
 
-def collate(samples: list[Any]) -> Any:
-    """``default_collate``, except that ``Crop`` images become one ``CropBatch``."""
+def collate(samples: list[Any], finish: bool = False) -> Any:
+    """``default_collate``, except that ``Crop`` images become one ``CropBatch``.
+
+    ``finish``: resize the crops on the CPU here and return the float images instead (for
+    training on the CPU, where the "device" half is best done in the DataLoader workers).
+    """
     first = samples[0][0] if isinstance(samples[0], (tuple, list)) else None
     if not isinstance(first, Crop):
         return default_collate(samples)
@@ -122,6 +127,7 @@ def collate(samples: list[Any]) -> Any:
     sizes = torch.tensor([c.pixels.shape[:2] for c in crops], dtype=torch.int64)
     flips = torch.tensor([c.flip for c in crops], dtype=torch.bool)
     batch = CropBatch(torch.from_numpy(pixels), sizes, flips, crops[0])
+    batch = batch.to("cpu") if finish else batch
     rest = default_collate([tuple(sample[1:]) for sample in samples])
     return [batch, *rest]
 

@@ -102,8 +102,13 @@ def _build(folder: Path, dataset, split, paths, resize, processes, progress) -> 
         jobs = [(dataset, path, resize) for path in paths]
         with open(temporary / "pixels.u8", "wb") as out, _pool(processes) as pool:
             results = pool.imap(_decode, jobs, chunksize=16)
-            bar = tqdm(results, total=len(paths), desc=f"decoding {dataset} {split} (once)",
-                       unit="img", disable=not progress)
+            bar = tqdm(
+                results,
+                total=len(paths),
+                desc=f"decoding {dataset} {split} (once)",
+                unit="img",
+                disable=not progress,
+            )
             for i, pixels in enumerate(bar):
                 if pixels is not None:
                     out.write(pixels.tobytes())

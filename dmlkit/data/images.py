@@ -141,7 +141,8 @@ class ImageListDataset(torch.utils.data.Dataset):
             pixels = self.decoded[i]
             if pixels is None:
                 raise DatasetError(
-                    self.name, "cannot decode image (found building the decoded cache)",
+                    self.name,
+                    "cannot decode image (found building the decoded cache)",
                     file=self.paths[i],
                 )
             return pixels

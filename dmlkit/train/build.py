@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -100,6 +101,7 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    finish_in_workers: bool = False,
 ) -> DataLoader:
     """A DataLoader over ``train_set`` with this rank's ``PKBatchSampler`` shard.
 
@@ -107,7 +109,8 @@ def build_loader(
     (seed, epoch, position) alone and the workers can live across epochs
     (``persistent_workers``): the first batch of an epoch does not wait for them to start,
     and a resumed run draws the same images. ``collate`` keeps ``Crop`` items as uint8
-    for the device to finish (``dmlkit.data.crops``).
+    for the device to finish (``dmlkit.data.crops``), or with ``finish_in_workers`` (fit
+    on the CPU) resizes them in the workers, off the training process.
     """
     from dmlkit.data.crops import collate
     from dmlkit.samplers import PKBatchSampler
@@ -126,7 +129,7 @@ def build_loader(
         train_set,
         batch_sampler=sampler,
         num_workers=cfg.num_workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, finish=finish_in_workers),
         pin_memory=pin_memory,
         persistent_workers=cfg.num_workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),

@@ -240,7 +240,12 @@ def _assemble(
     loss_fn = build_loss_module(cfg, train_set.labels).to(device)
     optimizer = build_optimizer(model, loss_fn, cfg)
     loader = build_loader(
-        cfg, train_set, rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda"
+        cfg,
+        train_set,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pin_memory=device.type == "cuda",
+        finish_in_workers=device.type == "cpu",
     )
     return RunState(
         cfg=cfg,
