@@ -276,3 +276,36 @@ def test_a_resumed_run_with_persistent_workers_ends_bit_for_bit_as_an_uninterrup
     assert resumed.metrics == reference.metrics
     for name, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+# ---------------------------------------------------------------- on CUDA (gpu_session.sh)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_crop_resize_equals_the_cpu_one():
+    transform = ImagenetTransform(True)
+    crops = [
+        transform.crop(np.asarray(transform.resize(photo(300, 420, s))), np.random.default_rng(s))
+        for s in range(8)
+    ]
+    batch, _ = collate([(crop, 0) for crop in crops])
+    on_cuda = batch.pin_memory().to("cuda", memory_format=torch.channels_last)
+    torch.testing.assert_close(on_cuda.cpu(), batch.to("cpu"), rtol=0, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_fit_from_the_cache_resumes_bit_for_bit(tmp_path, tree):
+    overrides = dict(device="cuda", amp="bf16", channels_last=True)
+    reference = fit(tree_config(tree, tmp_path / "reference", tmp_path / "cache", **overrides))
+
+    def crash(epoch, step):
+        if (epoch, step) == (1, 0):
+            raise Crash
+
+    cfg = tree_config(tree, tmp_path / "crashed", tmp_path / "cache", **overrides)
+    with pytest.raises(Crash):
+        fit(cfg, on_step=crash)
+    resumed = fit(dataclasses.replace(cfg, resume=True))
+    assert resumed.metrics == reference.metrics
