@@ -154,8 +154,9 @@ def fit(
         for epoch in range(run.epoch, cfg.epochs):
             record = _train_epoch(run, epoch, on_step)
             run.history.append(record)
+            run.epoch = epoch + 1
             # Saved before evaluating: an evaluation that fails or is killed costs no training.
-            save_run(run, epoch + 1, time.perf_counter() - started)
+            save_run(run, time.perf_counter() - started)
             if epoch + 1 < cfg.epochs:
                 _curve_point(run, record)
                 run.log(epoch_line(record, cfg.epochs))
@@ -207,9 +208,7 @@ def _prepare(
             restore_run(run, checkpoint)
         else:
             forget_bad_images(run)  # a fresh start: the log of an earlier run no longer counts
-            initialise_loss(
-                run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx, run.bad_images_log
-            )
+            initialise_loss(run)
             # Each rank's own augmentation/dropout stream, started from the seed.
             seed = np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]
             seed_everything(int(seed))
