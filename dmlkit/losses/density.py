@@ -1,9 +1,10 @@
 """Per-class density statistics and the density-adaptive regularizer built on them.
 
 ``class_statistics`` is shared by the regularizer and the evaluation; ``DensityAdaptive``
-wraps any loss and adds λ·R (DML-DA, a reconstruction: docs/methods.md).
+wraps any loss and adds λ·R (DML-DA, a reconstruction: docs/methods.md,
+"Density-adaptive regularizer").
 
-The relative density of class c (METHODS.md, "Density-adaptive regularizer"):
+The relative density of class c (docs/methods.md, "Density-adaptive regularizer"):
     μ_c = mean_{i∈c} z_i,   s_c = mean_{i∈c} ||z_i − μ_c||,
     δ_c = min_{c'≠c} ||μ_c − μ_{c'}||,   r_c = s_c / (δ_c + ε).
 Small r_c: the class is packed tightly compared with the distance to its nearest
@@ -96,7 +97,10 @@ def density_regularizer(
     detach_separation: bool = True,
     eps: float = 1e-8,
 ) -> Tensor:
-    """DML-DA density regularizer (reconstruction): R = mean_c [τ − r_c]_+.
+    """DML-DA density regularizer (reconstruction): R = mean_c [τ − r_c]_+, where
+
+        μ_c = mean_{i∈c} z_i,  s_c = mean_{i∈c} ||z_i − μ_c||,
+        δ_c = min_{c'≠c} ||μ_c − μ_{c'}||,  r_c = s_c / (δ_c + ε).
 
     The mean runs over the classes with n_c ≥ 2 samples in the batch (0 if none), so only
     classes packed more tightly than τ relative to their nearest neighbour are penalised.

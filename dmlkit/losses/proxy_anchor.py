@@ -35,7 +35,18 @@ def proxy_anchor_loss(
     margin: float = 0.1,
     alpha: float = 32.0,
 ) -> Tensor:
-    """Proxy-Anchor loss (Kim et al. 2020, eq. 4): the sum of ``proxy_anchor_terms``."""
+    """Proxy-Anchor loss (Kim et al. 2020, eq. 4), with s = cos(z_i, p_c) and δ = ``margin``:
+
+    L = (1/|P+|) Σ_{c∈P+} log(1 + Σ_{i: y_i=c} exp(−α(s − δ)))
+        + (1/C) Σ_c log(1 + Σ_{i: y_i≠c} exp(α(s + δ))),
+
+    P+ the proxies with a sample in the batch: the sum of ``proxy_anchor_terms``.
+
+    Args:
+        embeddings: (B, D). targets: (B,) row of each sample's proxy in 0..C−1.
+        proxies: (C, D) (normalized here).
+    Returns: 0-dim tensor. O(B·C·D) time, O(B·C) memory.
+    """
     positive, negative = proxy_anchor_terms(
         embeddings, targets, proxies, margin=margin, alpha=alpha
     )
