@@ -309,3 +309,31 @@ def test_cuda_fit_from_the_cache_resumes_bit_for_bit(tmp_path, tree):
         fit(cfg, on_step=crash)
     resumed = fit(dataclasses.replace(cfg, resume=True))
     assert resumed.metrics == reference.metrics
+
+
+def test_a_damaged_or_unwritable_cache_is_one_clear_error(tmp_path):
+    files = write_image_modes(tmp_path / "images")
+    paths = [str(path) for path, _ in files.values()]
+    transform = ImagenetTransform(False)
+
+    def build(cache):
+        return decoded_images(
+            "modes",
+            "test",
+            paths,
+            transform.resize,
+            "Resize(256)",
+            cache_dir=cache,
+            processes=1,
+            progress=False,
+        )
+
+    entry = build(tmp_path / "cache").folder
+    with open(entry / "pixels.u8", "r+b") as pixels:
+        pixels.truncate(1000)
+    with pytest.raises(DatasetError, match="damaged after it was built; delete"):
+        build(tmp_path / "cache")
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")  # mkdir under it fails, also for root
+    with pytest.raises(OSError, match="cannot build the decoded-image cache .* decoded_cache=Fa"):
+        build(not_a_folder / "cache")

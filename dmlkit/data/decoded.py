@@ -44,7 +44,16 @@ class DecodedImages:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.index = np.load(self.folder / "index.npy")  # (N, 3) offset, height, width
-        self._pixels = np.memmap(self.folder / "pixels.u8", np.uint8, "r")
+        expected = int((self.index[:, 1] * self.index[:, 2]).sum()) * 3
+        size = os.path.getsize(self.folder / "pixels.u8")
+        if size != expected:  # truncated or replaced after it was built
+            raise DatasetError(
+                "decoded cache",
+                f"pixels.u8 holds {size:,} bytes where its index needs {expected:,}: the entry "
+                f"was damaged after it was built; delete {self.folder} and it is built again",
+                file=str(self.folder / "pixels.u8"),
+            )
+        self._pixels = np.memmap(self.folder / "pixels.u8", np.uint8, "r") if size else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -86,10 +95,18 @@ def decoded_images(
     folder = folder / f"{dataset}-{split}-{_digest(paths, resize_name)}"
     if (folder / "index.npy").is_file():
         return DecodedImages(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(f"{folder}.lock", f"the decoded-image cache {folder}", wait=True):
-        if not (folder / "index.npy").is_file():  # another process may have built it
-            _build(folder, dataset, split, paths, resize, processes, progress)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(f"{folder}.lock", f"the decoded-image cache {folder}", wait=True):
+            if not (folder / "index.npy").is_file():  # another process may have built it
+                _build(folder, dataset, split, paths, resize, processes, progress)
+    except OSError as error:  # a full disk, a read-only cache folder
+        raise OSError(
+            error.errno,
+            f"cannot build the decoded-image cache in {folder.parent} ({error.strerror or error}):"
+            " free space there, point DMLKIT_CACHE (or the dataset option cache_dir) elsewhere,"
+            " or read the files directly with decoded_cache=False",
+        ) from error
     return DecodedImages(folder)
 
 
