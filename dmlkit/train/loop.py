@@ -155,6 +155,8 @@ def fit(
             record = _train_epoch(run, epoch, on_step)
             run.history.append(record)
             run.epoch = epoch + 1
+            run.train_seconds += record["seconds"]
+            run.images_seen += round(record["images_per_s"] * record["seconds"])
             # Saved before evaluating: an evaluation that fails or is killed costs no training.
             save_run(run, time.perf_counter() - started)
             if epoch + 1 < cfg.epochs:
@@ -332,8 +334,6 @@ def _epoch_record(
     run: RunState, epoch: int, losses: Tensor, terms: dict[str, Tensor], seconds: float
 ) -> dict[str, Any]:
     images = len(losses) * run.cfg.p * run.cfg.k * run.ctx.world_size  # global batches
-    run.train_seconds += seconds
-    run.images_seen += images
     record = {"epoch": epoch + 1, "loss": losses.mean().item()}
     record.update({f"loss/{name}": values.mean().item() for name, values in terms.items()})
     lr = run.optimizer.param_groups[0]["lr"]
