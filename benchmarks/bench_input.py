@@ -15,7 +15,9 @@ files, alternating; a cell is the median over ``--repeats`` epochs:
   — the crop-resize, flip and normalisation run on the training device (target: ≤ 0.1 of
   today's, i.e. ≥ 10× fewer host seconds per image per core);
 - for information: torchvision.io's libjpeg-turbo ``decode_jpeg`` + a tensor resize, the
-  fastest per-epoch decoding without a cache; the one-time cache build per image; the
+  fastest per-epoch decoding without a cache; NVIDIA DALI's CPU pipeline of the same
+  protocol when ``nvidia-dali-cuda130`` is installed (optional, not a dependency: its GPU
+  mode needs a GPU, which a CPU table cannot show); the one-time cache build per image; the
   device half of the new path run on this CPU (on a GPU it is batched matmuls);
 - the first batch of epoch 2 with 2 workers: persistent workers (fit now) against workers
   started again every epoch (fit before).
@@ -97,6 +99,40 @@ def decode_jpeg_seconds(paths: list[str]) -> float:
     return (time.perf_counter() - start) / len(paths)
 
 
+def dali_seconds(paths: list[str], batch: int = 32) -> float | None:
+    """Seconds per image of NVIDIA DALI's CPU pipeline for the same protocol (one thread):
+    decode, resize 256, random resized crop 224, flip, normalise; None without DALI."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError:
+        return None
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
+    def pipeline():
+        jpegs, labels = fn.readers.file(files=paths, labels=list(range(len(paths))))
+        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=256, antialias=True)
+        images = fn.random_resized_crop(images, size=(224, 224), random_area=(0.08, 1.0))
+        mean, std = (
+            [255 * m for m in (0.485, 0.456, 0.406)],
+            [255 * s for s in (0.229, 0.224, 0.225)],
+        )
+        coin = fn.random.coin_flip()
+        images = fn.crop_mirror_normalize(
+            images, mirror=coin, dtype=types.FLOAT, mean=mean, std=std
+        )
+        return images, labels
+
+    dali = pipeline()
+    dali.build()
+    dali.run()  # warm-up
+    runs = max(1, len(paths) // batch)
+    start = time.perf_counter()
+    for _ in range(runs):
+        dali.run()
+    return (time.perf_counter() - start) / (runs * batch)
+
+
 def first_batch_of_epoch_2(cfg: TrainConfig, dataset, persistent: bool) -> float:
     """Seconds from the start of epoch 2 to its first batch (epoch 1 run to its end)."""
     loader = build_loader(cfg, dataset)
@@ -139,6 +175,7 @@ def measure(root: Path, cache: Path, repeats: int) -> list[dict]:
     to_device(batch, torch.device("cpu"))
     device_s = (time.perf_counter() - start) / len(batch)
     jpeg_s = decode_jpeg_seconds(pil_set.paths[: min(len(pil_set), 128)])
+    dali_s = dali_seconds(pil_set.paths)
     rows = [
         make_row(
             GROUP,
@@ -156,6 +193,16 @@ def measure(root: Path, cache: Path, repeats: int) -> list[dict]:
             reference="PIL path",
             reference_s=pil_s,
             note="the fastest uncached decode: per epoch, before any crop",
+        ),
+        make_row(
+            GROUP,
+            "for information: NVIDIA DALI CPU pipeline, same protocol",
+            dmlkit_s=dali_s,
+            reference="PIL path",
+            reference_s=pil_s if dali_s is not None else None,
+            note="decodes every epoch (nvidia-dali-cuda130, CPU mode, 1 thread)"
+            if dali_s is not None
+            else "not run: nvidia-dali not installed (optional: pip install nvidia-dali-cuda130)",
         ),
         make_row(
             GROUP,
