@@ -78,9 +78,10 @@ def train_set(cfg: TrainConfig):
     )
 
 
-def epoch_seconds(cfg: TrainConfig, dataset, epoch: int) -> tuple[float, int]:
-    """(host seconds, images) of one epoch of fit's DataLoader, batches left on the host."""
-    loader = build_loader(cfg, dataset)
+def epoch_seconds(cfg: TrainConfig, dataset, epoch: int, finish: bool = False):
+    """(host seconds, images) of one epoch of fit's DataLoader: batches left on the host
+    for the device to finish, or (``finish``, a CPU run) finished by Pillow."""
+    loader = build_loader(cfg, dataset, finish_in_workers=finish)
     loader.batch_sampler.set_epoch(epoch)
     count, start = 0, time.perf_counter()
     for images, _labels in loader:
@@ -162,14 +163,14 @@ def measure(root: Path, cache: Path, repeats: int) -> list[dict]:
     start = time.perf_counter()
     new_set = train_set(new_cfg)  # builds the cache: once per dataset
     build_s = (time.perf_counter() - start) / len(new_set)
-    times: dict[str, list[float]] = {"pil": [], "new": []}
+    times: dict[str, list[float]] = {"pil": [], "new": [], "cpu run": []}
     for repeat in range(repeats):
-        for side in ("pil", "new") if repeat % 2 == 0 else ("new", "pil"):
+        for side in ("pil", "new", "cpu run") if repeat % 2 == 0 else ("cpu run", "new", "pil"):
             cfg, dataset = (pil_cfg, pil_set) if side == "pil" else (new_cfg, new_set)
-            seconds, count = epoch_seconds(cfg, dataset, repeat)
+            seconds, count = epoch_seconds(cfg, dataset, repeat, finish=side == "cpu run")
             times[side].append(seconds / count)
             print(f"  {side}: {1e3 * seconds / count:.2f} ms/image", flush=True)
-    pil_s, new_s = statistics.median(times["pil"]), statistics.median(times["new"])
+    pil_s, new_s, cpu_s = (statistics.median(times[side]) for side in ("pil", "new", "cpu run"))
     batch = next(iter(build_loader(new_cfg, new_set)))[0]
     start = time.perf_counter()
     to_device(batch, torch.device("cpu"))
@@ -214,7 +215,15 @@ def measure(root: Path, cache: Path, repeats: int) -> list[dict]:
             GROUP,
             "for information: the device half on this CPU, per image",
             dmlkit_s=device_s,
-            note="crop-resize + flip + normalise of a 32-image batch",
+            note="crop-resize + flip + normalise of a 32-image batch as batched matmuls",
+        ),
+        make_row(
+            GROUP,
+            "for information: a CPU run's input path (cache, crops finished by Pillow)",
+            dmlkit_s=cpu_s,
+            reference="PIL path",
+            reference_s=pil_s,
+            note="what fit on the CPU does in its workers: host and device half together",
         ),
     ]
     workers = config(root, cache, True, workers=2)
