@@ -10,6 +10,7 @@ run with persistent DataLoader workers ends bit for bit where an uninterrupted o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from dmlkit.samplers import PKBatchSampler, SampleKey
 from dmlkit.train import TrainConfig, fit
 from tests.fixtures_datasets import make_folder, write_image_modes
 
+DECODE = functools.partial(decode_image, "modes")
 MEAN = torch.tensor(ImagenetTransform(True).mean).view(-1, 1, 1)
 STD = torch.tensor(ImagenetTransform(True).std).view(-1, 1, 1)
 
@@ -135,6 +137,7 @@ def test_every_image_mode_decodes_through_the_cache_as_through_pil(tmp_path):
         "modes",
         "test",
         paths,
+        DECODE,
         transform.resize,
         "Resize(256)",
         cache_dir=tmp_path / "cache",
@@ -158,6 +161,7 @@ def test_the_cache_is_reused_rebuilt_when_a_file_changes_and_never_left_half_bui
             "modes",
             "test",
             paths,
+            DECODE,
             transform.resize,
             "Resize(256)",
             cache_dir=tmp_path / "cache",
@@ -179,6 +183,7 @@ def test_the_cache_is_reused_rebuilt_when_a_file_changes_and_never_left_half_bui
             "modes",
             "test",
             paths,
+            DECODE,
             broken,
             "Resize(256)",
             cache_dir=tmp_path / "cache",
@@ -327,6 +332,7 @@ def test_a_damaged_or_unwritable_cache_is_one_clear_error(tmp_path):
             "modes",
             "test",
             paths,
+            DECODE,
             transform.resize,
             "Resize(256)",
             cache_dir=cache,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ class ImageListDataset(torch.utils.data.Dataset):
                 name,
                 split,
                 self.paths,
+                functools.partial(decode_image, name),
                 self.transform.resize,
                 f"Resize({self.transform.resize_to})",
                 cache_dir=cache_dir,
