@@ -150,3 +150,29 @@ def test_markdown_lines_fit_120_columns_outside_tables_and_code(pattern):
             elif not fenced and not line.startswith("|") and len(line) > MAX_COLUMNS:
                 long.append(f"{path.relative_to(ROOT)}:{number}: {len(line)} characters")
     assert not long, "\n".join(long)
+
+
+# docs/reliability.md's short names for test files; "R" (the file before it was split by
+# subject) stands for all five, so that a line written against it still resolves.
+RELIABILITY = {
+    "RD": "test_reliability_data.py",
+    "RL": "test_reliability_losses.py",
+    "RR": "test_reliability_run_folders.py",
+    "RF": "test_reliability_faults.py",
+    "RS": "test_reliability_sweeps.py",
+    "G": "test_run_guards.py",
+}
+
+
+def test_every_test_the_reliability_docs_name_exists():
+    section = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named = re.findall(r"`(R[DLRFS]?|G|test_\w+\.py)::(test_\w+)", section)
+    missing = []
+    for file, test in named:
+        files = [RELIABILITY.get(file, file)] if file != "R" else RELIABILITY.values()
+        sources = "".join((ROOT / "tests" / name).read_text(encoding="utf-8") for name in files)
+        # A name ending in "_" is a prefix followed by *: several tests.
+        found = re.search(rf"^def {test}{'' if test.endswith('_') else '[(]'}", sources, re.M)
+        if not found:
+            missing.append(f"{file}::{test}")
+    assert len(named) > 40 and missing == []
