@@ -32,12 +32,11 @@ from torch import Tensor, nn
 from dmlkit.grouped import grouped_kmeans
 from dmlkit.losses.pair import PAIR_LOSSES
 from dmlkit.numerics import (
-    checked_forward,
     class_rows,
+    loss_contract,
     masked_logsumexp,
     resolve_classes,
     safe_sqrt,
-    upcast,
 )
 
 __all__ = [
@@ -261,22 +260,21 @@ class DAALLoss(nn.Module):
         self.spread_weight, self.length_weight = spread_weight, length_weight
         self.max_length, self.min_spread, self.init_offset = max_length, min_spread, init_offset
         self.base = _resolve_base(base)
-        self.embedding_dim = embedding_dim  # checked_forward compares the inputs' D with it
+        self.embedding_dim = embedding_dim  # loss_contract compares the inputs' D with it
         count = len(self.classes)
         self.vertices = nn.Parameter(random_segments(count, embedding_dim, init_offset, seed))
         self.register_buffer("radii", torch.full((count,), float(rho_max)))
         self.register_buffer("radius_seen", torch.zeros(count, dtype=torch.bool))
         self.last_terms: dict[str, Tensor] = {}
 
-    @checked_forward
+    @loss_contract  # also: autocast off, embeddings in fp32 (or float64)
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         rows = class_rows(self.classes, labels)  # (B,)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            z = upcast(embeddings)
-            dist, t, lengths = segment_geometry(z, self.vertices.to(z.dtype))  # (B, C) ...
-            if self.training:
-                self._update_radii(dist.detach(), rows)
-            terms = self._terms(dist, t, rows, self.radii.to(z.dtype), lengths)
+        z = embeddings
+        dist, t, lengths = segment_geometry(z, self.vertices.to(z.dtype))  # (B, C) ...
+        if self.training:
+            self._update_radii(dist.detach(), rows)
+        terms = self._terms(dist, t, rows, self.radii.to(z.dtype), lengths)
         total = terms["pull"] + terms["push"]
         total = total + self.spread_weight * terms["spread"] + self.length_weight * terms["length"]
         if self.base is not None:
