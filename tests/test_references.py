@@ -18,13 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAX_COLUMNS = 120
 
-# Citations in files another session is editing, whose target section is still to be written:
-# (file, citation) pairs allowed to miss until then. Remove a pair once it resolves.
-PENDING = {
-    ("dmlkit/data/crops.py", "docs/methods.md#input-pipeline"),
-    ("dmlkit/data/decoded.py", "docs/methods.md#input-pipeline"),
-}
-
 ANCHOR = re.compile(r"docs/([\w-]+)\.md#([\w-]+)")
 # docs/x.md, "Section" — also `docs/x.md`, "…" and [docs/x.md](docs/x.md), "…"; the section
 # may wrap onto the next line.
@@ -115,14 +108,9 @@ def test_every_cited_docs_section_exists():
     missing = [
         f"{file}: {citation}"
         for file, citation, name, target in _citations()
-        if not _resolves(name, target) and (file, citation) not in PENDING
+        if not _resolves(name, target)
     ]
     assert not missing, "citations of sections that do not exist:\n" + "\n".join(missing)
-
-
-def test_pending_citations_are_still_in_their_files():
-    cited = {(file, citation) for file, citation, *_ in _citations()}
-    assert PENDING <= cited, f"no longer cited, remove from PENDING: {PENDING - cited}"
 
 
 def test_nothing_cites_files_outside_the_repository():
