@@ -123,6 +123,21 @@ def test_nothing_cites_files_outside_the_repository():
     assert not offenders, "cite docs/<file>.md sections instead:\n" + "\n".join(offenders)
 
 
+REPO_FILE = re.compile(
+    r"`((?:dmlkit|tests|benchmarks|notebooks)/[\w/.-]+\.(?:py|ipynb|yaml|sh|md))`"
+)
+
+
+def test_every_repository_file_the_docs_name_exists():
+    named = {
+        (path.relative_to(ROOT).as_posix(), name)
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for name in REPO_FILE.findall(path.read_text(encoding="utf-8"))
+    }
+    missing = sorted(f"{doc}: {name}" for doc, name in named if not (ROOT / name).exists())
+    assert len(named) > 20 and not missing, "\n".join(missing)
+
+
 # figures/*.md and benchmarks/results*.md are written by code (to_markdown wraps its notes).
 HAND_WRITTEN = [
     "README.md",
