@@ -503,6 +503,75 @@ def test_dry_run_lists_runs_and_steps_without_running(project):
     assert not (project / "papermill_runs").exists()
 
 
+def test_a_huge_grid_is_refused_before_planning_with_its_size(project):
+    grid = {"x": list(range(1001)), "label": [f"l{i}" for i in range(100)]}
+    spec = write_spec(project, {**BASE, "grid": grid})
+    with pytest.raises(SpecError, match=r"grid: 100,100 points \(1001 × 100\), more than"):
+        load_spec(spec)
+    done = sweep_cli(str(spec), "--dry-run", cwd=project)
+    assert done.returncode == 2 and "100,100 points" in done.stderr
+    assert load_spec(write_spec(project, {**BASE, "grid": {**grid, "x": list(range(1000))}}))
+
+
+def test_a_dry_run_says_the_grid_size_before_planning(project, monkeypatch, capsys):
+    spec = write_spec(project, {**BASE, "grid": {"x": list(range(300)), "label": ["a", "b"]}})
+
+    def slow_plan(*args, **kwargs):
+        raise KeyboardInterrupt  # a user giving up while a large grid is planned
+
+    monkeypatch.setattr("dmlkit.sweep.__main__.plan", slow_plan)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_main([str(spec), "--dry-run"])
+    assert capsys.readouterr().out.startswith("toy: 600 grid points -> ")
+
+
+def test_a_second_spec_with_the_same_name_is_refused_and_nothing_mixes(project):
+    from dmlkit.results import load_runs
+
+    first = write_spec(project, {**BASE, "grid": {"x": [1]}}, "first.yaml")
+    folder = project / "papermill_runs" / "toy"
+    assert run_sweep(first, progress=False).exit_code == 0
+    assert json.loads((folder / "sweep.json").read_text()) == {
+        "spec": "notebooks/sweeps/first.yaml",
+        "notebook": "notebooks/toy_run.ipynb",
+        "grid_keys": ["x"],
+    }
+    second = write_spec(project, {**BASE, "grid": {"label": ["b"]}}, "second.yaml")
+    manifest = (folder / "manifest.jsonl").read_bytes()
+    with pytest.raises(
+        SpecError,
+        match=r"second.yaml: the sweep folder .* another spec \(spec "
+        r"notebooks/sweeps/first.yaml, grid_keys \['x'\]; this one: spec ",
+    ):
+        run_sweep(second, progress=False)
+    done = sweep_cli(str(second), "--dry-run", cwd=project)
+    assert done.returncode == 2 and "another name, or --out another folder" in done.stderr
+    assert (folder / "manifest.jsonl").read_bytes() == manifest
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.jsonl", "sweep.json", "x=1"]
+    assert load_runs(folder)["run"].tolist() == ["x=1"]
+    # The same spec, with more values, is the same sweep; another --out is another folder.
+    write_spec(project, {**BASE, "grid": {"x": [1, 2]}}, "first.yaml")
+    assert sweep_cli(str(first), "--dry-run", cwd=project).returncode == 0
+    assert sweep_cli(str(second), "--dry-run", "--out", "elsewhere", cwd=project).returncode == 0
+
+
+def test_a_folder_from_before_sweep_json_is_judged_by_its_manifest(project):
+    spec = write_spec(project, BASE)
+    folder = project / "papermill_runs" / "toy"
+    append_record(
+        folder / "manifest.jsonl",
+        {"run": "x=1", "kind": "run", "status": "ok", "notebook": "notebooks/toy_run.ipynb"},
+    )
+    assert sweep_cli(str(spec), "--dry-run", cwd=project).returncode == 0
+    append_record(
+        folder / "manifest.jsonl",
+        {"run": "y=1", "kind": "run", "status": "ok", "notebook": "notebooks/other.ipynb"},
+    )
+    with pytest.raises(SpecError, match=r"another spec \(notebook notebooks/other.ipynb; "):
+        run_sweep(spec, progress=False)
+    assert not (folder / "sweep.json").exists()
+
+
 # ---------------------------------------------------------------- executions
 
 
@@ -815,7 +884,7 @@ def test_a_dry_run_piped_into_head_ends_quietly(project):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("toy: 5000 of 5000 grid points")
+    assert done.stdout.startswith("toy: 5000 grid points")
     assert "Traceback" not in done.stderr
 
 

@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .manifest import MANIFEST, ManifestLockedError, latest_records
 from .manifest import read_manifest as read_records
 from .plan import Job, plan, plan_steps, sweep_folder
-from .resume import NoFinishedRunError, check_some_finished, is_finished
+from .resume import NoFinishedRunError, check_owner, check_some_finished, is_finished
 from .runner import run_sweep, threads_per_job
 from .spec import SpecError, load_spec
 from .worker import skip_slow_optional_imports
@@ -63,13 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 def dry_run(args: argparse.Namespace) -> int:
     """Print what a real invocation would run or skip (with ``--figures``: redraw)."""
     spec = load_spec(args.spec)
-    jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
     folder = sweep_folder(spec, args.out, smoke=args.smoke)
+    check_owner(spec, folder)
+    print(f"{spec.name}: {spec.num_points} grid points -> {folder}", flush=True)
+    jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
     if args.figures:
         check_some_finished(spec, jobs, folder)
     latest = latest_records(read_records(folder / MANIFEST))
-    print(f"{spec.name}: {len(jobs)} of {spec.num_points} grid points -> {folder}")
-    print(f"{threads_per_job(args.jobs)} thread(s) per run with --jobs {args.jobs}")
+    threads = threads_per_job(args.jobs)
+    print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}")
     for job in jobs:
         done = is_finished(job, latest)
         if args.figures:

@@ -32,7 +32,7 @@ from .manifest import read_manifest as _read_manifest
 from .outcome import Outcome, SweepResult
 from .plan import Job, OnlyFilter, plan, plan_steps, shown_path, sweep_folder
 from .processes import THREAD_VARIABLES, kill_kernel, read_result, signal_group, threads_per_job
-from .resume import check_some_finished, is_finished
+from .resume import check_owner, check_some_finished, is_finished, record_owner
 from .spec import SweepSpec, load_spec
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,13 @@ def run_sweep(
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
     grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
     folder = sweep_folder(spec, out, smoke=smoke)
+    # Before taking the lock, which would create the sweep folder.
+    check_owner(spec, folder)
     if figures_only:
-        # Before taking the lock, which would create the sweep folder.
         check_some_finished(spec, grid_jobs, folder)
     with lock_manifest(folder / MANIFEST):
+        check_owner(spec, folder)  # again: another spec's sweep may have started meanwhile
+        record_owner(spec, folder)
         runner = _Runner(
             spec, folder, jobs=jobs, smoke=smoke, grace_s=grace_s, figures_only=figures_only
         )

@@ -9,6 +9,8 @@ until the whole spec (and every notebook's ``parameters`` cell) checks out.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 import subprocess
 from collections.abc import Mapping
@@ -18,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .values import mapping, matches, same_value, string, where_filter
+from .values import mapping, matches, string, where_filter
 
 TOP_LEVEL_KEYS = ("name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s")
 STEP_KEYS = ("notebook", "per", "name", "parameters", "where")
@@ -28,6 +30,8 @@ DEFAULT_KERNEL = "dmlkit"
 RUN_PARAMETER = "out_dir"
 STEP_PARAMETERS = {"run": "run_dir", "sweep": "sweep_dir"}
 SMOKE_PARAMETER = "smoke"
+# Planning costs ~0.1 ms per point; a grid this large is a mistake, not an experiment.
+MAX_GRID_POINTS = 100_000
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -284,9 +288,21 @@ def _grid(err, raw: Any) -> dict[str, list[Any]]:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise err(f"grid.{key}", f"must be a non-empty list of values, got {values!r}")
-        for i, value in enumerate(values):
-            if any(same_value(value, other) for other in values[:i]):
+    sizes = [len(values) for values in grid.values()]
+    if math.prod(sizes) > MAX_GRID_POINTS:
+        raise err(
+            "grid",
+            f"{math.prod(sizes):,} points ({' × '.join(map(str, sizes))}), more than the "
+            f"{MAX_GRID_POINTS:,} one sweep may run; split it into several specs",
+        )
+    for key, values in grid.items():
+        seen: set[tuple[type, str]] = set()
+        for value in values:
+            # The type keeps true, 1 and 1.0 apart, as same_value does.
+            identity = (type(value), json.dumps(value, sort_keys=True))
+            if identity in seen:
                 raise err(f"grid.{key}", f"value {value!r} is listed twice")
+            seen.add(identity)
     return grid
 
 
