@@ -572,6 +572,62 @@ def test_a_folder_from_before_sweep_json_is_judged_by_its_manifest(project):
     assert not (folder / "sweep.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "visible", "slots"),
+    [
+        ("0,1,2,3", None, ["0", "1", "2", "3"]),
+        ("0+1, 2+3", None, ["0,1", "2,3"]),
+        ("all", "4,6", ["4", "6"]),
+    ],
+)
+def test_gpu_slots_parse_lists_groups_and_all(monkeypatch, text, visible, slots):
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert processes.gpu_slots(text) == slots
+
+
+@pytest.mark.parametrize("text", ["0,0", "0,,1", "0+1,1", "all"])
+def test_bad_gpu_lists_are_refused(monkeypatch, text):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # `all` on a machine with no GPU
+    with pytest.raises(ValueError, match="--gpus"):
+        processes.gpu_slots(text)
+
+
+def test_gpus_sets_jobs_and_refuses_more_jobs_than_slots(project, capsys):
+    spec = write_spec(project, BASE)
+    assert sweep_main([str(spec), "--dry-run", "--gpus", "0,1+2"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("--jobs 2, GPUs 0 | 1,2")
+    with pytest.raises(SystemExit) as stop:
+        sweep_main([str(spec), "--dry-run", "--gpus", "0,1", "--jobs", "3"])
+    assert stop.value.code == 2 and "2 GPU slot(s)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="2 GPU slot"):
+        run_sweep(spec, jobs=3, gpus=["0", "1"], progress=False)
+
+
+def test_each_concurrent_run_sees_only_its_own_gpus(project):
+    # On the CPU: what the kernel sees in CUDA_VISIBLE_DEVICES, and what the manifest says.
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, 2, 3]}})
+    for run in ("x=1", "x=2"):
+        hold(project, run)
+    folder = project / "papermill_runs" / "toy"
+    thread = threading.Thread(
+        target=run_sweep, args=(spec,), kwargs={"gpus": ["0", "1,2"], "progress": False}
+    )
+    thread.start()
+    wait_for_kernel(project, "x=1")
+    wait_for_kernel(project, "x=2")
+    for run in ("x=1", "x=2"):
+        (folder / run / "hold").unlink()
+    thread.join(timeout=120)
+    seen = {
+        run: json.loads((folder / run / "metrics.json").read_text())["environment"]["gpus"]
+        for run in ("x=1", "x=2", "x=3")
+    }
+    assert sorted([seen["x=1"], seen["x=2"]]) == ["0", "1,2"]  # both slots, at once
+    assert seen["x=3"] in ("0", "1,2")
+    assert {r["run"]: r["gpus"] for r in read_manifest(folder)} == seen
+
+
 # ---------------------------------------------------------------- executions
 
 
@@ -610,6 +666,7 @@ def test_failure_is_isolated_recorded_and_retried_on_resume(project):
     assert metrics["environment"] == {
         "threads": str(threads_per_job(2)),
         "cwd": str(project.resolve()),
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     assert (folder / "x=2" / "fig.txt").read_text() == "smoke=False\n"
     assert not (folder / "x=1" / "fig.txt").exists()  # filtered out by `where`

@@ -1,6 +1,6 @@
-"""``python -m dmlkit.sweep SPEC.yaml [--jobs N] [--smoke] [--only k=v ...] [--out DIR]
-[--figures] [--dry-run]``: run or resume a papermill sweep (or, with ``--figures``, only
-redraw its ``then`` steps); exit 0 iff every execution succeeded."""
+"""``python -m dmlkit.sweep SPEC.yaml [--jobs N] [--gpus 0,1,...] [--smoke] [--only k=v ...]
+[--out DIR] [--figures] [--dry-run]``: run or resume a papermill sweep (or, with
+``--figures``, only redraw its ``then`` steps); exit 0 iff every execution succeeded."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .manifest import MANIFEST, ManifestLockedError, latest_records
 from .manifest import read_manifest as read_records
 from .plan import Job, plan, plan_steps, sweep_folder
+from .processes import gpu_slots, threads_per_job
 from .resume import NoFinishedRunError, check_owner, check_some_finished, is_finished
-from .runner import run_sweep, threads_per_job
+from .runner import run_sweep
 from .spec import SpecError, load_spec
 from .worker import skip_slow_optional_imports
 
@@ -33,6 +34,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _gpus(text: str) -> list[str]:
+    try:
+        return gpu_slots(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dmlkit.sweep",
@@ -40,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         "skipping runs that already finished. See docs/sweeps.md.",
     )
     parser.add_argument("spec", help="sweep spec (YAML), e.g. notebooks/sweeps/quickstart.yaml")
-    parser.add_argument("--jobs", type=_positive, default=1, help="parallel runs (default 1)")
+    parser.add_argument(
+        "--jobs", type=_positive, help="parallel runs (default: one per --gpus slot, else 1)"
+    )
+    parser.add_argument(
+        "--gpus",
+        type=_gpus,
+        metavar="0,1,...|0+1,...|all",
+        help="give each concurrent run its own GPU(s) through CUDA_VISIBLE_DEVICES",
+    )
     parser.add_argument("--smoke", action="store_true", help="inject smoke=True (seconds per run)")
     parser.add_argument(
         "--only",
@@ -71,7 +87,8 @@ def dry_run(args: argparse.Namespace) -> int:
         check_some_finished(spec, jobs, folder)
     latest = latest_records(read_records(folder / MANIFEST))
     threads = threads_per_job(args.jobs)
-    print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}")
+    gpus = f", GPUs {' | '.join(args.gpus)}" if args.gpus else ""
+    print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}{gpus}")
     for job in jobs:
         done = is_finished(job, latest)
         if args.figures:
@@ -122,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_out(parser, args.out)
+    if args.jobs is None:
+        args.jobs = len(args.gpus) if args.gpus else 1
+    if args.gpus and args.jobs > len(args.gpus):
+        parser.error(f"--jobs {args.jobs} with {len(args.gpus)} GPU slot(s): a run needs its own")
     skip_slow_optional_imports()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # papermill logs every notebook it inspects at INFO; the runner reports per run.
@@ -133,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_sweep(
                 args.spec,
                 jobs=args.jobs,
+                gpus=args.gpus,
                 smoke=args.smoke,
                 only=args.only,
                 out=args.out,

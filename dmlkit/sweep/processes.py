@@ -30,6 +30,34 @@ def threads_per_job(jobs: int) -> int:
     return max(1, available_cores() // max(1, jobs))
 
 
+def gpu_slots(text: str) -> list[str]:
+    """``--gpus``: ``"0,1,2,3"`` (one device per run), ``"0+1,2+3"`` (two per run) or ``"all"``.
+
+    Returns each slot's ``CUDA_VISIBLE_DEVICES`` value (``["0", "1"]``, ``["0,1", "2,3"]``).
+    ``all`` is every device this process sees: its own ``CUDA_VISIBLE_DEVICES``, else
+    ``torch.cuda.device_count()``.
+
+    Raises:
+        ValueError: an empty item, a device listed twice, or ``all`` with no GPU.
+    """
+    if text.strip() == "all":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            import torch  # deferred: only `all` needs to count devices
+
+            visible = ",".join(map(str, range(torch.cuda.device_count())))
+        items = [item.strip() for item in visible.split(",") if item.strip()]
+        if not items:
+            raise ValueError("--gpus all: this machine shows no GPU")
+    else:
+        items = [item.strip() for item in text.split(",")]
+    slots = [",".join(device.strip() for device in item.split("+")) for item in items]
+    devices = [device for slot in slots for device in slot.split(",")]
+    if "" in devices or len(set(devices)) != len(devices):
+        raise ValueError(f"--gpus {text}: expected devices like 0,1,2,3 or 0+1,2+3, each once")
+    return slots
+
+
 def read_result(path: Path) -> dict[str, Any]:
     """The worker's result file as a dict; ``{}`` if it is missing or unreadable."""
     try:

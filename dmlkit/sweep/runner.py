@@ -43,7 +43,8 @@ _POLL_S = 0.05
 def run_sweep(
     spec_path: str | Path | SweepSpec,
     *,
-    jobs: int = 1,
+    jobs: int | None = None,
+    gpus: list[str] | None = None,
     smoke: bool = False,
     only: OnlyFilter = None,
     out: str | Path | None = None,
@@ -55,7 +56,10 @@ def run_sweep(
 
     Args:
         spec_path: a spec file or a spec from :func:`load_spec`.
-        jobs: parallel executions; each gets ``max(1, cores // jobs)`` threads.
+        jobs: parallel executions (default: one per GPU slot, else 1); each gets
+            ``max(1, cores // jobs)`` threads.
+        gpus: ``CUDA_VISIBLE_DEVICES`` of each slot (see ``processes.gpu_slots``): a run
+            gets a free slot for its whole execution, recorded as ``gpus`` in the manifest.
         smoke: inject ``smoke=True``.  only: restrict the grid (see ``parse_only``).
         out: parent of the sweep folder (default ``<root>/papermill_runs``).
         progress: show a tqdm bar.  grace_s: seconds a stopped job gets to exit cleanly.
@@ -69,8 +73,14 @@ def run_sweep(
         SpecError: before anything runs.  ManifestLockedError: a sweep already runs there.
         NoFinishedRunError: ``figures_only`` and no selected run has finished.
     """
+    if jobs is None:
+        jobs = len(gpus) if gpus else 1
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if gpus and jobs > len(gpus):
+        raise ValueError(
+            f"--jobs {jobs} with {len(gpus)} GPU slot(s): a run needs a slot of its own"
+        )
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
     grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
     folder = sweep_folder(spec, out, smoke=smoke)
@@ -84,6 +94,7 @@ def run_sweep(
         runner = _Runner(
             spec, folder, jobs=jobs, smoke=smoke, grace_s=grace_s, figures_only=figures_only
         )
+        runner.free_gpus = deque(gpus or ())
         return runner.run(grid_jobs, progress=progress)
 
 
@@ -105,6 +116,7 @@ class _Active:
     result_file: Path
     pid_file: Path
     metrics_mtime: int | None
+    gpus: str | None = None
 
 
 class _Runner:
@@ -132,6 +144,7 @@ class _Runner:
         self.bar: tqdm | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="dmlkit-sweep-"))
         self.counter = 0
+        self.free_gpus: deque[str] = deque()
 
     def run(self, grid_jobs: list[Job], *, progress: bool) -> SweepResult:
         queue: deque[Job] = deque()
@@ -243,13 +256,15 @@ class _Runner:
         except OSError as exc:  # e.g. a full disk or a read-only folder: this job fails
             self._record(job, "failed", 0.0, started, f"{type(exc).__name__}: {exc}", None)
             return
+        gpus = self.free_gpus.popleft() if self.free_gpus else None
+        env = self.env if gpus is None else {**self.env, "CUDA_VISIBLE_DEVICES": gpus}
         proc = subprocess.Popen(
             [sys.executable, "-m", "dmlkit.sweep.worker", json.dumps(description, default=str)],
-            cwd=self.spec.root, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+            cwd=self.spec.root, env=env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=os.name == "posix",
         )  # fmt: skip
         self.active.append(
-            _Active(job, proc, log, started, t0, result_file, pid_file, metrics_mtime)
+            _Active(job, proc, log, started, t0, result_file, pid_file, metrics_mtime, gpus)
         )
 
     def _timed_out(self, active: _Active) -> bool:
@@ -264,6 +279,8 @@ class _Runner:
         error: str | None = None,
     ) -> None:
         self.active.remove(active)
+        if active.gpus is not None:
+            self.free_gpus.append(active.gpus)
         job, seconds = active.job, round(time.monotonic() - active.t0, 3)
         active.log.close()
         result = read_result(active.result_file)
@@ -278,7 +295,8 @@ class _Runner:
             status, error = self._check_metrics(active)
         if status != "ok":
             kill_kernel(active.pid_file)
-        self._record(job, status, seconds, active.started, error, result.get("error_cell"))
+        cell = result.get("error_cell")
+        self._record(job, status, seconds, active.started, error, cell, active.gpus)
         if status == "ok" and job.kind == "run" and queue is not None:
             steps = self._steps_of(job)
             queue.extend(steps)
@@ -303,7 +321,9 @@ class _Runner:
         started: str,
         error: str | None,
         error_cell: int | None,
+        gpus: str | None = None,
     ) -> None:
+        extra = {} if gpus is None else {"gpus": gpus}
         append_record(
             self.folder / MANIFEST,
             {
@@ -318,6 +338,7 @@ class _Runner:
                 "error_cell": error_cell,
                 "notebook": shown_path(job.notebook, self.spec.root),
                 "output": shown_path(job.output, self.spec.root),
+                **extra,
             },
         )
         self.outcomes[job.key] = Outcome(job.key, job.kind, status, seconds, error, job.output)
