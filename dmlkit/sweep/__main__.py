@@ -20,6 +20,7 @@ from .plan import Job, plan, plan_steps, sweep_folder
 from .processes import gpu_slots, threads_per_job
 from .resume import NoFinishedRunError, check_owner, check_some_finished, is_finished
 from .runner import run_sweep
+from .slurm import SlurmUnavailableError
 from .spec import SpecError, load_spec
 from .worker import skip_slow_optional_imports
 
@@ -73,7 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no run: execute the `then` steps again on the finished runs",
     )
     parser.add_argument("--dry-run", action="store_true", help="show the plan, run nothing")
+    cluster = parser.add_argument_group("Slurm (see docs/sweeps.md, 'On a cluster')")
+    cluster.add_argument("--executor", choices=("local", "slurm"), default="local")
+    cluster.add_argument("--partition", help="Slurm partition (default: the spec's, else Slurm's)")
+    cluster.add_argument("--gpus-per-run", type=int, help="GPUs of each run's job")
+    cluster.add_argument("--cpus-per-run", type=int, help="CPUs of each run's job (its threads)")
+    cluster.add_argument("--mem-gb", type=float, help="memory of each run's job")
+    cluster.add_argument("--time-min", type=int, help="time limit of each run's job, minutes")
+    cluster.add_argument(
+        "--sbatch", action="extend", nargs="+", default=[], metavar="OPTION=VALUE",
+        help="extra sbatch options, e.g. account=lab qos=high",
+    )  # fmt: skip
+    cluster.add_argument(
+        "--detach", action="store_true", help="submit and return; rerun later to collect"
+    )
     return parser
+
+
+def slurm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Slurm resources given on the command line (``None``: the spec's)."""
+    sbatch = dict(option.partition("=")[::2] for option in args.sbatch) or None
+    names = ("partition", "gpus_per_run", "cpus_per_run", "mem_gb", "time_min")
+    return {**{name: getattr(args, name) for name in names}, "sbatch": sbatch}
 
 
 def dry_run(args: argparse.Namespace) -> int:
@@ -86,9 +108,12 @@ def dry_run(args: argparse.Namespace) -> int:
     if args.figures:
         check_some_finished(spec, jobs, folder)
     latest = latest_records(read_records(folder / MANIFEST))
-    threads = threads_per_job(args.jobs)
-    gpus = f", GPUs {' | '.join(args.gpus)}" if args.gpus else ""
-    print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}{gpus}")
+    if args.executor == "slurm":
+        print(f"{len(jobs)} selected; one Slurm job each ({slurm_options(args)})")
+    else:
+        threads = threads_per_job(args.jobs)
+        gpus = f", GPUs {' | '.join(args.gpus)}" if args.gpus else ""
+        print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}{gpus}")
     for job in jobs:
         done = is_finished(job, latest)
         if args.figures:
@@ -139,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_out(parser, args.out)
-    if args.jobs is None:
+    if args.gpus and args.executor == "slurm":
+        parser.error("--gpus is for local runs; with Slurm give --gpus-per-run")
+    if args.jobs is None and args.executor == "local":
         args.jobs = len(args.gpus) if args.gpus else 1
     if args.gpus and args.jobs > len(args.gpus):
         parser.error(f"--jobs {args.jobs} with {len(args.gpus)} GPU slot(s): a run needs its own")
@@ -159,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                 only=args.only,
                 out=args.out,
                 figures_only=args.figures,
+                executor=args.executor,
+                slurm=slurm_options(args),
+                detach=args.detach,
             )
     except NoFinishedRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (SpecError, ManifestLockedError, ValueError) as exc:
+    except (SpecError, ManifestLockedError, ValueError, SlurmUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.table())

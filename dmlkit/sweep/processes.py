@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,62 @@ def kill_kernel(pid_file: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
         else:  # pragma: no cover - Windows
             os.kill(pid, signal.SIGTERM)
+
+
+class LocalProcess:
+    """A ``python -m dmlkit.sweep.worker`` subprocess in its own session, and its kernel."""
+
+    def __init__(self, description: dict[str, Any], env: dict[str, str], gpus: str | None) -> None:
+        self.pid_file, self.gpus = Path(description["pid_file"]), gpus
+        self.log_path = Path(description["output"]).with_suffix(".log")
+        self.record = {} if gpus is None else {"gpus": gpus}
+        if gpus is not None:
+            env = {**env, "CUDA_VISIBLE_DEVICES": gpus}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dmlkit.sweep.worker", json.dumps(description, default=str)],
+                cwd=description["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=os.name == "posix",
+            )  # fmt: skip
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self) -> None:
+        """SIGTERM the worker's group: it saves the partial notebook and stops its kernel."""
+        signal_group(self.proc, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the worker's group, reap it, and SIGKILL its kernel's group."""
+        if self.proc.poll() is None:
+            signal_group(self.proc, signal.SIGKILL)
+        self.proc.wait()
+        kill_kernel(self.pid_file)
+
+    def error(self) -> str:
+        return (
+            f"WorkerDied: exit status {self.proc.returncode} without a result; see {self.log_path}"
+        )
+
+
+class LocalExecutor:
+    """Starts each execution as a :class:`LocalProcess` on this machine."""
+
+    remote = False
+
+    def __init__(self, jobs: int, gpus: list[str] | None) -> None:
+        self.env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads_per_job(jobs)))}
+        self.free_gpus = list(gpus or ())
+
+    def start_many(self, descriptions: list[dict[str, Any]]) -> list[LocalProcess]:
+        return [
+            LocalProcess(d, self.env, self.free_gpus.pop(0) if self.free_gpus else None)
+            for d in descriptions
+        ]
+
+    def release(self, proc: LocalProcess) -> None:
+        if proc.gpus is not None:
+            self.free_gpus.append(proc.gpus)
+
+    def attach(self, record: dict[str, Any] | None) -> None:
+        return None  # a local execution does not outlive its runner

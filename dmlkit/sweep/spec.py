@@ -22,7 +22,11 @@ import yaml
 
 from .values import mapping, matches, string, where_filter
 
-TOP_LEVEL_KEYS = ("name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s")
+TOP_LEVEL_KEYS = (
+    "name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s", "executor"
+)  # fmt: skip
+# Slurm resources per execution (slurm.SlurmResources); the CLI overrides them.
+EXECUTOR_KEYS = ("partition", "gpus_per_run", "cpus_per_run", "mem_gb", "time_min", "sbatch")
 STEP_KEYS = ("notebook", "per", "name", "parameters", "where")
 OVERRIDE_KEYS = ("where", "set")
 DEFAULT_KERNEL = "dmlkit"
@@ -92,6 +96,7 @@ class SweepSpec:
         then: figure steps.  kernel: Jupyter kernel name.
         timeout_s: per-execution wall-clock limit (None = none).
         notebook_parameters: the names in each notebook's ``parameters`` cell.
+        executor: Slurm resources of each execution (``EXECUTOR_KEYS``).
     """
 
     path: Path
@@ -105,6 +110,7 @@ class SweepSpec:
     timeout_s: float | None = None
     notebook_parameters: dict[Path, frozenset[str]] = field(default_factory=dict, repr=False)
     overrides: tuple[Override, ...] = ()
+    executor: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_points(self) -> int:
@@ -157,7 +163,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         overrides=_overrides(err, data.get("overrides"), grid),
         kernel=string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
         timeout_s=_timeout(err, data.get("timeout_s")),
+        executor=mapping(err, "executor", data.get("executor") or {}),
     )
+    _check_keys(path, "executor", spec.executor, EXECUTOR_KEYS)
     _check_kernel(err, spec.kernel)
     return _check_parameters(spec)
 
