@@ -225,6 +225,7 @@ def override(where, values, **extra) -> dict:
         ({"then": [{"notebook": FIGURE, "colour": 1}]}, "then[0].colour", "unknown key"),
         ({"then": [{"notebook": "notebooks/toy_run.ipynb"}]}, "then[0].notebook", "'run_dir'"),
         ({"then": [FIGURE, FIGURE]}, "then[1].name", "named"),
+        ({"executor": {"nodes": 2}}, "executor.nodes", "unknown key"),
         ({"overrides": {"where": {"x": 1}}}, "overrides", "must be a list"),
         ({"overrides": ["x=1"]}, "overrides[0]", "must be a mapping"),
         (override({"x": 1}, {"label": "b"}, when=1), "overrides[0].when", "unknown key"),
