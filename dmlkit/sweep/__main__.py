@@ -20,7 +20,7 @@ from .plan import Job, plan, plan_steps, sweep_folder
 from .processes import gpu_slots, threads_per_job
 from .resume import NoFinishedRunError, check_owner, check_some_finished, is_finished
 from .runner import run_sweep
-from .slurm import SlurmUnavailableError
+from .slurm import SlurmUnavailableError, resources_from
 from .spec import SpecError, load_spec
 from .worker import skip_slow_optional_imports
 
@@ -109,7 +109,8 @@ def dry_run(args: argparse.Namespace) -> int:
         check_some_finished(spec, jobs, folder)
     latest = latest_records(read_records(folder / MANIFEST))
     if args.executor == "slurm":
-        print(f"{len(jobs)} selected; one Slurm job each ({slurm_options(args)})")
+        resources = resources_from(spec.executor, spec.timeout_s, **slurm_options(args))
+        print(f"{len(jobs)} selected; one Slurm job each: {resources}")
     else:
         threads = threads_per_job(args.jobs)
         gpus = f", GPUs {' | '.join(args.gpus)}" if args.gpus else ""
