@@ -136,6 +136,7 @@ class LocalExecutor:
     remote = False
 
     def __init__(self, jobs: int, gpus: list[str] | None) -> None:
+        self.jobs = jobs
         self.env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads_per_job(jobs)))}
         self.free_gpus = list(gpus or ())
 

@@ -82,24 +82,10 @@ def run_sweep(
         SpecError: before anything runs.  ManifestLockedError: a sweep already runs there.
         NoFinishedRunError: ``figures_only`` and no selected run has finished.
     """
-    if jobs is None:
-        jobs = len(gpus) if gpus else 10**9 if executor == "slurm" else 1
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
-    if gpus and jobs > len(gpus):
-        raise ValueError(
-            f"--jobs {jobs} with {len(gpus)} GPU slot(s): a run needs a slot of its own"
-        )
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
     grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
     folder = sweep_folder(spec, out, smoke=smoke)
-    if executor == "slurm":
-        from .slurm import SlurmExecutor, check_slurm, resources_from
-
-        resources = resources_from(spec.executor, spec.timeout_s, **(slurm or {}))
-        check_slurm(resources)
-    elif executor != "local":
-        raise ValueError(f"executor must be 'local' or 'slurm', got {executor!r}")
+    starter = _executor(executor, spec, folder, jobs, gpus, slurm)
     # Before taking the lock, which would create the sweep folder.
     check_owner(spec, folder)
     if figures_only:
@@ -107,15 +93,32 @@ def run_sweep(
     with lock_manifest(folder / MANIFEST):
         check_owner(spec, folder)  # again: another spec's sweep may have started meanwhile
         record_owner(spec, folder)
-        if executor == "slurm":
-            starter = SlurmExecutor(folder, resources)
-        else:
-            starter = LocalExecutor(jobs, gpus)
         runner = _Runner(
-            spec, folder, starter, jobs=jobs, smoke=smoke, grace_s=grace_s,
-            figures_only=figures_only, detach=detach,
+            spec, folder, starter, smoke=smoke, grace_s=grace_s, figures_only=figures_only,
+            detach=detach,
         )  # fmt: skip
         return runner.run(grid_jobs, progress=progress)
+
+
+def _executor(kind: str, spec: SweepSpec, folder: Path, jobs, gpus, slurm) -> Any:
+    """The executor of ``kind``, checked (Slurm answers; jobs fit the GPU slots); writes nothing."""
+    if kind == "slurm":
+        from .slurm import SlurmExecutor, check_slurm, resources_from
+
+        resources = resources_from(spec.executor, spec.timeout_s, **(slurm or {}))
+        check_slurm(resources)
+        return SlurmExecutor(folder, resources, jobs=jobs or 10**9)
+    if kind != "local":
+        raise ValueError(f"executor must be 'local' or 'slurm', got {kind!r}")
+    if jobs is None:
+        jobs = len(gpus) if gpus else 1
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if gpus and jobs > len(gpus):
+        raise ValueError(
+            f"--jobs {jobs} with {len(gpus)} GPU slot(s): a run needs a slot of its own"
+        )
+    return LocalExecutor(jobs, gpus)
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -145,13 +148,12 @@ class _Runner:
         folder: Path,
         executor: Any,
         *,
-        jobs: int,
         smoke: bool,
         grace_s: float,
         figures_only: bool = False,
         detach: bool = False,
     ) -> None:
-        self.spec, self.folder, self.jobs, self.smoke = spec, folder, jobs, smoke
+        self.spec, self.folder, self.smoke = spec, folder, smoke
         self.grace_s, self.figures_only, self.detach = grace_s, figures_only, detach
         self.executor = executor
         self.latest = latest_records(_read_manifest(folder / MANIFEST))
@@ -250,7 +252,7 @@ class _Runner:
             self.bar.total = self.bar.n + len(queue) + len(self.active)
             self.bar.refresh()
         while (queue or self.active) and self.stop_signal is None:
-            free = self.jobs - len(self.active)
+            free = self.executor.jobs - len(self.active)
             if queue and free > 0:
                 self._launch([queue.popleft() for _ in range(min(free, len(queue)))])
             if self.detach and not queue:

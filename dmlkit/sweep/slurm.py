@@ -192,9 +192,10 @@ class SlurmExecutor:
 
     remote = True
 
-    def __init__(self, folder: Path, resources: SlurmResources) -> None:
+    def __init__(self, folder: Path, resources: SlurmResources, *, jobs: int) -> None:
         import submitit
 
+        self.jobs = jobs  # at most this many queued or running at once
         self.result_dir = folder / SLURM_FOLDER
         self.executor = submitit.AutoExecutor(folder=self.result_dir / "%j", cluster="slurm")
         self.executor.update_parameters(**resources.submitit_parameters())
