@@ -131,9 +131,18 @@ class LocalProcess:
 
 
 class LocalExecutor:
-    """Starts each execution as a :class:`LocalProcess` on this machine."""
+    """Starts each execution as a :class:`LocalProcess` on this machine.
+
+    The executor interface the runner uses (``slurm.SlurmExecutor`` has it too): ``jobs``
+    (executions at once), ``remote`` (run elsewhere: no pid files, a ``submitted`` manifest
+    line), ``result_dir`` (where workers write outcomes; None: a temp folder),
+    ``start_many(descriptions)`` → process-likes with ``poll``/``stop``/``kill``/``error``/
+    ``record``, ``attach(manifest record)`` → the still-tracked execution or None, and
+    ``release(process)`` when one ends.
+    """
 
     remote = False
+    result_dir = None
 
     def __init__(self, jobs: int, gpus: list[str] | None) -> None:
         self.jobs = jobs

@@ -165,7 +165,7 @@ class _Runner:
         self.bar: tqdm | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="dmlkit-sweep-"))
         # Where workers write their outcome: the sweep folder when they run elsewhere.
-        self.results = getattr(executor, "result_dir", self.tmp)
+        self.results = executor.result_dir or self.tmp
 
     def run(self, grid_jobs: list[Job], *, progress: bool) -> SweepResult:
         queue: deque[Job] = deque()
@@ -175,7 +175,9 @@ class _Runner:
             elif self._skip(job):
                 queue.extend(j for j in self._steps_of(job) if not self._skip(j))
             elif (proc := self.executor.attach(self.latest.get(job.key))) is not None:
+                # Submitted earlier and not collected yet: wait for that job, never a copy.
                 record = self.latest[job.key]
+                self.executed.add(job.key)
                 result_file = Path(record["result_file"])
                 self.active.append(
                     _Active(job, proc, record["started"], time.monotonic(), result_file, None)
@@ -289,7 +291,8 @@ class _Runner:
                 job.folder.mkdir(parents=True, exist_ok=True)
                 self.results.mkdir(parents=True, exist_ok=True)
                 metrics_mtime = _mtime(job.folder / "metrics.json") if job.kind == "run" else None
-                job.output.with_suffix(".log").open("ab").close()
+                if not self.executor.remote:  # Slurm jobs log under <sweep>/slurm/
+                    job.output.with_suffix(".log").open("ab").close()
             except OSError as exc:  # e.g. a full disk or a read-only folder: this job fails
                 self._record(job, "failed", 0.0, started, f"{type(exc).__name__}: {exc}", None)
                 continue
@@ -313,8 +316,7 @@ class _Runner:
         error: str | None = None,
     ) -> None:
         self.active.remove(active)
-        if hasattr(self.executor, "release"):
-            self.executor.release(active.proc)
+        self.executor.release(active.proc)
         job, seconds = active.job, round(time.monotonic() - active.t0, 3)
         result = read_result(active.result_file)
         if status is None:

@@ -209,6 +209,9 @@ class SlurmExecutor:
             for job, d in zip(jobs, descriptions, strict=True)
         ]
 
+    def release(self, proc: SlurmProcess) -> None:
+        pass  # Slurm allocates and frees the resources
+
     def attach(self, record: dict[str, Any] | None) -> SlurmProcess | None:
         """The job of a ``submitted`` manifest record, if it may still be running."""
         if not record or record.get("status") != "submitted":
