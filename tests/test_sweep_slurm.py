@@ -174,3 +174,36 @@ def test_detach_submits_and_a_later_invocation_collects_without_a_second_copy(sl
     lines = read_manifest(folder)
     assert [(r["run"], r["status"]) for r in lines] == [("x=1", "submitted"), ("x=1", "ok")]
     assert lines[0]["slurm_job"] == lines[1]["slurm_job"]
+
+
+def test_a_preempted_job_is_requeued_by_submitit_and_its_run_finishes(slurm, project):
+    # Preemption as submitit's own test helper sends it (SIGTERM, then USR2): submitit
+    # requeues the job, and the notebook runs again in its run folder (a training notebook
+    # with `resume: true` would continue from its checkpoint.pt).
+    spec = write_spec(project, {**BASE, "grid": {"x": [1]}})
+    folder = project / "papermill_runs" / "toy"
+    held = hold(project, "x=1")
+    runner = cli(str(spec), cwd=project)
+    kernel = folder / "x=1" / "kernel.pid"
+    wait_for(kernel.exists, "x=1 to start on Slurm")
+    first = kernel.read_text()
+    job = read_manifest(folder)[0]["slurm_job"]
+    for sig in ("SIGTERM", "USR2"):
+        subprocess.run(["scancel", job, "--signal", sig], check=True)
+
+    def requeued() -> bool:
+        state = subprocess.run(
+            ["squeue", "--noheader", "--jobs", job, "--format=%T"], capture_output=True, text=True
+        ).stdout.strip()
+        return state == "PENDING"
+
+    wait_for(requeued, "the job to be requeued")
+    # Slurm holds a requeued job back for a while (its begin time); start it now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_for(lambda: kernel.read_text() != first, "the requeued job's notebook to start")
+    held.unlink()
+    out, err = runner.communicate(timeout=120)
+    assert runner.returncode == 0, err
+    lines = read_manifest(folder)
+    assert [(r["run"], r["status"]) for r in lines] == [("x=1", "submitted"), ("x=1", "ok")]
+    assert lines[1]["slurm_job"] == job
