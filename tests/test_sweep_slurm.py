@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from dmlkit.sweep import read_manifest, run_sweep
+from dmlkit.sweep import append_record, read_manifest, run_sweep
+from dmlkit.sweep.__main__ import main as sweep_main
 from dmlkit.sweep.slurm import SlurmResources, SlurmUnavailableError, resources_from
 from tests.slurm_cluster import PARTITION, SlurmCluster, missing_programs
 from tests.test_sweep import BASE, NOTEBOOKS, hold, write_spec
@@ -83,6 +84,21 @@ def test_resources_come_from_the_spec_then_the_command_line():
         "timeout_min": 2, "cpus_per_task": 1, "gpus_per_node": 1, "tasks_per_node": 1,
         "slurm_additional_parameters": {"account": "lab"}, "slurm_partition": "debug",
     }  # fmt: skip
+
+
+def test_the_cli_reads_slurm_options_and_a_dry_run_shows_what_it_would_collect(project, capsys):
+    executor = {"partition": "gpu", "mem_gb": 8, "sbatch": {"qos": "low", "account": "x"}}
+    spec = write_spec(project, {**BASE, "executor": executor})
+    folder = project / "papermill_runs" / "toy"
+    append_record(folder / "manifest.jsonl", {"run": "x=1", "kind": "run", "status": "submitted"})
+    argv = [str(spec), "--dry-run", "--executor", "slurm", "--cpus-per-run", "4"]
+    assert sweep_main([*argv, "--sbatch", "account=lab", "qos=high"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (
+        "2 selected; one Slurm job each: SlurmResources(partition='gpu', gpus_per_run=0, "
+        "cpus_per_run=4, mem_gb=8, time_min=1440, sbatch={'qos': 'high', 'account': 'lab'})"
+    )
+    assert [line.split() for line in lines[2:]] == [["collect", "x=1"], ["run", "x=2"]]
 
 
 def test_without_sbatch_nothing_is_submitted_or_written(project, monkeypatch):

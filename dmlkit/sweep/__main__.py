@@ -119,6 +119,8 @@ def dry_run(args: argparse.Namespace) -> int:
         done = is_finished(job, latest)
         if args.figures:
             action = "finished" if done else "skip"
+        elif latest.get(job.key, {}).get("status") == "submitted":
+            action = "collect"  # a Slurm job submitted earlier: waited for, not resubmitted
         else:
             action = "skip (done)" if done else "run"
         print(f"  {action:<11}  {job.key}{_shown_overrides(job)}")

@@ -73,9 +73,11 @@ class SlurmResources:
 def resources_from(
     spec_executor: dict[str, Any], timeout_s: float | None, **cli: Any
 ) -> SlurmResources:
-    """The spec's ``executor`` values, overridden by the CLI's (those not None); without a
-    ``time_min``, the spec's ``timeout_s`` rounded up to minutes."""
-    values = {key: value for key, value in {**spec_executor, **cli}.items() if value is not None}
+    """The spec's ``executor`` values, overridden by the CLI's (those not None; ``sbatch``
+    options are merged); without a ``time_min``, ``timeout_s`` rounded up to minutes."""
+    given = {key: value for key, value in cli.items() if value is not None}
+    sbatch = {**spec_executor.get("sbatch", {}), **given.get("sbatch", {})}  # merged
+    values = {**spec_executor, **given, "sbatch": sbatch}
     if "time_min" not in values and timeout_s is not None:
         values["time_min"] = math.ceil(timeout_s / 60)
     return SlurmResources(**values)
