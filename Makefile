@@ -48,9 +48,9 @@ demo: $(STAMP)
 	@echo; cat papermill_runs/quickstart/figures/quickstart_table.md; echo
 	@echo "Figures:"; ls -1 papermill_runs/quickstart/figures/quickstart_* papermill_runs/glyphs-mini_contact_sheet.png
 
-# The sweeps behind the committed reference results (5 seeds each; README "Reference
-# results"), in the order their choices depend on: the validation sweeps that choose λ and
-# the DAAL variant, then the test-class sweeps. Finished runs are skipped, so an
+# The sweeps behind the committed reference results (5 seeds each; docs/results.md), in
+# the order their choices depend on: the validation sweeps that choose λ and the DAAL
+# variant, then the test-class sweeps. Finished runs are skipped, so an
 # interrupted `make reference` continues where it stopped. About 4 h on 2 cores.
 REFERENCE_SWEEPS := density_ablation daal_study glyphs_mini daal_test glyphs_full
 reference: $(STAMP)

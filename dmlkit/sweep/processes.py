@@ -1,5 +1,5 @@
 """Process plumbing of the sweep runner: thread budget, signalling process groups, the local
-executor (worker subprocesses, GPU slots) and the choice of executor."""
+executor (worker subprocesses, GPU slots)."""
 
 from __future__ import annotations
 
@@ -162,31 +162,3 @@ class LocalExecutor:
 
     def attach(self, record: dict[str, Any] | None) -> None:
         return None  # a local execution does not outlive its runner
-
-
-def make_executor(
-    kind: str,
-    spec: Any,
-    folder: Path,
-    jobs: int | None,
-    gpus: list[str] | None,
-    slurm: dict[str, Any] | None,
-) -> Any:
-    """The executor of ``kind``, checked (Slurm answers; jobs fit the GPU slots); writes nothing."""
-    if kind == "slurm":
-        from .slurm import SlurmExecutor, check_slurm, resources_from
-
-        resources = resources_from(spec.executor, spec.timeout_s, **(slurm or {}))
-        check_slurm(resources)
-        return SlurmExecutor(folder, resources, jobs=jobs or 10**9)
-    if kind != "local":
-        raise ValueError(f"executor must be 'local' or 'slurm', got {kind!r}")
-    if jobs is None:
-        jobs = len(gpus) if gpus else 1
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
-    if gpus and jobs > len(gpus):
-        raise ValueError(
-            f"--jobs {jobs} with {len(gpus)} GPU slot(s): a run needs a slot of its own"
-        )
-    return LocalExecutor(jobs, gpus)

@@ -32,7 +32,7 @@ from .manifest import MANIFEST, append_record, latest_records, lock_manifest, no
 from .manifest import read_manifest as _read_manifest
 from .outcome import Outcome, SweepResult
 from .plan import Job, OnlyFilter, plan, plan_steps, shown_path, sweep_folder
-from .processes import make_executor, read_result
+from .processes import LocalExecutor, read_result
 from .resume import check_owner, check_some_finished, is_finished, record_owner
 from .spec import SweepSpec, load_spec
 
@@ -98,6 +98,34 @@ def run_sweep(
             detach=detach,
         )  # fmt: skip
         return runner.run(grid_jobs, progress=progress)
+
+
+def make_executor(
+    kind: str,
+    spec: SweepSpec,
+    folder: Path,
+    jobs: int | None,
+    gpus: list[str] | None,
+    slurm: dict[str, Any] | None,
+) -> Any:
+    """The executor of ``kind``, checked (Slurm answers; jobs fit the GPU slots); writes nothing."""
+    if kind == "slurm":
+        from .slurm import SlurmExecutor, check_slurm, resources_from
+
+        resources = resources_from(spec.executor, spec.timeout_s, **(slurm or {}))
+        check_slurm(resources)
+        return SlurmExecutor(folder, resources, jobs=jobs or 10**9)
+    if kind != "local":
+        raise ValueError(f"executor must be 'local' or 'slurm', got {kind!r}")
+    if jobs is None:
+        jobs = len(gpus) if gpus else 1
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if gpus and jobs > len(gpus):
+        raise ValueError(
+            f"--jobs {jobs} with {len(gpus)} GPU slot(s): a run needs a slot of its own"
+        )
+    return LocalExecutor(jobs, gpus)
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
