@@ -8,7 +8,7 @@ STAMP := $(VENV)/.dmlkit-installed
 JOBS ?= 2
 DATA ?= $(DMLKIT_DATA)
 
-.PHONY: setup test test-all demo lint format lab browser-deps bench bench-gpu figures reference reproduce lock clean
+.PHONY: setup test test-all demo lint format lab browser-deps slurm-deps bench bench-gpu figures reference reproduce lock clean
 
 setup: $(STAMP)
 
@@ -112,6 +112,22 @@ browser-deps:
 	else \
 	  echo "browser-deps: no apt-get here: install Chromium and chromedriver yourself and set"; \
 	  echo "  DMLKIT_CHROMIUM and DMLKIT_CHROMEDRIVER, or tests/test_lab.py is skipped"; \
+	fi
+
+# Slurm and munge for tests/test_sweep_slurm.py (a real one-node cluster the tests start and
+# stop themselves): Debian's slurm-wlm and munge, installed like browser-deps. Without apt it
+# only says so, and those tests are skipped. .ci/run calls it before `make test`.
+slurm-deps:
+	@if command -v sbatch >/dev/null && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/munged ]; then \
+	  echo "slurm-deps: $$(/usr/sbin/slurmctld -V)"; \
+	elif command -v apt-get >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "slurm-deps: $${sudo:+sudo }apt-get install -y slurm-wlm munge"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else \
+	  echo "slurm-deps: no apt-get here: install Slurm and munge yourself, or"; \
+	  echo "  tests/test_sweep_slurm.py is skipped"; \
 	fi
 
 # Every benchmark in one table (benchmarks/report.py runs each benchmarks/bench_*.py with
