@@ -33,6 +33,7 @@ import nbformat
 import pytest
 
 from dmlkit.lab import lab_arguments
+from dmlkit.plotting.explore import MAX_GRID
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("DMLKIT_CHROMIUM", "/usr/bin/chromium"))
@@ -449,6 +450,30 @@ return [...new Set(colors)].sort();
 """
 
 
+# The box-select tool made the active drag (as a click on its toolbar button does), and the
+# map's frame in page coordinates.
+_BOX_SELECT = """
+const plot = Bokeh.documents[0].get_model_by_name('map');
+plot.toolbar.active_drag = plot.toolbar.tools.find(tool => tool.type === 'BoxSelectTool');
+const view = Bokeh.index.find_one(plot);
+const box = view.canvas_view.el.getBoundingClientRect();
+const frame = view.frame.bbox;
+return [box.left + frame.left, box.top + frame.top, box.left + frame.right, box.top + frame.bottom];
+"""
+
+
+def box_select_everything(driver) -> None:
+    """Drag the box-select tool over the whole map."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    left, top, right, bottom = driver.execute_script(_BOX_SELECT)
+    action = ActionBuilder(driver)
+    action.pointer_action.move_to_location(round(left + 2), round(top + 2)).pointer_down()
+    action.pointer_action.move_to_location(round(right - 2), round(bottom - 2)).pointer_up()
+    action.perform()
+    time.sleep(1)
+
+
 def hover_and_click(driver, index: int = 0, frame=None) -> tuple[list, list]:
     """Hover point ``index`` of the explorer (its tooltip's images), then click it (the
     gallery's images: the query and its top-k). ``frame``: the iframe that holds the page
@@ -543,12 +568,7 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
     try:
         lab.driver.get(page.as_uri())
         tooltip, gallery = hover_and_click(lab.driver, index=5)
-        # A box/lasso selection sets the renderer's selected indices, as this does.
-        lab.driver.execute_script(
-            "Bokeh.documents[0].get_model_by_name('map').renderers[0]"
-            ".data_source.selected.indices = [0, 1, 2, 3];"
-        )
-        time.sleep(1)
+        box_select_everything(lab.driver)
         grid = lab.driver.execute_script(_DEEP_IMAGES, ".dmlkit-grid img")
         lab.driver.execute_script(_RECOLOUR)
         time.sleep(1)  # CustomJS callbacks run asynchronously
@@ -561,6 +581,6 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
         lab.driver.delete_network_conditions()
     assert _decoded(tooltip), tooltip  # one image per point under the pointer
     assert _decoded(gallery) and len(gallery) == k + 1, gallery
-    assert _decoded(grid) and len(grid) == 4, grid
+    assert _decoded(grid) and len(grid) == MAX_GRID, len(grid)  # 300 selected, 120 shown
     assert recoloured == ["#2ca02c", "#d62728"], recoloured  # hits green, misses red
     assert not [url for url in fetched if not url.startswith("data:")], fetched
