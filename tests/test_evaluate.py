@@ -87,7 +87,9 @@ def _datasets():
     dups[200:205] = dups[250]
     scaled = torch.randn(500, 12, generator=g) * torch.rand(500, 1, generator=g) * 4
     lattice = torch.randint(-2, 3, (500, 6), generator=g).float()  # many exact ties
-    return {"unit": unit, "duplicates": dups, "norms": scaled, "lattice": lattice}
+    odd = torch.randn(400, 7, generator=g)  # rows of 28 bytes: copies at every alignment
+    odd[50:90] = odd[5]
+    return {"unit": unit, "duplicates": dups, "norms": scaled, "lattice": lattice, "odd": odd}
 
 
 DATA = _datasets()
@@ -119,13 +121,12 @@ def test_knn_widens_uncertified_queries_up_to_every_key(monkeypatch, name, k):
     # No spare candidates: a query whose k-th neighbour ties keys left out fails the
     # certificate and is searched again with 4× the candidates, in the end with all.
     monkeypatch.setattr(neighbours, "_MARGIN", 0)
-    monkeypatch.setattr(neighbours, "_GATHER", 500)  # re-rank in many row/column chunks
     widths = []
     rerank = neighbours._sorted_sq_distances
     monkeypatch.setattr(
         neighbours,
         "_sorted_sq_distances",
-        lambda q, keys, cand: widths.append(cand.shape[1]) or rerank(q, keys, cand),
+        lambda *args: widths.append(args[-1].shape[1]) or rerank(*args),
     )
     x = DATA[name][:500]
     _, indices = knn(x, k=k, block_size=100)
@@ -152,7 +153,7 @@ def test_knn_of_collapsed_embeddings_lists_the_lower_indices(monkeypatch):
     monkeypatch.setattr(
         neighbours,
         "_sorted_sq_distances",
-        lambda q, keys, cand: widths.append(cand.shape[1]) or rerank(q, keys, cand),
+        lambda *args: widths.append(args[-1].shape[1]) or rerank(*args),
     )
     distances, indices = knn(torch.zeros(300, 4), k=3)
     assert widths == [19, 76, 299]  # every key ties: widened until all are re-ranked

@@ -1,13 +1,14 @@
 """Exact k nearest neighbours (Euclidean) on CPU or CUDA: fp32 candidates, float64 re-rank.
 
-Exact means the order of the squared distances d²_ij = Σ_d (q_id − k_jd)² evaluated in
-float64, ties broken by the lower key index; bitwise-equal keys always tie. Per block of
-queries (docs/methods.md#exact-knn):
+Exact means the order of the squared distances d²_ij = ||q_i||² + ||k_j||² − 2⟨q_i, k_j⟩
+evaluated in float64 (each term one float64 dot product by the same kernel, so a query
+equal to a key is at 0 and bitwise-equal keys tie), ties broken by the lower key index.
+Per block of queries (docs/methods.md#exact-knn):
 
 1. one fp32 matmul scores every key, r̃_ij = fl(||k_j||² − 2⟨q_i, k_j⟩) (smaller = closer);
 2. the c = k + margin smallest r̃ per query are the candidates, re-ranked in float64;
 3. certificate: a key left out has r̃ ≥ cut (the largest kept r̃) and, by the error bound
-   below, a float64 distance ≥ lower_i = ||q_i||² + cut − slack_i. If lower_i is strictly
+   below, a float64 d² ≥ lower_i = ||q_i||² + cut − slack_i. If lower_i is strictly
    above the k-th re-ranked distance, no left-out key can enter the top k or tie the
    k-th, so the candidates hold every key with d² ≤ d²_(k) — the complete tie group at
    the k-th, which the tie-aware metrics need (docs/methods.md#ties). Otherwise the query
@@ -18,12 +19,15 @@ product of D terms errs by at most γ_D·||q||·||k||, γ_D = D·u/(1 − D·u),
 summation order; rounding ||k||² and the subtraction adds u-sized terms of the same
 magnitude B_i = (||q_i|| + max_j ||k_j||)², and fp64 inputs rounded to fp32 two more.
 slack_i = (4·D + 32)·u·B_i covers all of them twice over; TF32 or bf16 matmuls (a float32
-matmul precision below "highest") round the operands once more, + 6·u_op·B_i.
+matmul precision below "highest") round the operands once more, + 6·u_op·B_i. The float64
+evaluation of d² errs by at most (D + 4)·2⁻⁵³·B_i, and that of lower_i by a few 2⁻⁵³ of
+its terms: lower_i is lowered by (2·D + 16)·2⁻⁵³ of their sum.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from numbers import Integral
 
@@ -31,7 +35,6 @@ import torch
 from torch import Tensor
 
 _SCORES = 2**22  # fp32 scores per block of queries (16 MB)
-_GATHER = 2**22  # float64 values per re-rank chunk (32 MB)
 _MARGIN = 16  # spare candidates per query beyond k (and k/8): certifies nearly all at once
 
 
@@ -91,12 +94,11 @@ def search(
     """
     count = len(keys)
     available = count - int(skip_self)
-    key_sq = torch.cat([x.double().square().sum(1) for x in keys.split(4096)])  # (M,)
-    key_op = keys.float()
-    key_sq32 = key_sq.float()
-    key_max = key_sq.max().sqrt()
+    keys64 = keys.double()
+    key_sq = _sq_norms(keys64)  # (M,) float64
+    key_op, key_sq32, key_max = keys.float(), key_sq.float(), key_sq.max().sqrt()
     slack_unit = (4 * keys.shape[1] + 32) * 2.0**-24 + 6 * _operand_unit(keys.device)
-    rho = (keys.shape[1] + 8) * 2.0**-52  # float64 evaluation of d² and of the bound
+    rho = (2 * keys.shape[1] + 16) * 2.0**-53  # float64 evaluation of d² and of the bound
     margin = max(_MARGIN, k // 8)
     rows = block_size or max(1, _SCORES // max(1, count))
     for start in range(0, len(queries), rows):
@@ -105,8 +107,9 @@ def search(
         scores = torch.addmm(key_sq32, q.float(), key_op.T, alpha=-2)  # (m, M) r̃
         if skip_self:
             scores[torch.arange(len(q), device=q.device), block] = math.inf
-        q_sq = q.double().square().sum(1)  # (m,)
-        slack = slack_unit * (q_sq.sqrt() + key_max) ** 2  # (m,)
+        q64 = q.double()
+        q_sq = key_sq[block] if skip_self else _sq_norms(q64)  # (m,)
+        bound = (q_sq.sqrt() + key_max) ** 2  # (m,) B_i
         kept = min(available, k + margin)
         sq = torch.empty(len(q), 0, dtype=torch.float64, device=q.device)
         idx = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
@@ -116,15 +119,20 @@ def search(
                 cand = torch.arange(available, device=q.device).expand(len(todo), -1)
                 if skip_self:
                     cand = cand + (cand >= block[todo, None])
-                ok = torch.ones(len(todo), dtype=torch.bool, device=q.device)
             else:
-                values, cand = scores[todo].topk(kept, dim=1, largest=False, sorted=False)
+                rows_left = scores if len(todo) == len(q) else scores[todo]  # no copy at first
+                values, cand = rows_left.topk(kept, dim=1, largest=False, sorted=False)
                 cut = values.max(1).values.double()  # every left-out key has r̃ ≥ cut
-            d2, cand = _sorted_sq_distances(q[todo], keys, cand)
+            d2, cand = _sorted_sq_distances(q64[todo], q_sq[todo], keys64, key_sq, cand)
+            ok = torch.ones(len(todo), dtype=torch.bool, device=q.device)
             if kept < available:
-                lower = q_sq[todo] + cut - slack[todo]
-                lower = lower - rho * (q_sq[todo] + cut.abs() + slack[todo])
-                ok = torch.isfinite(lower) & (lower - rho * lower.abs() > d2[:, k - 1])
+                slack = slack_unit * bound[todo]
+                margin_ = rho * (bound[todo] + q_sq[todo] + cut.abs() + slack)
+                lower = q_sq[todo] + cut - slack - margin_  # ≤ every left-out key's d²
+                ok = torch.isfinite(lower) & (lower > d2[:, k - 1])
+            if len(todo) == len(q) and ok.all():  # the usual case: all done at once
+                sq, idx = d2, cand
+                break
             if sq.shape[1] < d2.shape[1]:  # widen the output for the rows searched again
                 pad = d2.shape[1] - sq.shape[1]
                 sq = torch.nn.functional.pad(sq, (0, pad), value=math.inf)
@@ -135,20 +143,44 @@ def search(
         yield start, sq, idx
 
 
-def _sorted_sq_distances(q: Tensor, keys: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
-    """float64 Σ(q − k)² of each query's candidates, rows sorted by (d², index)."""
-    cand = cand.sort(1).values  # index order first, so the stable sort breaks ties by it
-    m, c = cand.shape
-    d2 = torch.empty(m, c, dtype=torch.float64, device=q.device)
-    q64 = q.double()
-    cols = max(1, _GATHER // keys.shape[1])
-    rows = max(1, _GATHER // (min(c, cols) * keys.shape[1]))
-    for r in range(0, m, rows):
-        for s in range(0, c, cols):
-            diff = keys[cand[r : r + rows, s : s + cols]].double() - q64[r : r + rows, None]
-            d2[r : r + rows, s : s + cols] = diff.square_().sum(2)
-    d2, order = d2.sort(dim=1, stable=True)
-    return d2, cand.gather(1, order)
+def _sorted_sq_distances(
+    q64: Tensor, q_sq: Tensor, keys64: Tensor, key_sq: Tensor, cand: Tensor
+) -> tuple[Tensor, Tensor]:
+    """float64 d² = ||q||² + ||k||² − 2⟨q, k⟩ of each query's candidates (m, c), rows
+    sorted by (d², index). The dot products are sampled from the (m, M) product (sparse
+    CSR pattern): each is one float64 dot, computed in place of gathering (m, c, D) rows."""
+    d2 = q_sq[:, None] + key_sq[cand] - 2 * _dots(q64, keys64, cand)
+    d2, order = d2.sort(dim=1)
+    cand = cand.gather(1, order)
+    tied = (d2[:, 1:] == d2[:, :-1]).any(1)  # (m,) rows whose ties need index order
+    if tied.any():
+        by_index, order = cand[tied].sort(1)
+        d2_tied, again = d2[tied].gather(1, order).sort(dim=1, stable=True)
+        d2[tied], cand[tied] = d2_tied, by_index.gather(1, again)
+    return d2, cand
+
+
+def _dots(a: Tensor, b: Tensor, columns: Tensor, *, ordered: bool = False) -> Tensor:
+    """(m, c) float64 ⟨a_i, b_j⟩ for j = columns[i, :]."""
+    m, c = columns.shape
+    if a.device.type != "cpu" and not ordered:  # cuSPARSE wants each row's columns in order
+        columns, order = columns.sort(1)
+        dots = _dots(a, b, columns, ordered=True)
+        return torch.empty_like(dots).scatter_(1, order, dots)
+    rows = torch.arange(0, m * c + 1, c, device=a.device)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            rows, columns.reshape(-1), a.new_zeros(m * c), size=(m, len(b)), check_invariants=False
+        )
+    return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values().view(m, c)
+
+
+def _sq_norms(x64: Tensor, rows: int = 4096) -> Tensor:
+    """(n,) float64 ⟨x_i, x_i⟩ by the same dot product as ``_dots``, so that a query equal
+    to a key is at d² = 0 exactly."""
+    parts = [_dots(x, x, torch.arange(len(x), device=x.device)[:, None]) for x in x64.split(rows)]
+    return torch.cat(parts)[:, 0] if parts else x64.new_zeros(0)
 
 
 def _operand_unit(device: torch.device) -> float:
