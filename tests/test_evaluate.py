@@ -255,6 +255,14 @@ def test_retrieval_metrics_count_tied_runs_by_their_expected_value(seed):
     assert m["num_queries"] == count
 
 
+def test_a_tie_at_the_first_place_counts_half():
+    # From 0, the items at 1 (its class) and −1 (another) tie: recall@1 is 1/2 for it.
+    x = torch.tensor([[0.0], [1.0], [-1.0], [5.0]])
+    m = retrieval_metrics(x, torch.tensor([0, 0, 1, 1]), ks=(1,), nmi=False)
+    assert m["recall@1"] == pytest.approx((0.5 + 1 + 0 + 0) / 4)
+    assert m["map@r"] == pytest.approx((0.5 + 1 + 0 + 0) / 4)
+
+
 def test_collapsed_embeddings_score_chance_in_any_item_order():
     # Issue 25, item 2: ties went to the lower index, and test sets are class-sorted.
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])

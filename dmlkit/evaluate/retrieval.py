@@ -60,14 +60,21 @@ def retrieval_metrics(
     for start, sq, idx in search(queries, keys, k, skip_self=True, block_size=block_size):
         step = max(1, _VALUES // sq.shape[1])  # bounds TieGroups' (rows, c) temporaries
         for s in range(0, len(sq), step):
-            rows = slice(start + s, start + s + len(sq[s : s + step]))
+            part = sq[s : s + step].cpu()
+            rows = torch.arange(start + s, start + s + len(part))
             hits = labels[idx[s : s + step].cpu()] == labels[rows, None]  # (m, c)
-            ties = TieGroups(sq[s : s + step].cpu(), hits, k)
+            # Rows without a tie up to the k-th place take the plain formulas (faster).
+            width = min(k + 1, part.shape[1])  # places 1..k, and the k-th against the next
+            tied = (part[:, 1:width] == part[:, : width - 1]).any(1)  # (m,)
+            plain, ties = ~tied, TieGroups(part[tied], hits[tied], k)
             for K in ks:
-                found[K][rows] = ties.any_hit(torch.full((len(hits),), K))
+                found[K][rows[plain]] = hits[plain, :K].any(1).double()
+                found[K][rows[tied]] = ties.any_hit(torch.full((int(tied.sum()),), K))
             r = relevant[rows].clamp_min(1)
-            r_precision[rows] = ties.expected_hits(r) / r
-            average_precision[rows] = ties.average_precision(r)
+            values = r_precision_and_map(hits[plain, :k], r[plain], mean=False)
+            r_precision[rows[plain]], average_precision[rows[plain]] = values
+            r_precision[rows[tied]] = ties.expected_hits(r[tied]) / r[tied]
+            average_precision[rows[tied]] = ties.average_precision(r[tied])
     valid = relevant > 0
     out: dict[str, float | int] = {f"recall@{K}": _mean(found[K][valid]) for K in ks}
     out["r_precision"] = _mean(r_precision[valid])
@@ -167,17 +174,23 @@ def recall_at_k(hits: Tensor, ks: Sequence[int]) -> dict[str, float]:
     return {f"recall@{K}": _mean((first_hit < K).double()) for K in ks}
 
 
-def r_precision_and_map(hits: Tensor, relevant: Tensor) -> dict[str, float]:
+def r_precision_and_map(
+    hits: Tensor, relevant: Tensor, *, mean: bool = True
+) -> dict[str, float] | tuple[Tensor, Tensor]:
     """R-precision and MAP@R (Musgrave et al. 2020) of ranked hits without ties.
 
     R-precision = (hits in the first R) / R;  MAP@R = (1/R) Σ_{i ≤ R} P(i)·rel(i) with
     P(i) = (hits in the first i) / i. hits: (Q, k) bool with k ≥ max R; relevant: (Q,) R ≥ 1.
+    mean=False: the (Q,) float64 values per query instead of their means.
     """
     ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
     r = relevant.double()
     rel = (hits.cpu() & (ranks[None, :] <= r[:, None])).double()
+    precision = rel.sum(1) / r
     average_precision = (rel.cumsum(1) / ranks * rel).sum(1) / r
-    return {"r_precision": _mean(rel.sum(1) / r), "map@r": _mean(average_precision)}
+    if not mean:
+        return precision, average_precision
+    return {"r_precision": _mean(precision), "map@r": _mean(average_precision)}
 
 
 def as_labels(labels, count: int) -> Tensor:
