@@ -73,7 +73,8 @@ def knn(
         return distances, indices
     skip = self_search and exclude_self
     for start, sq, idx in search(queries, keys_, k, skip_self=skip, block_size=block_size):
-        distances[start : start + len(sq)] = sq[:, :k].sqrt()  # rounded once, from float64
+        # Rounded once from float64; a near-duplicate's d² may come out a few ulps below 0.
+        distances[start : start + len(sq)] = sq[:, :k].clamp_min(0).sqrt()
         indices[start : start + len(sq)] = idx[:, :k]
     return distances, indices
 
@@ -195,6 +196,8 @@ def _operand_unit(device: torch.device) -> float:
 def check_inputs(queries, keys, k, exclude_self) -> tuple[Tensor, Tensor, bool]:
     """Validate; returns (queries, keys) as float32/float64 and whether keys is None."""
     self_search = keys is None
+    if isinstance(queries, Tensor) and queries.device.type == "mps":  # MPS has no float64
+        queries, keys = queries.cpu(), None if self_search else keys.cpu()
     tensors = [queries] if self_search else [queries, keys]
     for name, x in zip(("queries", "keys"), tensors, strict=False):
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
