@@ -8,7 +8,7 @@ STAMP := $(VENV)/.dmlkit-installed
 JOBS ?= 2
 DATA ?= $(DMLKIT_DATA)
 
-.PHONY: setup test test-all demo lint format lab browser-deps bench bench-gpu figures reference reproduce lock clean
+.PHONY: setup test test-all demo lint format lab browser-deps slurm-deps bench bench-gpu figures reference reproduce lock clean
 
 setup: $(STAMP)
 
@@ -48,9 +48,9 @@ demo: $(STAMP)
 	@echo; cat papermill_runs/quickstart/figures/quickstart_table.md; echo
 	@echo "Figures:"; ls -1 papermill_runs/quickstart/figures/quickstart_* papermill_runs/glyphs-mini_contact_sheet.png
 
-# The sweeps behind the committed reference results (5 seeds each; README "Reference
-# results"), in the order their choices depend on: the validation sweeps that choose λ and
-# the DAAL variant, then the test-class sweeps. Finished runs are skipped, so an
+# The sweeps behind the committed reference results (5 seeds each; docs/results.md), in
+# the order their choices depend on: the validation sweeps that choose λ and the DAAL
+# variant, then the test-class sweeps. Finished runs are skipped, so an
 # interrupted `make reference` continues where it stopped. About 4 h on 2 cores.
 REFERENCE_SWEEPS := density_ablation daal_study glyphs_mini daal_test glyphs_full
 reference: $(STAMP)
@@ -112,6 +112,22 @@ browser-deps:
 	else \
 	  echo "browser-deps: no apt-get here: install Chromium and chromedriver yourself and set"; \
 	  echo "  DMLKIT_CHROMIUM and DMLKIT_CHROMEDRIVER, or tests/test_lab.py is skipped"; \
+	fi
+
+# Slurm and munge for tests/test_sweep_slurm.py (a real one-node cluster the tests start and
+# stop themselves): Debian's slurm-wlm and munge, installed like browser-deps. Without apt it
+# only says so, and those tests are skipped. .ci/run calls it before `make test`.
+slurm-deps:
+	@if command -v sbatch >/dev/null && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/munged ]; then \
+	  echo "slurm-deps: $$(/usr/sbin/slurmctld -V)"; \
+	elif command -v apt-get >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "slurm-deps: $${sudo:+sudo }apt-get install -y slurm-wlm munge"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else \
+	  echo "slurm-deps: no apt-get here: install Slurm and munge yourself, or"; \
+	  echo "  tests/test_sweep_slurm.py is skipped"; \
 	fi
 
 # Every benchmark in one table (benchmarks/report.py runs each benchmarks/bench_*.py with

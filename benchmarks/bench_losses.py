@@ -227,6 +227,79 @@ def _pml_version() -> str:
     return pytorch_metric_learning.__version__
 
 
+def trick_rows(sizes: list[int], repeats: int) -> list[dict]:
+    """The two speed tricks of the losses against their plain forms (CPU; information):
+    ``_SelfDistance`` (one in-place (B, B) buffer, one-matmul backward) against the Gram
+    form + ``safe_sqrt``; Proxy-Anchor's direct exponentials (bounded exponents,
+    ``EXP_BOUND``) against the masked log-sum-exp, with B/4 proxies (as above) and 1,000."""
+    import dmlkit.losses.proxy_anchor as proxy_anchor
+    from dmlkit.numerics import _SelfDistance, safe_sqrt
+
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        norms = x.pow(2).sum(1)
+        squared = torch.addmm(norms[:, None] + norms[None, :], x, x.T, alpha=-2).clamp_min(0)
+        return safe_sqrt(squared - torch.diag_embed(squared.diagonal()))
+
+    def timed(step: Callable[[], None]) -> float:
+        step()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def distances(kind, x):
+        def step():
+            z = x.clone().requires_grad_()
+            d = _SelfDistance.apply(z, False) if kind == "trick" else gram(z)
+            (d * d.detach()).sum().backward()
+
+        return step
+
+    def proxies(bound, z, y, p):
+        def step():
+            proxy_anchor.EXP_BOUND = bound
+            try:
+                zz, pp = z.clone().requires_grad_(), p.clone().requires_grad_()
+                proxy_anchor.proxy_anchor_loss(zz, y, pp).backward()
+            finally:
+                proxy_anchor.EXP_BOUND = default
+
+        return step
+
+    default, group, out = proxy_anchor.EXP_BOUND, "loss speed tricks (CPU, 1 thread)", []
+    for batch in sizes:
+        x, labels = make_batch(batch, torch.device("cpu"), max(196, batch // 4))
+        plain, trick = timed(distances("plain", x)), timed(distances("trick", x))
+        out.append(
+            make_row(
+                group,
+                f"pairwise distances, B = {batch}",
+                dmlkit_s=trick,
+                reference="Gram form + safe_sqrt",
+                reference_s=plain,
+                note="_SelfDistance kept where this ratio is < 1",
+            )
+        )
+        for count in sorted({batch // 4, 1000}):
+            p = torch.randn(count, DIM)
+            y = torch.randint(0, count, (batch,))
+            plain = timed(proxies(0.0, x, y, p))
+            direct = timed(proxies(default, x, y, p))
+            out.append(
+                make_row(
+                    group,
+                    f"Proxy-Anchor exponentials, B = {batch}, C = {count}",
+                    dmlkit_s=direct,
+                    reference="masked log-sum-exp",
+                    reference_s=plain,
+                    note="direct exp kept where this ratio is < 1",
+                )
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", help="batch sizes (default 128 512 2048)")
@@ -272,6 +345,8 @@ def main() -> None:
                 else:
                     rows.append(row_for(case, batch, device, result, threads, gpu=is_gpu))
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    if table_rows.cpu_rows_wanted(args):
+        rows += trick_rows(sizes, repeats)
     if gpu is None:
         rows.append(not_run("losses (CUDA)", "every loss", NO_CUDA, target="≤ 1.0"))
     print("\n" + markdown_table(rows))

@@ -41,6 +41,7 @@ import torch
 from machine import header
 from rows import NO_CUDA, make_row, markdown_table, not_run, write_json
 
+from dmlkit.data.crops import to_device
 from dmlkit.data.loader import loader_batches
 from dmlkit.models import build_model
 from dmlkit.train import TrainConfig, fit
@@ -96,7 +97,7 @@ def loader_epoch(cfg: TrainConfig, device: torch.device, pin_memory: bool | None
     start, first, count = time.perf_counter(), None, 0
     with loader_batches(loader) as batches:
         for images, _labels in batches:
-            images.to(device, non_blocking=True)
+            to_device(images, device)
             first = first if first is not None else time.perf_counter() - start
             count += len(images)
     _synchronize(device)
@@ -177,6 +178,7 @@ def cuda_configs(
             TrainConfig(
                 dataset="folder",
                 data_root=str(root),
+                dataset_options={"decoded_cache": True, "cache_dir": str(out / "decoded")},
                 backbone=backbone,
                 loss="triplet",
                 **{"epochs": 3, **shape},

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine that has PyTorch but not this project's .venv (no `make setup` there: no
 # package index), with dmlkit imported from the checkout: the CUDA tests (pytest needed:
-# kNN and retrieval metrics on CUDA against the CPU; every loss on CUDA against the CPU;
+# kNN and retrieval metrics on CUDA against the CPU; every loss on CUDA against the CPU; the
+# device crop-resize against the CPU and a bit-for-bit resume from the decoded cache;
 # fit on CUDA under AMP, bit-for-bit repeat and resume, a CUDA run resumed on the CPU),
 # then the CUDA rows of `make bench`. Exit status 1 if the tests failed (the rows run
 # anyway).
@@ -30,7 +31,8 @@ out=${OUT:-benchmarks}/results-gpu.md
 status=0
 if [ "$mode" = --gpu-only ]; then
   "$python" -m pytest -q -p no:cacheprovider -rs -k cuda \
-    tests/test_evaluate.py tests/test_losses.py tests/test_train.py || status=1
+    tests/test_evaluate.py tests/test_losses.py tests/test_train.py tests/test_input_pipeline.py \
+    || status=1
 fi
 "$python" benchmarks/report.py "$mode" --out "$out"
 exit $status

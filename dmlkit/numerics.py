@@ -23,31 +23,6 @@ _SQRT_EPS = 1e-12  # below this a squared distance is treated as exactly 0
 _ONE_DIMENSIONAL = "; one embedding is embeddings[None], one number per sample embeddings[:, None]"
 
 
-def full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Run ``loss_fn(embeddings, labels, *state, ...)`` with autocast off, in fp32 or float64.
-
-    ``embeddings`` and the floating tensors of ``state`` (e.g. the proxies) are cast to
-    float64 if any of them is float64, else to fp32; ``labels`` are passed as given.
-    """
-
-    @functools.wraps(loss_fn)
-    def wrapper(embeddings: Tensor, labels: Tensor, *state: Any, **kwargs: Any) -> Tensor:
-        # Autocast would send the Gram matmul back to half precision, where d ≈ 0.5
-        # has ~3 significant digits and exp(50·s) overflows; float64 embeddings with fp32
-        # proxies would make the matmul raise.
-        floats = [x for x in (embeddings, *state) if _is_float_tensor(x)]
-        dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
-        embeddings, *state = (
-            x.to(dtype) if _is_float_tensor(x) else x for x in (embeddings, *state)
-        )
-        # Not a tensor: the loss's own check (check_batch) says so.
-        device = embeddings.device.type if isinstance(embeddings, Tensor) else "cpu"
-        with torch.autocast(device, enabled=False):
-            return loss_fn(embeddings, labels, *state, **kwargs)
-
-    return wrapper
-
-
 def _is_float_tensor(x: Any) -> bool:
     return isinstance(x, Tensor) and x.is_floating_point()
 
@@ -113,51 +88,41 @@ def non_finite_as_nan(loss: Tensor, embeddings: Tensor) -> Tensor:
     return loss + total * 0
 
 
-def checked_batch(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Validate ``(embeddings, labels, ...)`` (``checked_loss``); B = 0 gives a connected 0.
+def loss_contract(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The one wrapper of every loss: ``loss(embeddings, labels, *state, **hyperparams)``
+    or a loss module's ``forward(self, embeddings, labels)``. In order:
 
-    For losses without state (the pair losses), whose masks need a non-empty batch.
+    1. validate (``check_batch``): the width D is checked against the first floating
+       tensor of ``state`` (e.g. proxies (C, D)) or ``self.embedding_dim``; the second
+       parameter's name ("labels", "targets") is used in the messages;
+    2. B = 0: a function returns 0, connected to its inputs (masks, max and mean need a
+       non-empty batch); a module's forward runs (its terms are defined when empty);
+    3. precision: autocast off; ``embeddings`` and floating ``state`` in fp32, or all in
+       float64 if any of them is float64 (half precision would give distances ~3
+       significant digits and overflow exp(α·s); mixed float64/fp32 matmuls raise);
+    4. NaN propagation: the result is NaN when any embedding is NaN or ±inf
+       (``non_finite_as_nan``).
     """
+    parameters = list(inspect.signature(loss).parameters)
+    method = parameters[0] == "self"
+    name = parameters[2 if method else 1]
 
-    @functools.wraps(loss_fn)
-    def empty_is_zero(embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if len(labels) == 0 and len(embeddings) == 0:
-            # max/argmax over an empty dimension raise and a mean over nothing is NaN; a
-            # batch of nothing has no valid pair or triplet, so it gets that case's 0.
-            return embeddings.sum() * 0
-        return loss_fn(embeddings, labels, *args, **kwargs)
-
-    return checked_loss(empty_is_zero)
-
-
-def checked_loss(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Validate a pure loss's inputs (``check_batch``) and make it NaN for non-finite ones.
-
-    ``loss_fn(embeddings, labels, *state, **hyperparams)``: a floating tensor in ``state``
-    (e.g. proxies (C, D)) must have D columns too. The second parameter's name is used in
-    the messages.
-    """
-    name = list(inspect.signature(loss_fn).parameters)[1]
-
-    @functools.wraps(loss_fn)
-    def wrapper(embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        widths = [x.shape[-1] for x in args if _is_float_tensor(x) and x.dim()]
-        check_batch(embeddings, labels, embedding_dim=widths[0] if widths else None, name=name)
-        return non_finite_as_nan(loss_fn(embeddings, labels, *args, **kwargs), embeddings)
-
-    return wrapper
-
-
-def checked_forward(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``checked_loss`` for a loss module's ``forward(self, embeddings, labels)``.
-
-    The width is checked against ``self.embedding_dim`` when the module has one.
-    """
-
-    @functools.wraps(forward)
-    def wrapper(self: Any, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, embedding_dim=getattr(self, "embedding_dim", None))
-        return non_finite_as_nan(forward(self, embeddings, labels), embeddings)
+    @functools.wraps(loss)
+    def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+        owner, (embeddings, labels, *state) = (args[:1], args[1:]) if method else ((), args)
+        if method:
+            width = getattr(owner[0], "embedding_dim", None)
+        else:
+            width = next((x.shape[-1] for x in state if _is_float_tensor(x) and x.dim()), None)
+        check_batch(embeddings, labels, embedding_dim=width, name=name)
+        if not method and len(embeddings) == 0:
+            return sum((x.sum() * 0 for x in state if _is_float_tensor(x)), embeddings.sum() * 0)
+        floats = [x for x in (embeddings, *state) if _is_float_tensor(x)]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
+        wide, *state = (x.to(dtype) if _is_float_tensor(x) else x for x in (embeddings, *state))
+        with torch.autocast(embeddings.device.type, enabled=False):
+            result = loss(*owner, wide, labels, *state, **kwargs)
+        return non_finite_as_nan(result, embeddings)
 
     return wrapper
 

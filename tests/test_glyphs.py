@@ -356,5 +356,3 @@ def test_a_glyph_transform_object_takes_the_fast_path(mini, cache):
     torch.testing.assert_close(ds[key][0], expected)
     default = data.get_dataset("glyphs-mini", "test", transform="train", cache_dir=cache)
     assert not torch.equal(default[key][0], ds[key][0])
-
-

@@ -76,8 +76,8 @@ def test_the_policy_checks_can_fail(tmp_path):
 
 
 def test_the_daal_test_sweep_runs_the_variant_chosen_on_validation():
-    note = (ROOT / "figures" / "daal_study_validation.md").read_text().splitlines()[0]
-    chosen = re.search(r"\): (\S+)\.$", note).group(1)
+    note = (ROOT / "figures" / "daal_study_validation.md").read_text().split("\n\n")[0]
+    chosen = re.search(r"\): (\S+)\.$", " ".join(note.split())).group(1)
     spec = load_spec(ROOT / "notebooks" / "sweeps" / "daal_test.yaml")
     assert spec.grid["label"] == [chosen], f"daal_test.yaml must run {chosen}, the chosen variant"
 

@@ -225,6 +225,7 @@ def override(where, values, **extra) -> dict:
         ({"then": [{"notebook": FIGURE, "colour": 1}]}, "then[0].colour", "unknown key"),
         ({"then": [{"notebook": "notebooks/toy_run.ipynb"}]}, "then[0].notebook", "'run_dir'"),
         ({"then": [FIGURE, FIGURE]}, "then[1].name", "named"),
+        ({"executor": {"nodes": 2}}, "executor.nodes", "unknown key"),
         ({"overrides": {"where": {"x": 1}}}, "overrides", "must be a list"),
         ({"overrides": ["x=1"]}, "overrides[0]", "must be a mapping"),
         (override({"x": 1}, {"label": "b"}, when=1), "overrides[0].when", "unknown key"),
@@ -503,6 +504,131 @@ def test_dry_run_lists_runs_and_steps_without_running(project):
     assert not (project / "papermill_runs").exists()
 
 
+def test_a_huge_grid_is_refused_before_planning_with_its_size(project):
+    grid = {"x": list(range(1001)), "label": [f"l{i}" for i in range(100)]}
+    spec = write_spec(project, {**BASE, "grid": grid})
+    with pytest.raises(SpecError, match=r"grid: 100,100 points \(1001 × 100\), more than"):
+        load_spec(spec)
+    done = sweep_cli(str(spec), "--dry-run", cwd=project)
+    assert done.returncode == 2 and "100,100 points" in done.stderr
+    assert load_spec(write_spec(project, {**BASE, "grid": {**grid, "x": list(range(1000))}}))
+
+
+def test_a_dry_run_says_the_grid_size_before_planning(project, monkeypatch, capsys):
+    spec = write_spec(project, {**BASE, "grid": {"x": list(range(300)), "label": ["a", "b"]}})
+
+    def slow_plan(*args, **kwargs):
+        raise KeyboardInterrupt  # a user giving up while a large grid is planned
+
+    monkeypatch.setattr("dmlkit.sweep.__main__.plan", slow_plan)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_main([str(spec), "--dry-run"])
+    assert capsys.readouterr().out.startswith("toy: 600 grid points -> ")
+
+
+def test_a_second_spec_with_the_same_name_is_refused_and_nothing_mixes(project):
+    from dmlkit.results import load_runs
+
+    first = write_spec(project, {**BASE, "grid": {"x": [1]}}, "first.yaml")
+    folder = project / "papermill_runs" / "toy"
+    assert run_sweep(first, progress=False).exit_code == 0
+    assert json.loads((folder / "sweep.json").read_text()) == {
+        "spec": "notebooks/sweeps/first.yaml",
+        "notebook": "notebooks/toy_run.ipynb",
+        "grid_keys": ["x"],
+    }
+    second = write_spec(project, {**BASE, "grid": {"label": ["b"]}}, "second.yaml")
+    manifest = (folder / "manifest.jsonl").read_bytes()
+    with pytest.raises(
+        SpecError,
+        match=r"second.yaml: the sweep folder .* another spec \(spec "
+        r"notebooks/sweeps/first.yaml, grid_keys \['x'\]; this one: spec ",
+    ):
+        run_sweep(second, progress=False)
+    done = sweep_cli(str(second), "--dry-run", cwd=project)
+    assert done.returncode == 2 and "another name, or --out another folder" in done.stderr
+    assert (folder / "manifest.jsonl").read_bytes() == manifest
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.jsonl", "sweep.json", "x=1"]
+    assert load_runs(folder)["run"].tolist() == ["x=1"]
+    # The same spec, with more values, is the same sweep; another --out is another folder.
+    write_spec(project, {**BASE, "grid": {"x": [1, 2]}}, "first.yaml")
+    assert sweep_cli(str(first), "--dry-run", cwd=project).returncode == 0
+    assert sweep_cli(str(second), "--dry-run", "--out", "elsewhere", cwd=project).returncode == 0
+
+
+def test_a_folder_from_before_sweep_json_is_judged_by_its_manifest(project):
+    spec = write_spec(project, BASE)
+    folder = project / "papermill_runs" / "toy"
+    append_record(
+        folder / "manifest.jsonl",
+        {"run": "x=1", "kind": "run", "status": "ok", "notebook": "notebooks/toy_run.ipynb"},
+    )
+    assert sweep_cli(str(spec), "--dry-run", cwd=project).returncode == 0
+    append_record(
+        folder / "manifest.jsonl",
+        {"run": "y=1", "kind": "run", "status": "ok", "notebook": "notebooks/other.ipynb"},
+    )
+    with pytest.raises(SpecError, match=r"another spec \(notebook notebooks/other.ipynb; "):
+        run_sweep(spec, progress=False)
+    assert not (folder / "sweep.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "visible", "slots"),
+    [
+        ("0,1,2,3", None, ["0", "1", "2", "3"]),
+        ("0+1, 2+3", None, ["0,1", "2,3"]),
+        ("all", "4,6", ["4", "6"]),
+    ],
+)
+def test_gpu_slots_parse_lists_groups_and_all(monkeypatch, text, visible, slots):
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert processes.gpu_slots(text) == slots
+
+
+@pytest.mark.parametrize("text", ["0,0", "0,,1", "0+1,1", "all"])
+def test_bad_gpu_lists_are_refused(monkeypatch, text):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # `all` on a machine with no GPU
+    with pytest.raises(ValueError, match="--gpus"):
+        processes.gpu_slots(text)
+
+
+def test_gpus_sets_jobs_and_refuses_more_jobs_than_slots(project, capsys):
+    spec = write_spec(project, BASE)
+    assert sweep_main([str(spec), "--dry-run", "--gpus", "0,1+2"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("--jobs 2, GPUs 0 | 1,2")
+    with pytest.raises(SystemExit) as stop:
+        sweep_main([str(spec), "--dry-run", "--gpus", "0,1", "--jobs", "3"])
+    assert stop.value.code == 2 and "2 GPU slot(s)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="2 GPU slot"):
+        run_sweep(spec, jobs=3, gpus=["0", "1"], progress=False)
+
+
+def test_each_concurrent_run_sees_only_its_own_gpus(project):
+    # On the CPU: what the kernel sees in CUDA_VISIBLE_DEVICES, and what the manifest says.
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, 2, 3]}})
+    for run in ("x=1", "x=2"):
+        hold(project, run)
+    folder = project / "papermill_runs" / "toy"
+    thread = threading.Thread(
+        target=run_sweep, args=(spec,), kwargs={"gpus": ["0", "1,2"], "progress": False}
+    )
+    thread.start()
+    wait_for_kernel(project, "x=1")
+    wait_for_kernel(project, "x=2")
+    for run in ("x=1", "x=2"):
+        (folder / run / "hold").unlink()
+    thread.join(timeout=120)
+    seen = {
+        run: json.loads((folder / run / "metrics.json").read_text())["environment"]["gpus"]
+        for run in ("x=1", "x=2", "x=3")
+    }
+    assert sorted([seen["x=1"], seen["x=2"]]) == ["0", "1,2"]  # both slots, at once
+    assert seen["x=3"] in ("0", "1,2")
+    assert {r["run"]: r["gpus"] for r in read_manifest(folder)} == seen
+
+
 # ---------------------------------------------------------------- executions
 
 
@@ -541,6 +667,7 @@ def test_failure_is_isolated_recorded_and_retried_on_resume(project):
     assert metrics["environment"] == {
         "threads": str(threads_per_job(2)),
         "cwd": str(project.resolve()),
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     assert (folder / "x=2" / "fig.txt").read_text() == "smoke=False\n"
     assert not (folder / "x=1" / "fig.txt").exists()  # filtered out by `where`
@@ -815,7 +942,7 @@ def test_a_dry_run_piped_into_head_ends_quietly(project):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("toy: 5000 of 5000 grid points")
+    assert done.stdout.startswith("toy: 5000 grid points")
     assert "Traceback" not in done.stderr
 
 

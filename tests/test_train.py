@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import dmlkit.data
 from dmlkit.models import build_model
@@ -203,23 +203,39 @@ def test_train_step_equals_a_hand_written_step():
         assert torch.equal(value, ref_value), name
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_train_step_under_autocast_keeps_fp32_embeddings_and_a_finite_loss(amp):
+def _one_step(amp: str | None) -> tuple[Tensor, Tensor]:
+    """The loss and the parameter update of one train_step from a seeded glyphnet."""
     torch.manual_seed(0)
     model = build_model("glyphnet", embedding_dim=8)
     from dmlkit.losses import build_loss
 
-    loss_fn = build_loss("triplet")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
     scaler = torch.amp.GradScaler("cpu", enabled=amp == "fp16")
     images = torch.randn(12, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     before = [p.detach().clone() for p in model.parameters()]
     loss, _ = train_step(
-        model, loss_fn, optimizer, images, torch.arange(12) % 4, scaler=scaler, amp_dtype=dtype
-    )
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        model, build_loss("triplet"), optimizer, images, torch.arange(12) % 4,
+        scaler=scaler, amp_dtype=dtype,
+    )  # fmt: skip
+    moved = zip(model.parameters(), before, strict=True)
+    update = torch.cat([(p.detach() - b).flatten() for p, b in moved])
+    return loss, update
+
+
+# bf16 keeps ~3 significant digits in the backbone: its loss was 0.008 from fp32's 0.432 and
+# its first Adam update at cosine 0.91 to fp32's; fp16 1e-4 and 0.99 (measured on the CPU).
+AMP_TOLERANCE = {"bf16": (0.02, 0.8), "fp16": (1e-3, 0.95)}  # |Δ loss|, cosine of the updates
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_step_under_autocast_keeps_fp32_embeddings_and_stays_close_to_fp32(amp):
+    reference, reference_update = _one_step(None)
+    loss, update = _one_step(amp)
+    loss_tolerance, min_cosine = AMP_TOLERANCE[amp]
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - reference.item()) <= loss_tolerance
+    assert torch.nn.functional.cosine_similarity(update, reference_update, dim=0) >= min_cosine
 
 
 def test_optimizer_groups_learning_rates_and_decay():
@@ -422,9 +438,17 @@ def test_non_finite_loss_stops_naming_epoch_step_and_terms(tiny, tmp_path, monke
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_amp_and_channels_last_smoke(tiny):
-    result = fit(tiny_config(epochs=1, amp="bf16", channels_last=True))
-    assert np.isfinite(result.metrics["recall@1"]) and np.isfinite(result.history[0]["loss"])
+def test_amp_and_channels_last_stay_close_to_the_fp32_run(tiny):
+    # One epoch (4 steps), measured on the CPU against fp32: channels_last alone changes the
+    # epoch loss by 2e-5; bf16 by 0.019 (0.317 → 0.336), Recall@1 by 0.04 (1/48 per image),
+    # MAP@R by 0.017. Tolerances: 2.5× those.
+    reference = fit(tiny_config(epochs=1))
+    channels_last = fit(tiny_config(epochs=1, channels_last=True))
+    bf16 = fit(tiny_config(epochs=1, amp="bf16", channels_last=True))
+    assert abs(channels_last.history[0]["loss"] - reference.history[0]["loss"]) <= 1e-4
+    assert abs(bf16.history[0]["loss"] - reference.history[0]["loss"]) <= 0.05
+    assert abs(bf16.metrics["recall@1"] - reference.metrics["recall@1"]) <= 0.1
+    assert abs(bf16.metrics["map@r"] - reference.metrics["map@r"]) <= 0.05
 
 
 def test_progress_bar_of_a_short_epoch_ends_with_its_loss(tiny, capsys):
@@ -556,13 +580,26 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DAAL_RUN = {"loss": "daal", "density": True, "lr_schedule": "cosine"}  # stateful loss
 
 
+# CUDA against the CPU's fp32 run: TF32/bf16/fp16 kernels round differently and 3 epochs
+# compound it. The tolerances are those of the CPU's one-epoch bf16 comparison
+# (test_amp_and_channels_last_stay_close_to_the_fp32_run) doubled; not yet measured on a GPU.
+CUDA_TOLERANCE = {"loss": 0.1, "recall@1": 0.2, "map@r": 0.1}
+
+
+def assert_close_runs(result, reference, tolerance=CUDA_TOLERANCE) -> None:
+    for got, want in zip(result.history, reference.history, strict=True):
+        assert abs(got["loss"] - want["loss"]) <= tolerance["loss"], (got, want)
+    for metric in ("recall@1", "map@r"):
+        assert abs(result.metrics[metric] - reference.metrics[metric]) <= tolerance[metric]
+
+
 @needs_cuda
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
-def test_fit_on_cuda_under_amp_gives_finite_results(tiny, amp):
+def test_fit_on_cuda_under_amp_stays_close_to_the_cpu_fp32_run(tiny, amp):
+    reference = fit(tiny_config(device="cpu"))
     result = fit(tiny_config(device="cuda", amp=amp, channels_last=True))
     assert next(result.model.parameters()).device.type == "cuda"
-    assert all(np.isfinite(record["loss"]) for record in result.history)
-    assert np.isfinite(result.metrics["recall@1"])
+    assert_close_runs(result, reference)
 
 
 @needs_cuda
@@ -590,10 +627,21 @@ def test_deterministic_cuda_runs_repeat_and_resume_bit_for_bit(tiny, tmp_path, o
 
 
 @needs_cuda
-def test_a_cuda_run_resumes_on_the_cpu(tiny, tmp_path):
-    fit(tiny_config(device="cuda", epochs=2, out_dir=tmp_path, **DAAL_RUN))
-    resumed = fit(tiny_config(device="cpu", epochs=3, out_dir=tmp_path, resume=True, **DAAL_RUN))
+def test_a_cuda_run_resumes_on_the_cpu_close_to_the_uninterrupted_cuda_run(tiny, tmp_path):
+    cfg = tiny_config(device="cuda", out_dir=tmp_path / "resumed", **DAAL_RUN)
+    reference = fit(dataclasses.replace(cfg, out_dir=str(tmp_path / "reference")))
+
+    def crash(epoch, step):
+        if (epoch, step) == (2, 1):  # in the third epoch: two finished on CUDA
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(cfg, on_step=crash)
+    resumed = fit(dataclasses.replace(cfg, device="cpu", resume=True))
     assert resumed.history[-1]["epoch"] == 3
     assert next(resumed.model.parameters()).device.type == "cpu"
     assert all(b.device.type == "cpu" for b in resumed.loss.buffers())
-    assert np.isfinite(resumed.metrics["recall@1"])
+    # The CUDA epochs are deterministic and come back from the checkpoint as they were.
+    assert comparable(resumed.history[:2]) == comparable(reference.history[:2])
+    # One epoch on another device: half the tolerance of a whole run on it.
+    assert_close_runs(resumed, reference, {k: v / 2 for k, v in CUDA_TOLERANCE.items()})

@@ -44,7 +44,16 @@ class DecodedImages:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.index = np.load(self.folder / "index.npy")  # (N, 3) offset, height, width
-        self._pixels = np.memmap(self.folder / "pixels.u8", np.uint8, "r")
+        expected = int((self.index[:, 1] * self.index[:, 2]).sum()) * 3
+        size = os.path.getsize(self.folder / "pixels.u8")
+        if size != expected:  # truncated or replaced after it was built
+            raise DatasetError(
+                "decoded cache",
+                f"pixels.u8 holds {size:,} bytes where its index needs {expected:,}: the entry "
+                f"was damaged after it was built; delete {self.folder} and it is built again",
+                file=str(self.folder / "pixels.u8"),
+            )
+        self._pixels = np.memmap(self.folder / "pixels.u8", np.uint8, "r") if size else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -70,6 +79,7 @@ def decoded_images(
     dataset: str,
     split: str,
     paths: Sequence[str],
+    decode: Callable,
     resize: Callable,
     resize_name: str,
     *,
@@ -77,33 +87,48 @@ def decoded_images(
     processes: int | None = None,
     progress: bool = True,
 ) -> DecodedImages:
-    """The cache entry of ``paths`` resized by ``resize`` (PIL → PIL), built if missing.
+    """The cache entry of ``paths``, each read by ``decode`` (path → PIL RGB image; a
+    DatasetError marks the file undecodable) and ``resize`` (PIL → PIL), built if missing.
 
-    ``resize_name`` identifies ``resize`` in the key (e.g. "Resize(256)").
+    ``resize_name`` identifies ``resize`` in the key (e.g. "Resize(256)"); both callables
+    must pickle (a process pool runs them).
     """
     paths = [os.path.abspath(p) for p in paths]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = folder / f"{dataset}-{split}-{_digest(paths, resize_name)}"
     if (folder / "index.npy").is_file():
         return DecodedImages(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(f"{folder}.lock", f"the decoded-image cache {folder}", wait=True):
-        if not (folder / "index.npy").is_file():  # another process may have built it
-            _build(folder, dataset, split, paths, resize, processes, progress)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(f"{folder}.lock", f"the decoded-image cache {folder}", wait=True):
+            if not (folder / "index.npy").is_file():  # another process may have built it
+                _build(folder, dataset, split, paths, decode, resize, processes, progress)
+    except OSError as error:  # a full disk, a read-only cache folder
+        raise OSError(
+            error.errno,
+            f"cannot build the decoded-image cache in {folder.parent} ({error.strerror or error}):"
+            " free space there, point DMLKIT_CACHE (or the dataset option cache_dir) elsewhere,"
+            " or read the files directly with decoded_cache=False",
+        ) from error
     return DecodedImages(folder)
 
 
-def _build(folder: Path, dataset, split, paths, resize, processes, progress) -> None:
+def _build(folder: Path, dataset, split, paths, decode, resize, processes, progress) -> None:
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         index = np.zeros((len(paths), 3), np.int64)
         offset = 0
         processes = max(1, min(processes or os.cpu_count() or 1, len(paths) // 64 or 1))
-        jobs = [(dataset, path, resize) for path in paths]
+        jobs = [(decode, path, resize) for path in paths]
         with open(temporary / "pixels.u8", "wb") as out, _pool(processes) as pool:
             results = pool.imap(_decode, jobs, chunksize=16)
-            bar = tqdm(results, total=len(paths), desc=f"decoding {dataset} {split} (once)",
-                       unit="img", disable=not progress)
+            bar = tqdm(
+                results,
+                total=len(paths),
+                desc=f"decoding {dataset} {split} (once)",
+                unit="img",
+                disable=not progress,
+            )
             for i, pixels in enumerate(bar):
                 if pixels is not None:
                     out.write(pixels.tobytes())
@@ -138,11 +163,9 @@ class _pool:
 
 
 def _decode(job) -> np.ndarray | None:
-    from dmlkit.data.images import decode_image
-
-    dataset, path, resize = job
+    decode, path, resize = job
     try:
-        return np.asarray(resize(decode_image(dataset, path)), np.uint8)
+        return np.asarray(resize(decode(path)), np.uint8)
     except DatasetError:
         return None
 

@@ -245,9 +245,7 @@ def load_glyphs(
         rendered = render_glyphs(codepoints, charset, fonts, size=size, seed=seed, jitter=jitter)
         entry = _write_entry(folder, key, *rendered)
     images, labels, font_index = entry
-    dataset = GlyphDataset(
-        images, labels, font_index, fonts, transform, name=preset, split=split
-    )
+    dataset = GlyphDataset(images, labels, font_index, fonts, transform, name=preset, split=split)
     if isinstance(images, np.memmap):
         dataset.images_path = folder / "images.npy"
     dataset.cache_key = key  # what the pixels are a function of (dmlkit.data.identity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ class ImageListDataset(torch.utils.data.Dataset):
                 name,
                 split,
                 self.paths,
+                functools.partial(decode_image, name),
                 self.transform.resize,
                 f"Resize({self.transform.resize_to})",
                 cache_dir=cache_dir,
@@ -141,7 +143,8 @@ class ImageListDataset(torch.utils.data.Dataset):
             pixels = self.decoded[i]
             if pixels is None:
                 raise DatasetError(
-                    self.name, "cannot decode image (found building the decoded cache)",
+                    self.name,
+                    "cannot decode image (found building the decoded cache)",
                     file=self.paths[i],
                 )
             return pixels

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dmlkit.data.crops import IMAGENET_MEAN, IMAGENET_STD, Box, Crop, center_box, random_resized_box
+from dmlkit.data.crops import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Box,
+    Crop,
+    center_box,
+    finish_image,
+    random_resized_box,
+)
 
 PROTOCOLS = ("imagenet", "glyphs")
 
@@ -93,14 +101,7 @@ class ImagenetTransform:
         image = self.resize(image)
         box, flip = self.draw(image.height, image.width, rng)
         image = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
-        size = (self.crop_size, self.crop_size)
-        image = image.resize(size, Image.BILINEAR)
-        if flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.array(image, np.float32)).permute(2, 0, 1)  # (3, S, S)
-        mean = torch.tensor(self.mean).view(-1, 1, 1)
-        std = torch.tensor(self.std).view(-1, 1, 1)
-        return pixels / (255.0 * std) - mean / std
+        return finish_image(image, Crop(None, flip, self.crop_size, self.mean, self.std))
 
     def __repr__(self) -> str:
         return (

@@ -20,7 +20,8 @@ def density_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, Any]:
     class means; π_ratio = π_intra / π_inter (Roth et al. 2020, "Revisiting training
     strategies ... in DML", their ``dists`` metric). ρ = KL(uniform ‖ s/Σs) over the
     min(N, D) singular values s of the embedding matrix (their ``rho_spectrum@1``).
-    r_c = s_c / (δ_c + ε) from ``dmlkit.losses.density.class_statistics`` (METHODS.md).
+    r_c = s_c / (δ_c + ε) from ``dmlkit.losses.density.class_statistics``
+    (docs/methods.md, "Density-adaptive regularizer").
 
     Args: embeddings (N, D); labels (N,) integer classes.
     Returns: floats ``pi_intra``, ``pi_inter``, ``pi_ratio``, ``spectral_decay``,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -42,7 +44,7 @@ def embed(
         batch_size=batch_size,
         sampler=_in_order(dataset),
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, finish=device.type == "cpu"),
         pin_memory=device.type == "cuda",
     )
     was_training = model.training

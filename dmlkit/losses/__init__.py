@@ -12,12 +12,14 @@ would hide it). Inputs are checked first (``dmlkit.numerics.check_batch``): embe
 stateful loss's ``embedding_dim``; anything else is a ValueError.
 
 The rooms: ``pair`` (contrastive, triplet, N-pair, Multi-Similarity), ``proxy_anchor``,
-``daal`` (DAAL, a reconstruction), ``density`` (the density-adaptive regularizer, which
-wraps any of them) and ``registry`` (``LOSSES``, ``build_loss``), which imports the
-others; no loss module imports the registry or this package's namespace.
+``daal`` (DAAL, a reconstruction), ``daal_variants`` (its alternatives), ``density`` (the
+density-adaptive regularizer, which wraps any of them) and ``registry`` (``LOSSES``,
+``build_loss``), which imports the others; no loss module imports the registry or this
+package's namespace.
 """
 
 from dmlkit.losses.daal import DAALLoss
+from dmlkit.losses.daal_variants import DAALVariants
 from dmlkit.losses.density import DensityAdaptive, class_statistics, density_regularizer
 from dmlkit.losses.pair import (
     MINING,
@@ -38,6 +40,7 @@ __all__ = [
     "MINING",
     "PAIR_LOSSES",
     "DAALLoss",
+    "DAALVariants",
     "DensityAdaptive",
     "PairLoss",
     "ProxyAnchorLoss",

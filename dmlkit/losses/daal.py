@@ -3,8 +3,21 @@
 Each class c owns a segment [a_c, b_c] (learnable vertices). A sample is pulled towards
 its class's segment only while it lies outside a tube of radius ρ_c around it — ρ_c
 follows the class's own spread (EMA of the median distance), so dense classes get thin
-tubes and spread ones wide tubes — and pushed out of the tubes of every other class.
-Formulas, defaults and the design choices: docs/methods.md, "DAAL (reconstruction)".
+tubes and spread ones wide tubes — and pushed out of the tubes of every other class:
+
+    t_ic = clamp(<z_i − a_c, b_c − a_c> / ||b_c − a_c||², 0, 1),
+    D_ic = ||z_i − a_c − t_ic (b_c − a_c)||,
+    ρ_c ← clip(m·ρ_c + (1 − m)·median_{i: y_i = c} D_ic, ρ_min, ρ_max)   (no gradient),
+    pull   = mean_i [D_{i,y_i} − ρ_{y_i}]_+,
+    push   = mean_i (1/γ) log(1 + Σ_{c ≠ y_i} exp(γ(ρ_c + δ − D_ic))),
+    spread = mean_{c: n_c ≥ 2} [v_min − Var_{i: y_i = c}(t_ic)]_+,
+    length = mean_c [||b_c − a_c|| − ℓ_max]_+,
+    L = pull + push + spread_weight·spread + length_weight·length (+ a pair loss).
+
+This module is the one-segment loss of the abstract; the alternatives the DAAL study
+compares (several segments per class, soft assignment, quantile or fixed radii) are
+``dmlkit.losses.daal_variants``. Formulas, defaults and the design choices:
+docs/methods.md, "DAAL (reconstruction)".
 """
 
 from __future__ import annotations
@@ -19,24 +32,20 @@ from torch import Tensor, nn
 from dmlkit.grouped import grouped_kmeans
 from dmlkit.losses.pair import PAIR_LOSSES
 from dmlkit.numerics import (
-    checked_forward,
     class_rows,
+    loss_contract,
     masked_logsumexp,
     resolve_classes,
     safe_sqrt,
-    upcast,
 )
 
-ASSIGNMENTS = ("nearest", "soft")
-
 __all__ = [
-    "ASSIGNMENTS",
     "DAALLoss",
     "SegmentGeometry",
     "class_medians",
     "class_quantiles",
-    "own_segments",
     "daal_terms",
+    "random_segments",
     "segment_geometry",
     "two_means",
 ]
@@ -112,17 +121,6 @@ def class_medians(values: Tensor, rows: Tensor, num_classes: int) -> tuple[Tenso
     return class_quantiles(values, rows, num_classes, 0.5)
 
 
-def own_segments(dist: Tensor, rows: Tensor, segments: int) -> Tensor:
-    """(B,) the segment row (class row · S + s) nearest to each sample among its class's S.
-
-    ``dist``: (B, C·S) distances to every segment. The choice carries no gradient.
-    """
-    if segments == 1:
-        return rows
-    own = dist.detach().view(len(rows), -1, segments)[torch.arange(len(rows)), rows]  # (B, S)
-    return rows * segments + own.argmin(1)
-
-
 def daal_terms(
     dist: Tensor,
     t: Tensor,
@@ -134,65 +132,68 @@ def daal_terms(
     gamma: float = 16.0,
     min_spread: float = 1 / 24,
     max_length: float = 1.0,
-    segments: int = 1,
-    assign: str = "nearest",
-    temperature: float = 0.05,
 ) -> dict[str, Tensor]:
-    """The four DAAL terms (pull, push, spread, length) from the segment geometry.
+    """The four DAAL terms from the segment geometry (one segment per class):
 
-    With S = ``segments`` per class, segment row g = class row · S + s. A sample belongs
-    to the nearest segment of its class (``own_segments``): the pull and the spread use
-    that segment, and its distance to another class is the distance to that class's
-    nearest segment, with that segment's radius. ``assign="soft"`` pulls towards the
-    soft minimum −τ·log Σ_s exp(−D_is/τ) of the own segments' distances instead (τ =
-    ``temperature``; every own segment gets gradient). S = 1 is the one-segment loss.
+    pull = mean_i [D_{i,y_i} − ρ_{y_i}]_+;  push = mean_i (1/γ) log(1 + Σ_{c≠y_i}
+    exp(γ(ρ_c + δ − D_ic))), δ = ``margin``, γ = ``gamma``;  spread = mean over the classes
+    with ≥ 2 samples of [v_min − Var_i(t_{i,c})]_+ (population variance, v_min =
+    ``min_spread``);  length = mean_c [||b_c − a_c|| − ℓ_max]_+, ℓ_max = ``max_length``.
 
     Args:
-        dist, t: (B, C·S) from ``segment_geometry``. rows: (B,) class row of each sample.
-        radii: (C·S,) tube radii ρ_g (no gradient). lengths: (C·S,) ||b_g − a_g||.
-    Returns: dict of 0-dim tensors: pull and push are means over the B samples, spread a
-        mean over the segments with ≥ 2 samples (0 if none), length a mean over all C·S
-        segments; all four are 0 (graph-connected) for an empty batch. O(B·C·S) time and
-        memory.
+        dist, t: (B, C) from ``segment_geometry``. rows: (B,) class row of each sample.
+        radii: (C,) tube radii ρ_c (no gradient). lengths: (C,) ||b_c − a_c||.
+    Returns: dict of 0-dim tensors ``pull``, ``push``, ``spread``, ``length``; all four are
+        0 (graph-connected) for an empty batch. O(B·C) time and memory.
     """
-    if assign not in ASSIGNMENTS:
-        raise ValueError(f"unknown assign {assign!r}; valid: {', '.join(ASSIGNMENTS)}")
-    batch, groups = len(rows), len(radii)
-    count = groups // segments
-    own_segment = own_segments(dist, rows, segments)  # (B,)
-    own_dist = dist.gather(1, own_segment[:, None]).squeeze(1)  # (B,)
-    if assign == "soft" and segments > 1:
-        own_all = dist.view(batch, count, segments)[torch.arange(batch), rows]  # (B, S)
-        own_dist = -temperature * torch.logsumexp(-own_all / temperature, 1)
+    batch, count = len(rows), len(radii)
+    own_dist = dist.gather(1, rows[:, None]).squeeze(1)  # (B,) D_{i,y_i}
     # ÷ max(B, 1), not .mean(): a mean over an empty batch is NaN.
-    pull = (own_dist - radii[own_segment]).clamp_min(0).sum() / max(batch, 1)
-    if segments == 1:
-        class_dist, class_radius = dist, radii[None, :]  # (B, C), (1, C)
-    else:
-        class_dist, nearest = dist.view(batch, count, segments).min(2)  # (B, C) each
-        class_radius = radii.view(count, segments).gather(1, nearest.T).T  # (B, C)
+    pull = (own_dist - radii[rows]).clamp_min(0).sum() / max(batch, 1)
     own = rows[:, None] == torch.arange(count, device=rows.device)  # (B, C)
-    logits = gamma * (class_radius + margin - class_dist)  # (B, C)
+    logits = gamma * (radii[None, :] + margin - dist)  # (B, C)
     push = masked_logsumexp(logits, ~own, dim=1, add_one=True).sum() / (gamma * max(batch, 1))
-    own_t = t.gather(1, own_segment[:, None]).squeeze(1)  # (B,)
-    counts = torch.bincount(own_segment, minlength=groups).to(own_t.dtype)  # (C·S,)
-    mean_t = own_t.new_zeros(groups).index_add_(0, own_segment, own_t) / counts.clamp_min(1)
-    squares = (own_t - mean_t[own_segment]).pow(2)  # two-pass population variance
-    variance = own_t.new_zeros(groups).index_add_(0, own_segment, squares) / counts.clamp_min(1)
+    return {
+        "pull": pull,
+        "push": push,
+        "spread": spread_term(t.gather(1, rows[:, None]).squeeze(1), rows, count, min_spread),
+        "length": length_term(lengths, max_length, batch),
+    }
+
+
+def spread_term(own_t: Tensor, rows: Tensor, count: int, min_spread: float) -> Tensor:
+    """mean over the segments with ≥ 2 samples of [v_min − Var(t)]_+ (0 if none).
+
+    ``own_t``: (B,) each sample's position along its own segment; ``rows``: (B,) that
+    segment's row among ``count``.
+    """
+    counts = torch.bincount(rows, minlength=count).to(own_t.dtype)  # (C,)
+    mean_t = own_t.new_zeros(count).index_add_(0, rows, own_t) / counts.clamp_min(1)
+    squares = (own_t - mean_t[rows]).pow(2)  # two-pass population variance
+    variance = own_t.new_zeros(count).index_add_(0, rows, squares) / counts.clamp_min(1)
     several = counts >= 2
     shortfall = (min_spread - variance).clamp_min(0)
     spread = torch.where(several, shortfall, torch.zeros_like(shortfall)).sum()
+    return spread / several.sum().clamp_min(1)
+
+
+def length_term(lengths: Tensor, max_length: float, batch: int) -> Tensor:
+    """mean over all segments of [||b − a|| − ℓ_max]_+."""
     length = (lengths - max_length).clamp_min(0).mean()
     if batch == 0:
         # The length hinge does not depend on the batch; kept, it would be the whole loss
         # of an empty batch and move the vertices on a step that saw no data.
         length = length * 0
-    return {
-        "pull": pull,
-        "push": push,
-        "spread": spread / several.sum().clamp_min(1),
-        "length": length,
-    }
+    return length
+
+
+def random_segments(count: int, embedding_dim: int, init_offset: float, seed: int) -> Tensor:
+    """(count, 2, D) segments a = u − offset·v, b = u + offset·v, u and v random unit vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    centre = _unit(torch.randn(count, embedding_dim, generator=generator))
+    direction = _unit(torch.randn(count, embedding_dim, generator=generator))
+    offset = init_offset * direction
+    return torch.stack([centre - offset, centre + offset], 1)
 
 
 def two_means(
@@ -211,31 +212,26 @@ def two_means(
 class DAALLoss(nn.Module):
     """DAAL loss: L = pull + push + spread_weight·spread + length_weight·length (+ base).
 
+    One segment per class, tube radii that follow each class's median distance (the module
+    docstring has the formulas; ``daal_terms`` computes them).
+
     Args:
         num_classes: C (may be None when ``classes`` is given). embedding_dim: D.
         classes: the label values (any integers), default 0..C−1.
-        margin: δ, the extra clearance from other classes' tubes. gamma: push sharpness.
-        rho_min, rho_max: clip of the tube radii. momentum: their EMA momentum.
-        radius_quantile: the tube radius follows this quantile of the class's distances
-            (0.5: the median). radius: a fixed radius for every tube instead (no density
-            adaptation); None: adaptive.
+        margin: δ, the extra clearance from other classes' tubes. gamma: push sharpness γ.
+        rho_min, rho_max: clip of the tube radii. momentum: m, their EMA momentum.
         spread_weight, min_spread: weight and floor v_min of the variance of t along a
             segment. length_weight, max_length: weight and ℓ_max of the length hinge.
-        segments: S segments per class (1: the abstract's one line per class; S > 1 is an
-            alternative of this reconstruction, docs/methods.md). assign: how a sample is
-            pulled when S > 1: "nearest" (to its class's nearest segment) or "soft" (to
-            the soft minimum of its class's segments, ``temperature`` τ).
         base: optional pair loss added on top — a callable (embeddings, labels) or a
             name among contrastive/triplet/npair/ms (default hyper-parameters).
         init_offset: half-length of the random initial segment along v_c.
         seed: seeds the random vertex initialisation.
-    ``vertices`` (C·S, 2, D) is a parameter (``high_lr_parameters``), row c·S + s the
-    s-th segment of class row c; ``radii`` (C·S,) and ``radius_seen`` (C·S,) are buffers.
-    The radii of the segments the batch's samples belong to are updated (training mode
-    only) *before* the loss is computed, a segment's first quantile taken as is.
-    ``last_terms``: pull, push, spread, length, mean_rho (mean ρ over the segments seen),
-    and ``pair`` with a base loss. An empty batch gives a graph-connected 0 and leaves the
-    buffers as they are. O(B·C·S·D) time, O(B·C·S + C·S·D) memory.
+    ``vertices`` (C, 2, D) is a parameter (``high_lr_parameters``); ``radii`` (C,) and
+    ``radius_seen`` (C,) are buffers. The radii of the classes in the batch are updated
+    (training mode only) *before* the loss is computed, a class's first median taken as
+    is. ``last_terms``: pull, push, spread, length, mean_rho (mean ρ over the classes
+    seen), and ``pair`` with a base loss. An empty batch gives a graph-connected 0 and
+    leaves the buffers as they are. O(B·C·D) time, O(B·C + C·D) memory.
     """
 
     def __init__(
@@ -249,64 +245,36 @@ class DAALLoss(nn.Module):
         rho_min: float = 0.05,
         rho_max: float = 0.5,
         momentum: float = 0.9,
-        radius_quantile: float = 0.5,
-        radius: float | None = None,
         spread_weight: float = 0.1,
         length_weight: float = 0.1,
         max_length: float = 1.0,
         min_spread: float = 1 / 24,
-        segments: int = 1,
-        assign: str = "nearest",
-        temperature: float = 0.05,
         base: str | Callable[[Tensor, Tensor], Tensor] | None = None,
         init_offset: float = 0.05,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_options(segments, assign, temperature, radius_quantile, radius)
         self.register_buffer("classes", resolve_classes(num_classes, classes))
         self.margin, self.gamma, self.momentum = margin, gamma, momentum
         self.rho_min, self.rho_max = rho_min, rho_max
-        self.radius_quantile, self.radius = radius_quantile, radius
         self.spread_weight, self.length_weight = spread_weight, length_weight
         self.max_length, self.min_spread, self.init_offset = max_length, min_spread, init_offset
-        self.segments, self.assign, self.temperature = segments, assign, temperature
         self.base = _resolve_base(base)
-        self.embedding_dim = embedding_dim  # checked_forward compares the inputs' D with it
-        count = len(self.classes) * segments
-        generator = torch.Generator().manual_seed(seed)
-        centre = _unit(torch.randn(count, embedding_dim, generator=generator))
-        direction = _unit(torch.randn(count, embedding_dim, generator=generator))
-        offset = init_offset * direction
-        self.vertices = nn.Parameter(torch.stack([centre - offset, centre + offset], 1))
-        start = float(rho_max if radius is None else radius)
-        self.register_buffer("radii", torch.full((count,), start))
+        self.embedding_dim = embedding_dim  # loss_contract compares the inputs' D with it
+        count = len(self.classes)
+        self.vertices = nn.Parameter(random_segments(count, embedding_dim, init_offset, seed))
+        self.register_buffer("radii", torch.full((count,), float(rho_max)))
         self.register_buffer("radius_seen", torch.zeros(count, dtype=torch.bool))
         self.last_terms: dict[str, Tensor] = {}
 
-    @checked_forward
+    @loss_contract  # also: autocast off, embeddings in fp32 (or float64)
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         rows = class_rows(self.classes, labels)  # (B,)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            z = upcast(embeddings)
-            dist, t, lengths = segment_geometry(z, self.vertices.to(z.dtype))  # (B, C·S) ...
-            if self.training:
-                own = own_segments(dist, rows, self.segments)  # (B,)
-                self._update_radii(dist.detach().gather(1, own[:, None]).squeeze(1), own)
-            terms = daal_terms(
-                dist,
-                t,
-                rows,
-                self.radii.to(z.dtype),
-                lengths,
-                margin=self.margin,
-                gamma=self.gamma,
-                min_spread=self.min_spread,
-                max_length=self.max_length,
-                segments=self.segments,
-                assign=self.assign,
-                temperature=self.temperature,
-            )
+        z = embeddings
+        dist, t, lengths = segment_geometry(z, self.vertices.to(z.dtype))  # (B, C) ...
+        if self.training:
+            self._update_radii(dist.detach(), rows)
+        terms = self._terms(dist, t, rows, self.radii.to(z.dtype), lengths)
         total = terms["pull"] + terms["push"]
         total = total + self.spread_weight * terms["spread"] + self.length_weight * terms["length"]
         if self.base is not None:
@@ -317,40 +285,51 @@ class DAALLoss(nn.Module):
         self.last_terms = {**{k: v.detach() for k, v in terms.items()}, "mean_rho": mean_rho}
         return total
 
-    def _update_radii(self, own_dist: Tensor, own: Tensor) -> None:
-        """ρ_g ← clip(m·ρ_g + (1−m)·quantile_g, ρ_min, ρ_max); first sight: clip(quantile_g).
+    def _terms(
+        self, dist: Tensor, t: Tensor, rows: Tensor, radii: Tensor, lengths: Tensor
+    ) -> dict[str, Tensor]:
+        return daal_terms(
+            dist,
+            t,
+            rows,
+            radii,
+            lengths,
+            margin=self.margin,
+            gamma=self.gamma,
+            min_spread=self.min_spread,
+            max_length=self.max_length,
+        )
 
-        With a fixed ``radius`` the radii stay as they are (only ``radius_seen`` is kept).
-        """
-        quantiles, present = class_quantiles(own_dist, own, len(self.radii), self.radius_quantile)
-        if self.radius is None:
-            quantiles = quantiles.to(self.radii.dtype)
-            blended = self.momentum * self.radii + (1 - self.momentum) * quantiles
-            updated = torch.where(self.radius_seen, blended, quantiles)
-            updated = updated.clamp(self.rho_min, self.rho_max)
-            self.radii.copy_(torch.where(present, updated, self.radii))
+    def _update_radii(self, dist: Tensor, rows: Tensor) -> None:
+        """ρ_c ← clip(m·ρ_c + (1−m)·median_c, ρ_min, ρ_max); first sight: clip(median_c)."""
+        own_dist = dist.gather(1, rows[:, None]).squeeze(1)  # (B,)
+        medians, present = class_medians(own_dist, rows, len(self.radii))
+        self._blend_radii(medians, present)
+
+    def _blend_radii(self, estimates: Tensor, present: Tensor) -> None:
+        estimates = estimates.to(self.radii.dtype)
+        blended = self.momentum * self.radii + (1 - self.momentum) * estimates
+        updated = torch.where(self.radius_seen, blended, estimates)
+        updated = updated.clamp(self.rho_min, self.rho_max)
+        self.radii.copy_(torch.where(present, updated, self.radii))
         self.radius_seen |= present
 
     @torch.no_grad()
     def init_from_embeddings(self, embeddings: Tensor, labels: Tensor) -> None:
-        """Set each class's segments from its embeddings (the untrained model's, (N, D)).
+        """Set each class's segment from its embeddings (the untrained model's, (N, D)).
 
-        One segment: its vertices are the 2-means centres of the class. S segments: a
-        k-means with S centres splits the class, and each part's 2-means centres are the
-        vertices of one segment (``dmlkit.grouped.grouped_kmeans``). Classes (or parts)
-        absent keep their random init; a segment whose two centres coincide (one
-        sample, duplicates) becomes a short segment through its centre along its current
-        direction (±``init_offset``).
+        Its vertices are the 2-means centres of the class (``two_means``). Classes absent
+        keep their random init; a class whose two centres coincide (one sample,
+        duplicates) gets a short segment through its centre along its current direction
+        (±``init_offset``).
         """
-        device = self.vertices.device
-        z = embeddings.to(device, self.vertices.dtype)
-        rows = class_rows(self.classes, labels.to(device))
-        groups, count = rows, len(self.classes)
-        if self.segments > 1:
-            _, part, _ = grouped_kmeans(z, rows, count, self.segments)
-            groups, count = rows * self.segments + part, count * self.segments
-        centres, present = two_means(z, groups, count)  # (C·S, 2, D), (C·S,)
-        old_direction = _unit(self.vertices[:, 1] - self.vertices[:, 0])  # (C·S, D)
+        z = embeddings.to(self.vertices.device, self.vertices.dtype)
+        rows = class_rows(self.classes, labels.to(self.vertices.device))
+        self._set_segments(*two_means(z, rows, len(self.classes)))
+
+    def _set_segments(self, centres: Tensor, present: Tensor) -> None:
+        """vertices ← ``centres`` (rows, 2, D) where ``present``, a short segment if degenerate."""
+        old_direction = _unit(self.vertices[:, 1] - self.vertices[:, 0])  # (rows, D)
         middle = centres.mean(1)
         short = self.init_offset * old_direction
         fallback = torch.stack([middle - short, middle + short], 1)
@@ -361,24 +340,6 @@ class DAALLoss(nn.Module):
 
     def high_lr_parameters(self) -> list[nn.Parameter]:
         return [self.vertices]
-
-
-def _check_options(
-    segments: int, assign: str, temperature: float, quantile: float, radius: float | None
-) -> None:
-    problems = []
-    if not (isinstance(segments, int) and segments >= 1):
-        problems.append(f"segments must be an int >= 1, got {segments!r}")
-    if assign not in ASSIGNMENTS:
-        problems.append(f"unknown assign {assign!r}; valid: {', '.join(ASSIGNMENTS)}")
-    if not temperature > 0:
-        problems.append(f"temperature must be > 0, got {temperature}")
-    if not 0 <= quantile <= 1:
-        problems.append(f"radius_quantile must be in [0, 1], got {quantile}")
-    if radius is not None and not radius > 0:
-        problems.append(f"radius must be > 0 or None, got {radius}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def _unit(x: Tensor) -> Tensor:

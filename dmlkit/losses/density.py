@@ -1,9 +1,10 @@
 """Per-class density statistics and the density-adaptive regularizer built on them.
 
 ``class_statistics`` is shared by the regularizer and the evaluation; ``DensityAdaptive``
-wraps any loss and adds λ·R (DML-DA, a reconstruction: docs/methods.md).
+wraps any loss and adds λ·R (DML-DA, a reconstruction: docs/methods.md,
+"Density-adaptive regularizer").
 
-The relative density of class c (METHODS.md, "Density-adaptive regularizer"):
+The relative density of class c (docs/methods.md, "Density-adaptive regularizer"):
     μ_c = mean_{i∈c} z_i,   s_c = mean_{i∈c} ||z_i − μ_c||,
     δ_c = min_{c'≠c} ||μ_c − μ_{c'}||,   r_c = s_c / (δ_c + ε).
 Small r_c: the class is packed tightly compared with the distance to its nearest
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmlkit.numerics import checked_forward
+from dmlkit.numerics import loss_contract
 
 
 class ClassStatistics(NamedTuple):
@@ -96,7 +97,10 @@ def density_regularizer(
     detach_separation: bool = True,
     eps: float = 1e-8,
 ) -> Tensor:
-    """DML-DA density regularizer (reconstruction): R = mean_c [τ − r_c]_+.
+    """DML-DA density regularizer (reconstruction): R = mean_c [τ − r_c]_+, where
+
+        μ_c = mean_{i∈c} z_i,  s_c = mean_{i∈c} ||z_i − μ_c||,
+        δ_c = min_{c'≠c} ||μ_c − μ_{c'}||,  r_c = s_c / (δ_c + ε).
 
     The mean runs over the classes with n_c ≥ 2 samples in the batch (0 if none), so only
     classes packed more tightly than τ relative to their nearest neighbour are penalised.
@@ -175,20 +179,19 @@ class DensityAdaptive(nn.Module):
             self.init_from_embeddings = base_loss.init_from_embeddings
         self.last_terms: dict[str, Tensor] = {}
 
-    @checked_forward  # a user base loss may not check, and r_c groups by label
+    @loss_contract  # a user base loss may not check, and r_c groups by label
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         base = self.base_loss(embeddings, labels)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            stats = class_statistics(embeddings, labels, eps=self.eps)
-            relative = _relative_density(stats, self.detach_separation, self.eps)  # (C,)
-            valid_count = stats.valid.sum()
-            mean_r = relative.detach().sum() / valid_count.clamp_min(1)
-            tau = self._tau(mean_r, valid_count > 0)
-            reg = _hinge_mean(relative, stats.valid, tau)
-            total = base + self.weight * reg
-            # Not for an empty batch: the barrier alone would make its loss non-zero.
-            if self.target == "learned" and len(labels) > 0:
-                total = total - self.beta * torch.log(tau)
+        stats = class_statistics(embeddings, labels, eps=self.eps)
+        relative = _relative_density(stats, self.detach_separation, self.eps)  # (C,)
+        valid_count = stats.valid.sum()
+        mean_r = relative.detach().sum() / valid_count.clamp_min(1)
+        tau = self._tau(mean_r, valid_count > 0)
+        reg = _hinge_mean(relative, stats.valid, tau)
+        total = base + self.weight * reg
+        # Not for an empty batch: the barrier alone would make its loss non-zero.
+        if self.target == "learned" and len(labels) > 0:
+            total = total - self.beta * torch.log(tau)
         self.last_terms = {
             **getattr(self.base_loss, "last_terms", {}),
             "base": base.detach(),

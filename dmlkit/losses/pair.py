@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmlkit.numerics import (
-    checked_batch,
-    full_precision,
+    loss_contract,
     masked_logsumexp,
     pairwise_distance,
     safe_sqrt,
@@ -40,8 +39,7 @@ def _pair_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
     return same & not_self, ~same
 
 
-@full_precision
-@checked_batch
+@loss_contract
 def contrastive_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -70,8 +68,7 @@ def contrastive_loss(
     return _active_mean(pos_terms, positive) + _active_mean(neg_terms, negative)
 
 
-@full_precision
-@checked_batch
+@loss_contract
 def triplet_margin_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -166,8 +163,7 @@ def _semihard_negatives(
     return chosen, has_negative
 
 
-@full_precision
-@checked_batch
+@loss_contract
 def npair_loss(
     embeddings: Tensor, labels: Tensor, *, scale: float = 10.0, l2_reg: float = 0.0
 ) -> Tensor:
@@ -200,8 +196,7 @@ def npair_loss(
     return loss
 
 
-@full_precision
-@checked_batch
+@loss_contract
 def multi_similarity_loss(
     embeddings: Tensor,
     labels: Tensor,

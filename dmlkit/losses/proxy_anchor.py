@@ -11,13 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmlkit.numerics import (
-    checked_forward,
-    checked_loss,
     class_rows,
-    full_precision,
+    loss_contract,
     masked_logsumexp,
     resolve_classes,
-    upcast,
 )
 
 EXP_BOUND = 60.0
@@ -26,7 +23,7 @@ to 10^12 stays below fp32's largest value (3.4·10^38). Larger ones take the mas
 log-sum-exp (``dmlkit.numerics.masked_logsumexp``)."""
 
 
-@checked_loss
+@loss_contract
 def proxy_anchor_loss(
     embeddings: Tensor,
     targets: Tensor,
@@ -35,15 +32,25 @@ def proxy_anchor_loss(
     margin: float = 0.1,
     alpha: float = 32.0,
 ) -> Tensor:
-    """Proxy-Anchor loss (Kim et al. 2020, eq. 4): the sum of ``proxy_anchor_terms``."""
-    positive, negative = proxy_anchor_terms(
+    """Proxy-Anchor loss (Kim et al. 2020, eq. 4), with s = cos(z_i, p_c) and δ = ``margin``:
+
+    L = (1/|P+|) Σ_{c∈P+} log(1 + Σ_{i: y_i=c} exp(−α(s − δ)))
+        + (1/C) Σ_c log(1 + Σ_{i: y_i≠c} exp(α(s + δ))),
+
+    P+ the proxies with a sample in the batch: the sum of ``_proxy_anchor_terms``.
+
+    Args:
+        embeddings: (B, D). targets: (B,) row of each sample's proxy in 0..C−1.
+        proxies: (C, D) (normalized here).
+    Returns: 0-dim tensor. O(B·C·D) time, O(B·C) memory.
+    """
+    positive, negative = _proxy_anchor_terms(
         embeddings, targets, proxies, margin=margin, alpha=alpha
     )
     return positive + negative
 
 
-@full_precision
-def proxy_anchor_terms(
+def _proxy_anchor_terms(
     embeddings: Tensor,
     targets: Tensor,
     proxies: Tensor,
@@ -58,13 +65,13 @@ def proxy_anchor_terms(
     batch, δ = ``margin``.
 
     Args:
-        embeddings: (B, D). targets: (B,) row of each sample's proxy in 0..C−1.
-        proxies: (C, D) (normalized here).
+        embeddings: (B, D), fp32 or float64 (as ``loss_contract`` passes them).
+        targets: (B,) row of each sample's proxy in 0..C−1. proxies: (C, D) (normalized here).
     Returns: (positive, negative) 0-dim tensors, the two sums above. O(B·C·D) time,
         O(B·C) memory. When α(1 + |δ|) ≤ ``EXP_BOUND`` the sums of exponentials are taken
         directly (the exponents are bounded), else through the masked log-sum-exp.
     """
-    proxies = upcast(proxies)
+    proxies = proxies.to(embeddings.dtype)  # fp32 or float64: the callers' loss_contract
     cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T  # (B, C)
     count = len(proxies)
     with_positives = torch.bincount(targets, minlength=count).count_nonzero().clamp_min(1)
@@ -104,17 +111,17 @@ class ProxyAnchorLoss(nn.Module):
         super().__init__()
         self.register_buffer("classes", resolve_classes(num_classes, classes))
         self.margin, self.alpha = margin, alpha
-        self.embedding_dim = embedding_dim  # checked_forward compares the inputs' D with it
+        self.embedding_dim = embedding_dim  # loss_contract compares the inputs' D with it
         generator = torch.Generator().manual_seed(seed)
         count = len(self.classes)
         scale = math.sqrt(2.0 / count)
         self.proxies = nn.Parameter(torch.randn(count, embedding_dim, generator=generator) * scale)
         self.last_terms: dict[str, Tensor] = {}
 
-    @checked_forward
+    @loss_contract
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         targets = class_rows(self.classes, labels)
-        positive, negative = proxy_anchor_terms(
+        positive, negative = _proxy_anchor_terms(
             embeddings, targets, self.proxies, margin=self.margin, alpha=self.alpha
         )
         loss = positive + negative

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from dmlkit.losses.daal import DAALLoss
+from dmlkit.losses.daal_variants import DAALVariants
 from dmlkit.losses.density import DensityAdaptive
 from dmlkit.losses.pair import PAIR_LOSSES, PairLoss
 from dmlkit.losses.proxy_anchor import ProxyAnchorLoss
@@ -20,7 +20,8 @@ from dmlkit.losses.proxy_anchor import ProxyAnchorLoss
 LOSSES: dict[str, Callable[..., Any]] = {
     **PAIR_LOSSES,
     "proxy_anchor": ProxyAnchorLoss,
-    "daal": DAALLoss,
+    # DAALLoss with its alternatives as keywords; with them off it is DAALLoss (tested).
+    "daal": DAALVariants,
 }
 """Every loss by name: a pure function (pair losses) or a module class (per-class state)."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +28,8 @@ def to_markdown(
     Args:
         floatfmt: a format spec for every float column, or column -> spec.
         index: include the index as leading column(s).  na_rep: text for NaN/None.
-        note: a paragraph written above the table (what the cells are, over how many seeds).
+        note: a paragraph written above the table (what the cells are, over how many seeds),
+            wrapped at 100 columns.
     Numeric columns are right-aligned; ``|`` in cells is escaped, newlines become spaces.
     """
     frame = df.reset_index() if index else df
@@ -46,7 +49,7 @@ def to_markdown(
             cells.append(_cell(_text(value, fmt, na_rep)))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    return f"{note.strip()}\n\n{table}" if note else table
+    return f"{_wrap(note)}\n\n{table}" if note else table
 
 
 def _text(value: Any, floatfmt: str, na_rep: str) -> str:
@@ -57,6 +60,13 @@ def _text(value: Any, floatfmt: str, na_rep: str) -> str:
     if isinstance(value, float):
         return format(value, floatfmt)
     return str(value)
+
+
+def _wrap(note: str) -> str:
+    """Each paragraph of ``note`` filled to 100 columns (Markdown reads it the same)."""
+    paragraphs = re.split(r"\n\s*\n", note.strip())
+    fill = dict(width=100, break_long_words=False, break_on_hyphens=False)
+    return "\n\n".join(textwrap.fill(p, **fill) for p in paragraphs)
 
 
 def _cell(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The published numbers (METHODS.md "Numbers from the papers") and ours beside them."""
+"""The published numbers (docs/methods.md, "Numbers from the papers") and ours beside them."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ _DMLDA = (
     "Li et al., Deep Metric Learning with Density Adaptivity, IEEE TMM 22(5) 2020, "
     "arXiv 1909.03909 (abstract)"
 )
-_MS = "Wang et al. 2019 (Multi-Similarity), BN-Inception 512-d; context row in METHODS.md"
-_PA = "Kim et al. 2020 (Proxy-Anchor), BN-Inception 512-d; context row in METHODS.md"
+_MS = "Wang et al. 2019 (Multi-Similarity), BN-Inception 512-d; context row in docs/methods.md"
+_PA = "Kim et al. 2020 (Proxy-Anchor), BN-Inception 512-d; context row in docs/methods.md"
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PaperNumber:
     metric: str = "recall@1"
 
 
-# The only published numbers available to this project (METHODS.md "Numbers from the papers").
+# The only published numbers available to this project (docs/methods.md, "Numbers from the papers").
 PAPER_NUMBERS: tuple[PaperNumber, ...] = (
     PaperNumber("cars196", "DML-DA", None, False, 67.95, _DMLDA),
     PaperNumber("cars196", "DML-DA", None, True, 77.62, _DMLDA),

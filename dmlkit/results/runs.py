@@ -365,7 +365,7 @@ def seed_note(summary: pd.DataFrame) -> str:
         return (
             "One seed per row (n = 1): no interval. One seed moves Recall@1 by about ±0.03 "
             "between machines, so differences between these rows are not evidence; the "
-            "reference results over 5 seeds are listed in the README."
+            "reference results over 5 seeds are in docs/results.md."
         )
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     return (

@@ -1,6 +1,6 @@
-"""``python -m dmlkit.sweep SPEC.yaml [--jobs N] [--smoke] [--only k=v ...] [--out DIR]
-[--figures] [--dry-run]``: run or resume a papermill sweep (or, with ``--figures``, only
-redraw its ``then`` steps); exit 0 iff every execution succeeded."""
+"""``python -m dmlkit.sweep SPEC.yaml [--jobs N] [--gpus 0,1,...] [--smoke] [--only k=v ...]
+[--out DIR] [--figures] [--dry-run]``: run or resume a papermill sweep (or, with
+``--figures``, only redraw its ``then`` steps); exit 0 iff every execution succeeded."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .manifest import MANIFEST, ManifestLockedError, latest_records
 from .manifest import read_manifest as read_records
 from .plan import Job, plan, plan_steps, sweep_folder
-from .resume import NoFinishedRunError, check_some_finished, is_finished
-from .runner import run_sweep, threads_per_job
+from .processes import gpu_slots, threads_per_job
+from .resume import NoFinishedRunError, check_owner, check_some_finished, is_finished
+from .runner import run_sweep
+from .slurm import SlurmUnavailableError, resources_from
 from .spec import SpecError, load_spec
 from .worker import skip_slow_optional_imports
 
@@ -33,6 +35,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _gpus(text: str) -> list[str]:
+    try:
+        return gpu_slots(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dmlkit.sweep",
@@ -40,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         "skipping runs that already finished. See docs/sweeps.md.",
     )
     parser.add_argument("spec", help="sweep spec (YAML), e.g. notebooks/sweeps/quickstart.yaml")
-    parser.add_argument("--jobs", type=_positive, default=1, help="parallel runs (default 1)")
+    parser.add_argument(
+        "--jobs", type=_positive, help="parallel runs (default: one per --gpus slot, else 1)"
+    )
+    parser.add_argument(
+        "--gpus",
+        type=_gpus,
+        metavar="0,1,...|0+1,...|all",
+        help="give each concurrent run its own GPU(s) through CUDA_VISIBLE_DEVICES",
+    )
     parser.add_argument("--smoke", action="store_true", help="inject smoke=True (seconds per run)")
     parser.add_argument(
         "--only",
@@ -57,23 +74,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no run: execute the `then` steps again on the finished runs",
     )
     parser.add_argument("--dry-run", action="store_true", help="show the plan, run nothing")
+    cluster = parser.add_argument_group("Slurm (see docs/sweeps.md, 'On a cluster')")
+    cluster.add_argument("--executor", choices=("local", "slurm"), default="local")
+    cluster.add_argument("--partition", help="Slurm partition (default: the spec's, else Slurm's)")
+    cluster.add_argument("--gpus-per-run", type=int, help="GPUs of each run's job")
+    cluster.add_argument("--cpus-per-run", type=int, help="CPUs of each run's job (its threads)")
+    cluster.add_argument("--mem-gb", type=float, help="memory of each run's job")
+    cluster.add_argument("--time-min", type=int, help="time limit of each run's job, minutes")
+    cluster.add_argument(
+        "--sbatch", action="extend", nargs="+", default=[], metavar="OPTION=VALUE",
+        help="extra sbatch options, e.g. account=lab qos=high",
+    )  # fmt: skip
+    cluster.add_argument(
+        "--detach", action="store_true", help="submit and return; rerun later to collect"
+    )
     return parser
+
+
+def slurm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Slurm resources given on the command line (``None``: the spec's)."""
+    sbatch = dict(option.partition("=")[::2] for option in args.sbatch) or None
+    names = ("partition", "gpus_per_run", "cpus_per_run", "mem_gb", "time_min")
+    return {**{name: getattr(args, name) for name in names}, "sbatch": sbatch}
 
 
 def dry_run(args: argparse.Namespace) -> int:
     """Print what a real invocation would run or skip (with ``--figures``: redraw)."""
     spec = load_spec(args.spec)
-    jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
     folder = sweep_folder(spec, args.out, smoke=args.smoke)
+    check_owner(spec, folder)
+    print(f"{spec.name}: {spec.num_points} grid points -> {folder}", flush=True)
+    jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
     if args.figures:
         check_some_finished(spec, jobs, folder)
     latest = latest_records(read_records(folder / MANIFEST))
-    print(f"{spec.name}: {len(jobs)} of {spec.num_points} grid points -> {folder}")
-    print(f"{threads_per_job(args.jobs)} thread(s) per run with --jobs {args.jobs}")
+    if args.executor == "slurm":
+        resources = resources_from(spec.executor, spec.timeout_s, **slurm_options(args))
+        print(f"{len(jobs)} selected; one Slurm job each: {resources}")
+    else:
+        threads = threads_per_job(args.jobs)
+        gpus = f", GPUs {' | '.join(args.gpus)}" if args.gpus else ""
+        print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}{gpus}")
     for job in jobs:
         done = is_finished(job, latest)
         if args.figures:
             action = "finished" if done else "skip"
+        elif latest.get(job.key, {}).get("status") == "submitted":
+            action = "collect"  # a Slurm job submitted earlier: waited for, not resubmitted
         else:
             action = "skip (done)" if done else "run"
         print(f"  {action:<11}  {job.key}{_shown_overrides(job)}")
@@ -120,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_out(parser, args.out)
+    if args.gpus and args.executor == "slurm":
+        parser.error("--gpus is for local runs; with Slurm give --gpus-per-run")
+    if args.jobs is None and args.executor == "local":
+        args.jobs = len(args.gpus) if args.gpus else 1
+    if args.gpus and args.jobs > len(args.gpus):
+        parser.error(f"--jobs {args.jobs} with {len(args.gpus)} GPU slot(s): a run needs its own")
     skip_slow_optional_imports()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # papermill logs every notebook it inspects at INFO; the runner reports per run.
@@ -131,15 +184,19 @@ def main(argv: list[str] | None = None) -> int:
             result = run_sweep(
                 args.spec,
                 jobs=args.jobs,
+                gpus=args.gpus,
                 smoke=args.smoke,
                 only=args.only,
                 out=args.out,
                 figures_only=args.figures,
+                executor=args.executor,
+                slurm=slurm_options(args),
+                detach=args.detach,
             )
     except NoFinishedRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (SpecError, ManifestLockedError, ValueError) as exc:
+    except (SpecError, ManifestLockedError, ValueError, SlurmUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.table())

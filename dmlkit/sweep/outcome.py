@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .spec import SweepSpec
 
-DONE = ("ok", "skipped")
+DONE = ("ok", "skipped", "submitted")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class Outcome:
     Attributes:
         key: manifest key.  kind: ``"run"``, ``"then-run"`` or ``"then-sweep"``.
         status: ``ok``, ``failed``, ``interrupted`` (stopped by a signal), ``skipped``
-            (finished in an earlier invocation) or ``pending`` (never started).
+            (finished in an earlier invocation), ``pending`` (never started) or ``submitted``
+            (a Slurm job left queued or running; the next invocation collects it).
         seconds: wall time of the execution (None unless it ran).
         error: ``"ExceptionName: message"`` for failures and interruptions; for a run that
             ``figures_only`` skipped because it is not finished, the reason.
@@ -83,4 +84,4 @@ class SweepResult:
         return "\n".join([*lines, "", f"{self.spec.name}: {summary or 'nothing to do'}"])
 
 
-_STATUS_ORDER = ("ok", "skipped", "failed", "interrupted", "pending")
+_STATUS_ORDER = ("ok", "skipped", "submitted", "failed", "interrupted", "pending")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,10 @@ def run_name(point: Mapping[str, Any]) -> str:
     Names longer than 200 bytes are cut and end with a hash of the full name, so they
     stay unique and fit every file system.
     """
-    name = ",".join(f"{key}={format_value(value)}" for key, value in point.items())
+    return _cut(",".join(f"{key}={format_value(value)}" for key, value in point.items()))
+
+
+def _cut(name: str) -> str:
     if len(name.encode()) > _MAX_NAME_BYTES:
         digest = hashlib.sha1(name.encode()).hexdigest()[:12]
         name = f"{name[: _MAX_NAME_BYTES - 20]}~{digest}"
@@ -100,9 +103,17 @@ def run_name(point: Mapping[str, Any]) -> str:
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """The cartesian product of the grid, in the spec's key and value order."""
+    return [point for _, point in _named_points(spec)]
+
+
+def _named_points(spec: SweepSpec) -> Iterator[tuple[str, dict[str, Any]]]:
+    # (run name, point) in grid order; each value is formatted once, not once per point
+    # (YAML dumping is what made planning a 10^5-point grid slow).
     keys = list(spec.grid)
-    products = itertools.product(*spec.grid.values())
-    return [dict(zip(keys, values, strict=True)) for values in products]
+    parts = [[f"{key}={format_value(value)}" for value in spec.grid[key]] for key in keys]
+    for indices in itertools.product(*(range(len(values)) for values in spec.grid.values())):
+        point = {key: spec.grid[key][i] for key, i in zip(keys, indices, strict=True)}
+        yield _cut(",".join(part[i] for part, i in zip(parts, indices, strict=True))), point
 
 
 def sweep_folder(spec: SweepSpec, out: str | Path | None = None, *, smoke: bool = False) -> Path:
@@ -191,8 +202,7 @@ def plan(
     folder = sweep_folder(spec, out, smoke=smoke)
     jobs: list[Job] = []
     names: dict[str, dict[str, Any]] = {}
-    for point in grid_points(spec):
-        name = run_name(point)
+    for name, point in _named_points(spec):
         if name in names:
             raise SpecError(
                 f"{spec.path}: grid: points {names[name]} and {point} share the run name {name!r}"

@@ -1,11 +1,13 @@
-"""Run a sweep's jobs in worker subprocesses: parallel, resumable, interruptible.
+"""Run a sweep's jobs through an executor: parallel, resumable, interruptible.
 
-Each job is a ``python -m dmlkit.sweep.worker`` process in its own session (so a terminal
-Ctrl-C reaches only this runner, which then stops the workers deliberately). The runner
-polls its workers, appends one ``manifest.jsonl`` record per finished attempt, queues
-each finished run's ``then`` steps, and on SIGINT/SIGTERM stops every running job (worker
-group, then kernel group), records it ``interrupted`` and returns. With ``figures_only`` it
-starts no run: it queues the steps of the runs finished earlier, forced.
+An executor starts executions and hands back process-like objects (``poll``, ``stop``,
+``kill``): locally each is a ``python -m dmlkit.sweep.worker`` process in its own session
+(so a terminal Ctrl-C reaches only this runner, which then stops the workers deliberately;
+see ``processes.LocalExecutor``); with Slurm each is a job (``slurm.SlurmExecutor``). The
+runner polls them, appends one ``manifest.jsonl`` record per finished attempt (and, for
+Slurm, one per submission), queues each finished run's ``then`` steps, and on SIGINT/SIGTERM
+stops every execution it started, records it ``interrupted`` and returns. With
+``figures_only`` it starts no run: it queues the steps of the runs finished earlier, forced.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
@@ -31,8 +32,8 @@ from .manifest import MANIFEST, append_record, latest_records, lock_manifest, no
 from .manifest import read_manifest as _read_manifest
 from .outcome import Outcome, SweepResult
 from .plan import Job, OnlyFilter, plan, plan_steps, shown_path, sweep_folder
-from .processes import THREAD_VARIABLES, kill_kernel, read_result, signal_group, threads_per_job
-from .resume import check_some_finished, is_finished
+from .processes import LocalExecutor, read_result
+from .resume import check_owner, check_some_finished, is_finished, record_owner
 from .spec import SweepSpec, load_spec
 
 logger = logging.getLogger(__name__)
@@ -43,25 +44,37 @@ _POLL_S = 0.05
 def run_sweep(
     spec_path: str | Path | SweepSpec,
     *,
-    jobs: int = 1,
+    jobs: int | None = None,
+    gpus: list[str] | None = None,
     smoke: bool = False,
     only: OnlyFilter = None,
     out: str | Path | None = None,
     progress: bool = True,
     grace_s: float = 10.0,
     figures_only: bool = False,
+    executor: str = "local",
+    slurm: dict[str, Any] | None = None,
+    detach: bool = False,
 ) -> SweepResult:
     """Run (or resume) a sweep; see docs/sweeps.md.
 
     Args:
         spec_path: a spec file or a spec from :func:`load_spec`.
-        jobs: parallel executions; each gets ``max(1, cores // jobs)`` threads.
+        jobs: parallel executions (default: one per GPU slot, else 1); each gets
+            ``max(1, cores // jobs)`` threads.
+        gpus: ``CUDA_VISIBLE_DEVICES`` of each slot (see ``processes.gpu_slots``): a run
+            gets a free slot for its whole execution, recorded as ``gpus`` in the manifest.
         smoke: inject ``smoke=True``.  only: restrict the grid (see ``parse_only``).
         out: parent of the sweep folder (default ``<root>/papermill_runs``).
         progress: show a tqdm bar.  grace_s: seconds a stopped job gets to exit cleanly.
         figures_only: start no grid run; execute the ``then`` steps again, even those that
             succeeded before: per-run steps on every finished run, then per-sweep steps.
             Runs not finished are listed ``skipped`` with the reason as their error.
+        executor: ``"local"`` or ``"slurm"`` (one Slurm job per execution; ``jobs`` then
+            caps how many are queued at once, default all).
+        slurm: resources overriding the spec's ``executor`` mapping (``SlurmResources``
+            fields).  detach: with Slurm, submit the runs and return; a later call
+            collects them (and runs the steps).
     Returns:
         The outcome of every job; ``exit_code`` is 0 iff every job succeeded (or was
         already done), 128 + signal number when interrupted, 1 otherwise.
@@ -69,19 +82,50 @@ def run_sweep(
         SpecError: before anything runs.  ManifestLockedError: a sweep already runs there.
         NoFinishedRunError: ``figures_only`` and no selected run has finished.
     """
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
     grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
     folder = sweep_folder(spec, out, smoke=smoke)
+    starter = make_executor(executor, spec, folder, jobs, gpus, slurm)
+    # Before taking the lock, which would create the sweep folder.
+    check_owner(spec, folder)
     if figures_only:
-        # Before taking the lock, which would create the sweep folder.
         check_some_finished(spec, grid_jobs, folder)
     with lock_manifest(folder / MANIFEST):
+        check_owner(spec, folder)  # again: another spec's sweep may have started meanwhile
+        record_owner(spec, folder)
         runner = _Runner(
-            spec, folder, jobs=jobs, smoke=smoke, grace_s=grace_s, figures_only=figures_only
-        )
+            spec, folder, starter, smoke=smoke, grace_s=grace_s, figures_only=figures_only,
+            detach=detach,
+        )  # fmt: skip
         return runner.run(grid_jobs, progress=progress)
+
+
+def make_executor(
+    kind: str,
+    spec: SweepSpec,
+    folder: Path,
+    jobs: int | None,
+    gpus: list[str] | None,
+    slurm: dict[str, Any] | None,
+) -> Any:
+    """The executor of ``kind``, checked (Slurm answers; jobs fit the GPU slots); writes nothing."""
+    if kind == "slurm":
+        from .slurm import SlurmExecutor, check_slurm, resources_from
+
+        resources = resources_from(spec.executor, spec.timeout_s, **(slurm or {}))
+        check_slurm(resources)
+        return SlurmExecutor(folder, resources, jobs=jobs or 10**9)
+    if kind != "local":
+        raise ValueError(f"executor must be 'local' or 'slurm', got {kind!r}")
+    if jobs is None:
+        jobs = len(gpus) if gpus else 1
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if gpus and jobs > len(gpus):
+        raise ValueError(
+            f"--jobs {jobs} with {len(gpus)} GPU slot(s): a run needs a slot of its own"
+        )
+    return LocalExecutor(jobs, gpus)
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -92,15 +136,13 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
 
 @dataclass
 class _Active:
-    """A running worker and what is needed to judge and record its outcome."""
+    """A running execution and what is needed to judge and record its outcome."""
 
     job: Job
-    proc: subprocess.Popen
-    log: IO[bytes]
+    proc: Any  # processes.LocalProcess or slurm.SlurmProcess
     started: str
     t0: float
     result_file: Path
-    pid_file: Path
     metrics_mtime: int | None
 
 
@@ -111,15 +153,16 @@ class _Runner:
         self,
         spec: SweepSpec,
         folder: Path,
+        executor: Any,
         *,
-        jobs: int,
         smoke: bool,
         grace_s: float,
         figures_only: bool = False,
+        detach: bool = False,
     ) -> None:
-        self.spec, self.folder, self.jobs, self.smoke = spec, folder, jobs, smoke
-        self.grace_s, self.figures_only = grace_s, figures_only
-        self.env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads_per_job(jobs)))}
+        self.spec, self.folder, self.smoke = spec, folder, smoke
+        self.grace_s, self.figures_only, self.detach = grace_s, figures_only, detach
+        self.executor = executor
         self.latest = latest_records(_read_manifest(folder / MANIFEST))
         self.active: list[_Active] = []
         self.outcomes: dict[str, Outcome] = {}
@@ -128,7 +171,8 @@ class _Runner:
         self.force = False
         self.bar: tqdm | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="dmlkit-sweep-"))
-        self.counter = 0
+        # Where workers write their outcome: the sweep folder when they run elsewhere.
+        self.results = executor.result_dir or self.tmp
 
     def run(self, grid_jobs: list[Job], *, progress: bool) -> SweepResult:
         queue: deque[Job] = deque()
@@ -137,18 +181,28 @@ class _Runner:
                 queue.extend(self._figures_of(job))
             elif self._skip(job):
                 queue.extend(j for j in self._steps_of(job) if not self._skip(j))
+            elif (proc := self.executor.attach(self.latest.get(job.key))) is not None:
+                # Submitted earlier and not collected yet: wait for that job, never a copy.
+                record = self.latest[job.key]
+                self.executed.add(job.key)
+                result_file = Path(record["result_file"])
+                self.active.append(
+                    _Active(job, proc, record["started"], time.monotonic(), result_file, None)
+                )
             else:
                 queue.append(job)
         previous = self._install_handlers()
         self.bar = tqdm(total=len(queue), desc=self.spec.name, unit="job", disable=not progress)
         try:
             self._loop(queue)
-            if self.stop_signal is None:
+            for active in list(self.active):  # --detach
+                self._leave_running(active)
+            if self.stop_signal is None and not self._pending():
                 self._loop(deque(self._sweep_steps(grid_jobs)))
         except BaseException:
             # A bug or an unexpected error in the runner: leave no worker or kernel behind.
             for active in self.active:
-                self._kill(active)
+                active.proc.kill()
             raise
         finally:
             self.bar.close()
@@ -157,6 +211,9 @@ class _Runner:
         rank = {job.key: i for i, job in enumerate(grid_jobs)}
         outcomes = sorted(self.outcomes.values(), key=lambda o: _plan_order(o, rank))
         return SweepResult(self.spec, self.folder, outcomes, self.stop_signal)
+
+    def _pending(self) -> bool:
+        return any(o.status == "submitted" for o in self.outcomes.values())
 
     def _skip(self, job: Job) -> bool:
         if not is_finished(job, self.latest):
@@ -204,13 +261,16 @@ class _Runner:
             self.bar.total = self.bar.n + len(queue) + len(self.active)
             self.bar.refresh()
         while (queue or self.active) and self.stop_signal is None:
-            while queue and len(self.active) < self.jobs:
-                self._launch(queue.popleft())
+            free = self.executor.jobs - len(self.active)
+            if queue and free > 0:
+                self._launch([queue.popleft() for _ in range(min(free, len(queue)))])
+            if self.detach and not queue:
+                break
             for active in list(self.active):
                 if active.proc.poll() is not None:
                     self._finish(active, queue)
                 elif self._timed_out(active):
-                    self._kill(active)
+                    active.proc.kill()
                     limit = self.spec.timeout_s
                     self._finish(active, queue, "failed", f"TimeoutError: exceeded {limit:g} s")
             time.sleep(_POLL_S)
@@ -221,36 +281,38 @@ class _Runner:
                     job.key, job.kind, "pending", None, None, job.output
                 )
 
-    def _launch(self, job: Job) -> None:
-        self.counter += 1
-        started, t0 = now_iso(), time.monotonic()
-        result_file = self.tmp / f"{self.counter}.result.json"
-        pid_file = self.tmp / f"{self.counter}.kernel.pid"
-        description = {
-            "notebook": str(job.notebook), "output": str(job.output),
-            "parameters": job.parameters, "kernel": self.spec.kernel,
-            "cwd": str(self.spec.root), "result_file": str(result_file),
-            "pid_file": str(pid_file), "parent_pid": os.getpid(),
-        }  # fmt: skip
-        self.executed.add(job.key)
-        try:
-            job.folder.mkdir(parents=True, exist_ok=True)
-            metrics_mtime = _mtime(job.folder / "metrics.json") if job.kind == "run" else None
-            log = open(job.output.with_suffix(".log"), "wb")  # noqa: SIM115 - closed in _finish
-        except OSError as exc:  # e.g. a full disk or a read-only folder: this job fails
-            self._record(job, "failed", 0.0, started, f"{type(exc).__name__}: {exc}", None)
-            return
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dmlkit.sweep.worker", json.dumps(description, default=str)],
-            cwd=self.spec.root, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=os.name == "posix",
-        )  # fmt: skip
-        self.active.append(
-            _Active(job, proc, log, started, t0, result_file, pid_file, metrics_mtime)
-        )
+    def _launch(self, batch: list[Job]) -> None:
+        started, t0, ready = now_iso(), time.monotonic(), []
+        for job in batch:
+            name = uuid.uuid4().hex
+            description = {
+                "notebook": str(job.notebook), "output": str(job.output),
+                "parameters": job.parameters, "kernel": self.spec.kernel,
+                "cwd": str(self.spec.root), "result_file": str(self.results / f"{name}.json"),
+                "pid_file": str(self.tmp / f"{name}.kernel.pid"), "parent_pid": os.getpid(),
+            }  # fmt: skip
+            if self.executor.remote:  # the kernel is another machine's: Slurm stops it
+                description["pid_file"] = None
+            self.executed.add(job.key)
+            try:
+                job.folder.mkdir(parents=True, exist_ok=True)
+                self.results.mkdir(parents=True, exist_ok=True)
+                metrics_mtime = _mtime(job.folder / "metrics.json") if job.kind == "run" else None
+                if not self.executor.remote:  # Slurm jobs log under <sweep>/slurm/
+                    job.output.with_suffix(".log").open("ab").close()
+            except OSError as exc:  # e.g. a full disk or a read-only folder: this job fails
+                self._record(job, "failed", 0.0, started, f"{type(exc).__name__}: {exc}", None)
+                continue
+            ready.append((job, description, metrics_mtime))
+        procs = self.executor.start_many([description for _, description, _ in ready])
+        for (job, description, metrics_mtime), proc in zip(ready, procs, strict=True):
+            result_file = Path(description["result_file"])
+            self.active.append(_Active(job, proc, started, t0, result_file, metrics_mtime))
+            if self.executor.remote:
+                self._record(job, "submitted", None, started, None, None, proc.record, result_file)
 
     def _timed_out(self, active: _Active) -> bool:
-        limit = self.spec.timeout_s
+        limit = None if self.executor.remote else self.spec.timeout_s  # Slurm's time limit
         return limit is not None and time.monotonic() - active.t0 > limit
 
     def _finish(
@@ -261,21 +323,19 @@ class _Runner:
         error: str | None = None,
     ) -> None:
         self.active.remove(active)
+        self.executor.release(active.proc)
         job, seconds = active.job, round(time.monotonic() - active.t0, 3)
-        active.log.close()
         result = read_result(active.result_file)
         if status is None:
             status, error = result.get("status", "failed"), result.get("error")
             if not result:
-                error = (
-                    f"WorkerDied: exit status {active.proc.returncode} without a result; "
-                    f"see {job.output.with_suffix('.log')}"
-                )
+                error = active.proc.error()
         if status == "ok" and job.kind == "run":
             status, error = self._check_metrics(active)
         if status != "ok":
-            kill_kernel(active.pid_file)
-        self._record(job, status, seconds, active.started, error, result.get("error_cell"))
+            active.proc.kill()
+        cell = result.get("error_cell")
+        self._record(job, status, seconds, active.started, error, cell, active.proc.record)
         if status == "ok" and job.kind == "run" and queue is not None:
             steps = self._steps_of(job)
             queue.extend(steps)
@@ -296,11 +356,14 @@ class _Runner:
         self,
         job: Job,
         status: str,
-        seconds: float,
+        seconds: float | None,
         started: str,
         error: str | None,
         error_cell: int | None,
+        extra: dict[str, Any] | None = None,
+        result_file: Path | None = None,
     ) -> None:
+        extra = {**(extra or {}), **({"result_file": str(result_file)} if result_file else {})}
         append_record(
             self.folder / MANIFEST,
             {
@@ -315,8 +378,11 @@ class _Runner:
                 "error_cell": error_cell,
                 "notebook": shown_path(job.notebook, self.spec.root),
                 "output": shown_path(job.output, self.spec.root),
+                **extra,
             },
         )
+        if status == "submitted":
+            return
         self.outcomes[job.key] = Outcome(job.key, job.kind, status, seconds, error, job.output)
         log = logger.info if status == "ok" else logger.warning
         log("%s: %s in %.1f s%s", job.key, status, seconds, f" ({error})" if error else "")
@@ -325,9 +391,11 @@ class _Runner:
 
     def _stop_all(self, queue: deque[Job]) -> None:
         name = signal.Signals(self.stop_signal).name
+        for active in [a for a in self.active if not getattr(a.proc, "own", True)]:
+            self._leave_running(active)  # submitted by an earlier invocation: not ours to stop
         logger.warning("%s: stopping %d running job(s)", name, len(self.active))
         for active in self.active:
-            signal_group(active.proc, signal.SIGTERM)
+            active.proc.stop()
         deadline = time.monotonic() + self.grace_s
         while (
             any(a.proc.poll() is None for a in self.active)
@@ -336,18 +404,19 @@ class _Runner:
         ):
             time.sleep(_POLL_S)
         for active in list(self.active):
-            self._kill(active)
+            active.proc.kill()
             # A job that completed before the signal reached it keeps its real outcome.
             if read_result(active.result_file).get("status") == "ok":
                 self._finish(active, queue)
             else:
                 self._finish(active, queue, "interrupted", f"Interrupted: stopped by {name}")
 
-    def _kill(self, active: _Active) -> None:
-        if active.proc.poll() is None:
-            signal_group(active.proc, signal.SIGKILL)
-        active.proc.wait()
-        kill_kernel(active.pid_file)
+    def _leave_running(self, active: _Active) -> None:
+        # A Slurm job left queued or running (--detach, or another invocation's): the
+        # manifest's `submitted` line lets the next invocation collect it.
+        self.active.remove(active)
+        job = active.job
+        self.outcomes[job.key] = Outcome(job.key, job.kind, "submitted", None, None, job.output)
 
     def _install_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():

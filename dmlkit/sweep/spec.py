@@ -9,6 +9,8 @@ until the whole spec (and every notebook's ``parameters`` cell) checks out.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 import subprocess
 from collections.abc import Mapping
@@ -18,9 +20,13 @@ from typing import Any
 
 import yaml
 
-from .values import mapping, matches, same_value, string, where_filter
+from .values import mapping, matches, string, where_filter
 
-TOP_LEVEL_KEYS = ("name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s")
+TOP_LEVEL_KEYS = (
+    "name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s", "executor"
+)  # fmt: skip
+# Slurm resources per execution (slurm.SlurmResources); the CLI overrides them.
+EXECUTOR_KEYS = ("partition", "gpus_per_run", "cpus_per_run", "mem_gb", "time_min", "sbatch")
 STEP_KEYS = ("notebook", "per", "name", "parameters", "where")
 OVERRIDE_KEYS = ("where", "set")
 DEFAULT_KERNEL = "dmlkit"
@@ -28,6 +34,8 @@ DEFAULT_KERNEL = "dmlkit"
 RUN_PARAMETER = "out_dir"
 STEP_PARAMETERS = {"run": "run_dir", "sweep": "sweep_dir"}
 SMOKE_PARAMETER = "smoke"
+# Planning costs ~0.1 ms per point; a grid this large is a mistake, not an experiment.
+MAX_GRID_POINTS = 100_000
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -88,6 +96,7 @@ class SweepSpec:
         then: figure steps.  kernel: Jupyter kernel name.
         timeout_s: per-execution wall-clock limit (None = none).
         notebook_parameters: the names in each notebook's ``parameters`` cell.
+        executor: Slurm resources of each execution (``EXECUTOR_KEYS``).
     """
 
     path: Path
@@ -101,6 +110,7 @@ class SweepSpec:
     timeout_s: float | None = None
     notebook_parameters: dict[Path, frozenset[str]] = field(default_factory=dict, repr=False)
     overrides: tuple[Override, ...] = ()
+    executor: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_points(self) -> int:
@@ -153,7 +163,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         overrides=_overrides(err, data.get("overrides"), grid),
         kernel=string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
         timeout_s=_timeout(err, data.get("timeout_s")),
+        executor=mapping(err, "executor", data.get("executor") or {}),
     )
+    _check_keys(path, "executor", spec.executor, EXECUTOR_KEYS)
     _check_kernel(err, spec.kernel)
     return _check_parameters(spec)
 
@@ -284,9 +296,21 @@ def _grid(err, raw: Any) -> dict[str, list[Any]]:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise err(f"grid.{key}", f"must be a non-empty list of values, got {values!r}")
-        for i, value in enumerate(values):
-            if any(same_value(value, other) for other in values[:i]):
+    sizes = [len(values) for values in grid.values()]
+    if math.prod(sizes) > MAX_GRID_POINTS:
+        raise err(
+            "grid",
+            f"{math.prod(sizes):,} points ({' × '.join(map(str, sizes))}), more than the "
+            f"{MAX_GRID_POINTS:,} one sweep may run; split it into several specs",
+        )
+    for key, values in grid.items():
+        seen: set[tuple[type, str]] = set()
+        for value in values:
+            # The type keeps true, 1 and 1.0 apart, as same_value does.
+            identity = (type(value), json.dumps(value, sort_keys=True))
+            if identity in seen:
                 raise err(f"grid.{key}", f"value {value!r} is listed twice")
+            seen.add(identity)
     return grid
 
 

@@ -63,7 +63,7 @@ def error_summary(exc: BaseException) -> tuple[str, int | None]:
 
 
 def execute(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one job description (see :mod:`dmlkit.sweep.runner`); never raises.
+    """Run one job description (see :mod:`dmlkit.sweep.runner`); raises only SystemExit.
 
     A kernel that dies, or stays silent for nbclient's start-up timeout, before it answers
     ``kernel_info`` has run no cell, so it is started once more (``_KERNEL_STARTS``) before
@@ -86,6 +86,10 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                 request_save_on_cell_execute=True,
                 kernel_manager_class=PidFileKernelManager,
             )
+        except SystemExit:
+            # submitit's exit after requeueing a preempted or timed-out Slurm job: this
+            # attempt has no outcome; the requeued job will (papermill stopped the kernel).
+            raise
         except BaseException as exc:  # noqa: BLE001 - every outcome must reach the runner
             if starts < _KERNEL_STARTS and never_started(exc):
                 starts += 1

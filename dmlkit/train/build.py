@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +17,9 @@ from dmlkit.data.subset import ClassSubset, validation_classes
 from dmlkit.models import EmbeddingModel
 from dmlkit.train import distributed
 from dmlkit.train.config import TrainConfig, loss_kwargs, resolve_eval_ks
+
+if TYPE_CHECKING:
+    from dmlkit.train.state import RunState
 
 
 def dataset_options(
@@ -100,6 +105,7 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    finish_in_workers: bool = False,
 ) -> DataLoader:
     """A DataLoader over ``train_set`` with this rank's ``PKBatchSampler`` shard.
 
@@ -107,7 +113,8 @@ def build_loader(
     (seed, epoch, position) alone and the workers can live across epochs
     (``persistent_workers``): the first batch of an epoch does not wait for them to start,
     and a resumed run draws the same images. ``collate`` keeps ``Crop`` items as uint8
-    for the device to finish (``dmlkit.data.crops``).
+    for the device to finish (``dmlkit.data.crops``), or with ``finish_in_workers`` (fit
+    on the CPU) resizes them in the workers, off the training process.
     """
     from dmlkit.data.crops import collate
     from dmlkit.samplers import PKBatchSampler
@@ -126,7 +133,7 @@ def build_loader(
         train_set,
         batch_sampler=sampler,
         num_workers=cfg.num_workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, finish=finish_in_workers),
         pin_memory=pin_memory,
         persistent_workers=cfg.num_workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -185,20 +192,13 @@ def wrap_model(
     return torch.compile(network) if cfg.compile else network
 
 
-def initialise_loss(
-    loss_fn: nn.Module,
-    model: EmbeddingModel,
-    cfg: TrainConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    ctx: distributed.DistributedContext,
-    bad_images_log: str | os.PathLike | None = None,
-) -> None:
+def initialise_loss(run: RunState) -> None:
     """Data-dependent loss initialisation before epoch 0 (DAAL: 2-means line vertices).
 
     Embeds the training images *without* augmentation with the untrained model, calls
     ``loss_fn.init_from_embeddings`` and copies rank 0's result to every rank.
     """
+    cfg, device, amp_dtype, loss_fn = run.cfg, run.device, run.amp_dtype, run.loss_fn
     if not hasattr(loss_fn, "init_from_embeddings"):
         return
     from dmlkit.data import get_dataset
@@ -209,20 +209,20 @@ def initialise_loss(
         "train",
         root=cfg.data_root,
         transform="test",
-        **dataset_options(cfg, bad_images_log),
+        **dataset_options(cfg, run.bad_images_log),
     )
     clean = training_part(cfg, clean)  # never the held-out validation classes
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         embeddings, labels = embed(
-            model,
+            run.model,
             clean,
             batch_size=cfg.batch_size_eval,
             device=device,
             num_workers=cfg.num_workers,
-            progress=cfg.progress and ctx.is_main,
+            progress=cfg.progress and run.ctx.is_main,
         )
     loss_fn.init_from_embeddings(embeddings.to(device), labels.to(device))
-    distributed.broadcast_module_state(loss_fn, ctx)
+    distributed.broadcast_module_state(loss_fn, run.ctx)
 
 
 def check_device(device: torch.device) -> None:

@@ -177,16 +177,15 @@ def _summary(data: dict[str, Any]) -> str:
     return f"{images} images of {classes} classes, fingerprint {fingerprint}"
 
 
-def save_run(run: RunState, finished_epochs: int, session_seconds: float) -> None:
-    """Checkpoint the run after ``finished_epochs`` (rank 0 writes; every rank takes part)."""
+def save_run(run: RunState, session_seconds: float) -> None:
+    """Checkpoint the run after its ``run.epoch`` epochs (rank 0 writes; every rank takes part)."""
     rng = distributed.gather_objects(capture_rng_state(), run.ctx)  # a collective: every rank
-    run.epoch = finished_epochs
     if run.ctx.is_main and run.checkpoint_path is not None:
         save_checkpoint(
             run.checkpoint_path,
             {
                 "config": run.cfg.to_dict(),
-                "epoch": finished_epochs,
+                "epoch": run.epoch,
                 "model": run.model.state_dict(),
                 "loss": run.loss_fn.state_dict(),
                 "optimizer": run.optimizer.state_dict(),

@@ -45,7 +45,7 @@ class TrainConfig:
     """One training run: data, model, loss, optimisation, evaluation and output.
 
     Defaults are the glyphs-mini demo on a CPU (a few tens of seconds on one core).
-    Paper protocols (METHODS.md "Protocols") are set by the notebooks' parameters.
+    Paper protocols (docs/methods.md, "Training protocol") are set by the notebooks' parameters.
     """
 
     dataset: str = "glyphs-mini"

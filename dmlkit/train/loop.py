@@ -154,8 +154,11 @@ def fit(
         for epoch in range(run.epoch, cfg.epochs):
             record = _train_epoch(run, epoch, on_step)
             run.history.append(record)
+            run.epoch = epoch + 1
+            run.train_seconds += record["seconds"]
+            run.images_seen += round(record["images_per_s"] * record["seconds"])
             # Saved before evaluating: an evaluation that fails or is killed costs no training.
-            save_run(run, epoch + 1, time.perf_counter() - started)
+            save_run(run, time.perf_counter() - started)
             if epoch + 1 < cfg.epochs:
                 _curve_point(run, record)
                 run.log(epoch_line(record, cfg.epochs))
@@ -207,9 +210,7 @@ def _prepare(
             restore_run(run, checkpoint)
         else:
             forget_bad_images(run)  # a fresh start: the log of an earlier run no longer counts
-            initialise_loss(
-                run.loss_fn, run.model, cfg, device, run.amp_dtype, ctx, run.bad_images_log
-            )
+            initialise_loss(run)
             # Each rank's own augmentation/dropout stream, started from the seed.
             seed = np.random.SeedSequence([cfg.seed, ctx.rank, 1]).generate_state(1)[0]
             seed_everything(int(seed))
@@ -240,7 +241,12 @@ def _assemble(
     loss_fn = build_loss_module(cfg, train_set.labels).to(device)
     optimizer = build_optimizer(model, loss_fn, cfg)
     loader = build_loader(
-        cfg, train_set, rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda"
+        cfg,
+        train_set,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pin_memory=device.type == "cuda",
+        finish_in_workers=device.type == "cpu",
     )
     return RunState(
         cfg=cfg,
@@ -328,8 +334,6 @@ def _epoch_record(
     run: RunState, epoch: int, losses: Tensor, terms: dict[str, Tensor], seconds: float
 ) -> dict[str, Any]:
     images = len(losses) * run.cfg.p * run.cfg.k * run.ctx.world_size  # global batches
-    run.train_seconds += seconds
-    run.images_seen += images
     record = {"epoch": epoch + 1, "loss": losses.mean().item()}
     record.update({f"loss/{name}": values.mean().item() for name, values in terms.items()})
     lr = run.optimizer.param_groups[0]["lr"]

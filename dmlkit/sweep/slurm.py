@@ -1,0 +1,222 @@
+"""``--executor slurm``: each execution is one Slurm job, submitted with submitit.
+
+The runner's loop, manifest and resume rule are the local ones; only starting, watching and
+stopping an execution differ. Executions submitted together form one job array; each runs
+:class:`NotebookTask` (``papermill`` via :func:`worker.execute`) on a compute node and
+writes its outcome next to the sweep (a shared file system). A job that Slurm preempts or
+times out is requeued by submitit (:meth:`NotebookTask.checkpoint`) and the notebook
+resumes from its checkpoint. State comes from ``squeue``: submitit reads ``sacct``, which
+clusters without accounting storage do not answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..io import write_json
+from .processes import THREAD_VARIABLES, read_result
+
+SLURM_FOLDER = "slurm"  # in the sweep folder: submitit's scripts, pickles and logs
+# squeue states of a job that may still run (anything else, or no line, means it ended).
+ALIVE = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+     "REQUEUE_FED", "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT"}
+)  # fmt: skip
+_SQUEUE_EVERY_S = 2.0
+_UNSEEN_S = 60.0  # a job squeue has not listed this long after its submission has ended
+
+
+class SlurmUnavailableError(RuntimeError):
+    """No Slurm answers here: no ``sbatch``, the controller is down, or no such partition."""
+
+
+@dataclass
+class SlurmResources:
+    """What each execution asks Slurm for (spec ``executor:`` mapping, then the CLI).
+
+    Attributes:
+        partition: ``--partition`` (None: the cluster's default).
+        gpus_per_run: GPUs per execution.  cpus_per_run: CPUs per execution (its threads).
+        mem_gb: memory per execution.  time_min: time limit per execution, minutes.
+        sbatch: extra ``#SBATCH`` options, e.g. ``{"account": "lab", "qos": "high"}``.
+    """
+
+    partition: str | None = None
+    gpus_per_run: int = 0
+    cpus_per_run: int = 1
+    mem_gb: float | None = None
+    time_min: int = 24 * 60
+    sbatch: dict[str, Any] = field(default_factory=dict)
+
+    def submitit_parameters(self) -> dict[str, Any]:
+        parameters = {
+            "timeout_min": self.time_min,
+            "cpus_per_task": self.cpus_per_run,
+            "gpus_per_node": self.gpus_per_run,
+            "tasks_per_node": 1,
+            "slurm_additional_parameters": dict(self.sbatch),
+        }
+        if self.partition:
+            parameters["slurm_partition"] = self.partition
+        if self.mem_gb is not None:
+            parameters["mem_gb"] = self.mem_gb
+        return parameters
+
+
+def resources_from(
+    spec_executor: dict[str, Any], timeout_s: float | None, **cli: Any
+) -> SlurmResources:
+    """The spec's ``executor`` values, overridden by the CLI's (those not None; ``sbatch``
+    options are merged); without a ``time_min``, ``timeout_s`` rounded up to minutes."""
+    given = {key: value for key, value in cli.items() if value is not None}
+    sbatch = {**spec_executor.get("sbatch", {}), **given.get("sbatch", {})}  # merged
+    values = {**spec_executor, **given, "sbatch": sbatch}
+    if "time_min" not in values and timeout_s is not None:
+        values["time_min"] = math.ceil(timeout_s / 60)
+    return SlurmResources(**values)
+
+
+def check_slurm(resources: SlurmResources) -> None:
+    """Raise :class:`SlurmUnavailableError` naming what was tried unless Slurm answers.
+
+    Called before anything is written or submitted.
+    """
+    if shutil.which("sbatch") is None:
+        raise SlurmUnavailableError(
+            "--executor slurm: no `sbatch` on PATH; is this a Slurm login node?"
+        )
+    command = ["sinfo", "--noheader", "--format=%P"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmUnavailableError(
+            f"--executor slurm: `{' '.join(command)}` failed: {exc}"
+        ) from exc
+    if done.returncode != 0:
+        raise SlurmUnavailableError(
+            f"--executor slurm: `{' '.join(command)}` exited {done.returncode}: "
+            f"{done.stderr.strip() or done.stdout.strip()} (is slurmctld up? SLURM_CONF?)"
+        )
+    partitions = [name.rstrip("*") for name in done.stdout.split()]
+    if resources.partition and resources.partition not in partitions:
+        raise SlurmUnavailableError(
+            f"--executor slurm: no partition {resources.partition!r}; "
+            f"`{' '.join(command)}` lists: {', '.join(partitions) or 'none'}"
+        )
+
+
+class NotebookTask:
+    """What a Slurm job runs: one papermill execution, its outcome written to ``result_file``."""
+
+    def __init__(self, description: dict[str, Any]) -> None:
+        self.description = description
+
+    def __call__(self) -> dict[str, Any]:
+        from .worker import execute, skip_slow_optional_imports
+
+        threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
+        os.environ.update(dict.fromkeys(THREAD_VARIABLES, threads))
+        skip_slow_optional_imports()
+        result = execute(self.description)
+        write_json(self.description["result_file"], result)
+        return result
+
+    def checkpoint(self) -> Any:
+        """Preempted or timed out: submitit requeues the same task; the notebook resumes."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class SlurmQueue:
+    """The states of this user's jobs, one ``squeue`` call per ``_SQUEUE_EVERY_S``."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+        self.checked = -math.inf
+
+    def state(self, job_id: str) -> str | None:
+        if time.monotonic() - self.checked > _SQUEUE_EVERY_S:
+            command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            if done.returncode == 0:  # a controller that blinks: keep the last answer
+                lines = (line.split("|", 1) for line in done.stdout.split())
+                self.states = {job: state for job, state in lines}
+            self.checked = time.monotonic()
+        return self.states.get(job_id)
+
+
+@dataclass
+class SlurmProcess:
+    """A submitted execution, with the interface of a local worker process."""
+
+    job_id: str
+    result_file: Path
+    queue: SlurmQueue
+    own: bool = True  # submitted by this invocation (Ctrl-C cancels only those)
+    returncode: int | None = None
+    state: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.state = self.queue.state(self.job_id) or self.state
+            unseen = self.state is None and time.monotonic() - self.submitted < _UNSEEN_S
+            if (self.state not in ALIVE and not unseen) or read_result(self.result_file):
+                self.returncode = 0 if read_result(self.result_file).get("status") == "ok" else 1
+        return self.returncode
+
+    def stop(self) -> None:
+        if self.own:
+            subprocess.run(["scancel", self.job_id], capture_output=True, timeout=60)
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            self.stop()
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return {"slurm_job": self.job_id, "slurm_state": self.state}
+
+    def error(self) -> str:
+        return f"SlurmJobEnded: job {self.job_id} ended {self.state or 'unseen'} without a result"
+
+
+class SlurmExecutor:
+    """Submits executions through submitit's ``AutoExecutor`` into ``<sweep>/slurm/``."""
+
+    remote = True
+
+    def __init__(self, folder: Path, resources: SlurmResources, *, jobs: int) -> None:
+        import submitit
+
+        self.jobs = jobs  # at most this many queued or running at once
+        self.result_dir = folder / SLURM_FOLDER
+        self.executor = submitit.AutoExecutor(folder=self.result_dir / "%j", cluster="slurm")
+        self.executor.update_parameters(**resources.submitit_parameters())
+        self.queue = SlurmQueue()
+
+    def start_many(self, descriptions: list[dict[str, Any]]) -> list[SlurmProcess]:
+        with self.executor.batch():
+            jobs = [self.executor.submit(NotebookTask(d)) for d in descriptions]
+        return [
+            SlurmProcess(job.job_id, Path(d["result_file"]), self.queue)
+            for job, d in zip(jobs, descriptions, strict=True)
+        ]
+
+    def release(self, proc: SlurmProcess) -> None:
+        pass  # Slurm allocates and frees the resources
+
+    def attach(self, record: dict[str, Any] | None) -> SlurmProcess | None:
+        """The job of a ``submitted`` manifest record, if it may still be running."""
+        if not record or record.get("status") != "submitted":
+            return None
+        job_id, result_file = record["slurm_job"], Path(record["result_file"])
+        return SlurmProcess(job_id, result_file, self.queue, own=False, submitted=-math.inf)

@@ -1,0 +1,225 @@
+"""``--executor slurm`` against a real one-node Slurm (tests/slurm_cluster.py), not a mock.
+
+The cluster (munged, slurmctld, slurmd from Debian's slurm-wlm and munge: ``make
+slurm-deps``) starts once for this module in a temp folder and is stopped by PID at the end.
+Without those programs, or without root (slurmd runs jobs as root here), the tests that
+need it are skipped and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dmlkit.sweep import append_record, read_manifest, run_sweep
+from dmlkit.sweep.__main__ import main as sweep_main
+from dmlkit.sweep.slurm import SlurmResources, SlurmUnavailableError, resources_from
+from tests.slurm_cluster import PARTITION, SlurmCluster, missing_programs
+from tests.test_sweep import BASE, NOTEBOOKS, hold, write_spec
+
+FIGURE = "notebooks/toy_figure.ipynb"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A repository-like folder with the toy notebooks (as in test_sweep.py)."""
+    (tmp_path / "notebooks" / "sweeps").mkdir(parents=True)
+    for notebook in NOTEBOOKS.glob("*.ipynb"):
+        shutil.copy(notebook, tmp_path / "notebooks" / notebook.name)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"no Slurm here ({', '.join(missing)} missing): run `make slurm-deps`")
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster runs slurmd as root; these tests need root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+
+
+def cli(*args: str, cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "dmlkit.sweep", *args, "--executor", "slurm"]
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
+        time.sleep(0.2)
+
+
+def records(folder: Path) -> list[tuple[str, str]]:
+    return [(r["run"], r["status"]) for r in read_manifest(folder)]
+
+
+def test_resources_come_from_the_spec_then_the_command_line():
+    spec = {"partition": "gpu", "gpus_per_run": 1, "sbatch": {"account": "lab"}}
+    resources = resources_from(spec, 90.0, partition="debug", cpus_per_run=None, time_min=None)
+    assert resources == SlurmResources("debug", 1, 1, None, 2, {"account": "lab"})
+    assert resources.submitit_parameters() == {
+        "timeout_min": 2, "cpus_per_task": 1, "gpus_per_node": 1, "tasks_per_node": 1,
+        "slurm_additional_parameters": {"account": "lab"}, "slurm_partition": "debug",
+    }  # fmt: skip
+
+
+def test_the_cli_reads_slurm_options_and_a_dry_run_shows_what_it_would_collect(project, capsys):
+    executor = {"partition": "gpu", "mem_gb": 8, "sbatch": {"qos": "low", "account": "x"}}
+    spec = write_spec(project, {**BASE, "executor": executor})
+    folder = project / "papermill_runs" / "toy"
+    append_record(folder / "manifest.jsonl", {"run": "x=1", "kind": "run", "status": "submitted"})
+    argv = [str(spec), "--dry-run", "--executor", "slurm", "--cpus-per-run", "4"]
+    assert sweep_main([*argv, "--sbatch", "account=lab", "qos=high"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (
+        "2 selected; one Slurm job each: SlurmResources(partition='gpu', gpus_per_run=0, "
+        "cpus_per_run=4, mem_gb=8, time_min=1440, sbatch={'qos': 'high', 'account': 'lab'})"
+    )
+    assert [line.split() for line in lines[2:]] == [["collect", "x=1"], ["run", "x=2"]]
+
+
+def test_without_sbatch_nothing_is_submitted_or_written(project, monkeypatch):
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # python, but no sbatch
+    spec = write_spec(project, BASE)
+    with pytest.raises(SlurmUnavailableError, match="no `sbatch` on PATH"):
+        run_sweep(spec, executor="slurm", progress=False)
+    assert not (project / "papermill_runs").exists()
+
+
+def test_an_unknown_partition_or_a_dead_controller_stops_before_anything_is_written(
+    slurm, project, tmp_path
+):
+    spec = write_spec(project, BASE)
+    done = cli(str(spec), "--partition", "gpu-a100", cwd=project)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 2
+    assert f"no partition 'gpu-a100'; `sinfo --noheader --format=%P` lists: {PARTITION}" in err
+    dead = tmp_path / "dead.conf"  # the same cluster, its controller's port moved
+    text = (
+        slurm.conf.read_text()
+        .replace("SlurmctldPort=", "SlurmctldPort=1")
+        .replace("ClusterName=", "MessageTimeout=2\nClusterName=")
+    )
+    dead.write_text(text)
+    with pytest.raises(SlurmUnavailableError, match=r"`sinfo --noheader --format=%P` exited"):
+        os.environ["SLURM_CONF"] = str(dead)
+        try:
+            run_sweep(spec, executor="slurm", progress=False)
+        finally:
+            os.environ["SLURM_CONF"] = str(slurm.conf)
+    assert not (project / "papermill_runs").exists()
+
+
+def test_a_sweep_with_a_failure_a_cancel_and_a_resume(slurm, project):
+    spec = write_spec(
+        project, {**BASE, "grid": {"x": [1, -1, 2]}, "then": [{"notebook": FIGURE, "per": "sweep"}]}
+    )
+    folder = project / "papermill_runs" / "toy"
+    held = hold(project, "x=2")
+    runner = cli(str(spec), "--time-min", "10", cwd=project)
+    wait_for(lambda: (folder / "x=2" / "kernel.pid").exists(), "x=2 to start on Slurm")
+    wait_for(lambda: {("x=1", "ok"), ("x=-1", "failed")} <= set(records(folder)), "x=1, x=-1")
+    runner.send_signal(signal.SIGINT)  # Ctrl-C: cancel what this invocation submitted
+    out, err = runner.communicate(timeout=120)
+    assert runner.returncode == 130, err
+    lines = read_manifest(folder)
+    x2 = [r for r in lines if r["run"] == "x=2"]
+    assert [r["status"] for r in x2] == ["submitted", "interrupted"]
+    assert x2[0]["slurm_job"] == x2[1]["slurm_job"] and x2[1]["slurm_state"] in (
+        "RUNNING",
+        "CANCELLED",
+        "COMPLETING",
+    )
+    job = x2[0]["slurm_job"]
+    squeue = subprocess.run(
+        ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert f"{job} CANCELLED" in squeue.stdout or f"{job} COMPLETING" in squeue.stdout
+    assert "toy_figure" not in [r["run"] for r in lines]
+
+    held.unlink()
+    again = cli(str(spec), cwd=project)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 1, err  # x=-1 fails again
+    new = records(folder)[len(lines) :]
+    assert sorted(new) == sorted(
+        [("x=-1", "submitted"), ("x=-1", "failed"), ("x=2", "submitted"), ("x=2", "ok"),
+         ("toy_figure", "submitted"), ("toy_figure", "ok")]
+    )  # fmt: skip
+    assert json.loads((folder / "x=2" / "metrics.json").read_text())["config"]["x"] == 2
+
+
+def test_detach_submits_and_a_later_invocation_collects_without_a_second_copy(slurm, project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1]}})
+    folder = project / "papermill_runs" / "toy"
+    held = hold(project, "x=1")
+    detached = cli(str(spec), "--detach", cwd=project)
+    out, err = detached.communicate(timeout=120)
+    assert detached.returncode == 0, err
+    assert "x=1  submitted" in out
+    wait_for(lambda: (folder / "x=1" / "kernel.pid").exists(), "x=1 to start on Slurm")
+    collector = cli(str(spec), cwd=project)
+    time.sleep(3)  # it finds x=1 running: it waits for it rather than submitting it again
+    held.unlink()
+    out, err = collector.communicate(timeout=120)
+    assert collector.returncode == 0, err
+    lines = read_manifest(folder)
+    assert [(r["run"], r["status"]) for r in lines] == [("x=1", "submitted"), ("x=1", "ok")]
+    assert lines[0]["slurm_job"] == lines[1]["slurm_job"]
+
+
+def test_a_preempted_job_is_requeued_by_submitit_and_its_run_finishes(slurm, project):
+    # Preemption as submitit's own test helper sends it (SIGTERM, then USR2): submitit
+    # requeues the job, and the notebook runs again in its run folder (a training notebook
+    # with `resume: true` would continue from its checkpoint.pt).
+    spec = write_spec(project, {**BASE, "grid": {"x": [1]}})
+    folder = project / "papermill_runs" / "toy"
+    held = hold(project, "x=1")
+    runner = cli(str(spec), cwd=project)
+    kernel = folder / "x=1" / "kernel.pid"
+    wait_for(kernel.exists, "x=1 to start on Slurm")
+    first = kernel.read_text()
+    job = read_manifest(folder)[0]["slurm_job"]
+    for sig in ("SIGTERM", "USR2"):
+        subprocess.run(["scancel", job, "--signal", sig], check=True)
+
+    def requeued() -> bool:
+        state = subprocess.run(
+            ["squeue", "--noheader", "--jobs", job, "--format=%T"], capture_output=True, text=True
+        ).stdout.strip()
+        return state == "PENDING"
+
+    wait_for(requeued, "the job to be requeued")
+    # Slurm holds a requeued job back for a while (its begin time); start it now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_for(lambda: kernel.read_text() != first, "the requeued job's notebook to start")
+    held.unlink()
+    out, err = runner.communicate(timeout=120)
+    assert runner.returncode == 0, err
+    lines = read_manifest(folder)
+    assert [(r["run"], r["status"]) for r in lines] == [("x=1", "submitted"), ("x=1", "ok")]
+    assert lines[1]["slurm_job"] == job
