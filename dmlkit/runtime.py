@@ -1,16 +1,12 @@
-"""Facts about where a run happens: device choice, seeding, versions, git commit; and
-handing freed heap memory back to the OS."""
+"""Facts about where a run happens: device choice, seeding, versions, git commit."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import platform
 import random
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -116,52 +112,3 @@ def _git(folder: Path, *args: str) -> str:
         ["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=10
     )
     return out.stdout.strip()
-
-
-def release_free_heap() -> None:
-    """Return heap memory that malloc keeps but no longer uses to the OS (glibc; else no-op).
-
-    Many mid-sized temporaries freed by several threads (the blocked kNN search) stay in
-    glibc's per-thread arenas: without this, every evaluation of a training run would start
-    from a few hundred MB more resident memory than the one before.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def settle_heap() -> None:
-    """Let glibc keep MB-sized temporaries on the heap instead of faulting fresh pages in
-    for each one (once per process; glibc only, else no-op).
-
-    glibc serves blocks above M_MMAP_THRESHOLD by mmap and gives the top of the heap back
-    to the OS once M_TRIM_THRESHOLD is free there. Both start at 128 KB and rise (to at
-    most 32 MB and twice that) only when a process frees a large mmapped block, which a
-    process that has trained anything has done. Until then every temporary of a few MB
-    is new pages: ``x.double().pow(2).sum(1)`` at 1,000 × 512 took 3.1 ms instead of
-    0.2 ms in a fresh process. Freeing one such block here raises the thresholds the way
-    glibc would (mallopt(3), "dynamic mmap threshold"); malloc itself is not configured.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc.restype = ctypes.c_void_p
-        libc.free.argtypes = [ctypes.c_void_p]
-        libc.free(libc.malloc(ctypes.c_size_t(_LARGEST_DYNAMIC_THRESHOLD)))
-
-
-# Under glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (4 MiB · sizeof(long) = 32 MiB): the
-# threshold rises only if the freed block's size, with its header, page rounding and flag
-# bits, stays at or below it.
-_LARGEST_DYNAMIC_THRESHOLD = 31 * 2**20
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl and other C libraries: nothing to trim
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None

@@ -45,8 +45,8 @@ CONFIG_ERRORS = [
     ({"p": 2, "k": 5, "epochs": 1}, None, None),  # k > images of a class: topped up, trains
     ({"p": 0}, ValueError, "p: must be >= 2, got 0"),
     ({"k": 0}, ValueError, "k: must be >= 1, got 0"),
-    ({"embedding_dim": 0}, ValueError, "embedding_dim: must be >= 1, got 0"),
-    ({"embedding_dim": -8}, ValueError, "embedding_dim: must be >= 1, got -8"),
+    ({"embedding_dim": 0}, ValueError, "embedding_dim: must be >= 2, got 0"),
+    ({"embedding_dim": -8}, ValueError, "embedding_dim: must be >= 2, got -8"),
     ({"epochs": -1}, ValueError, "epochs: must be >= 0, got -1"),
     ({"num_batches": 0}, ValueError, "num_batches: must be >= 1 or None, got 0"),
     ({"batch_size_eval": 0}, ValueError, "batch_size_eval: must be >= 1, got 0"),

@@ -131,6 +131,7 @@ def test_default_config_is_valid_and_every_field_documented():
         ({"p": 1}, "p: must be >= 2"),
         ({"k": 0}, "k: must be >= 1"),
         ({"embedding_dim": 0}, "embedding_dim"),
+        ({"embedding_dim": 1}, "embedding_dim: must be >= 2, got 1"),  # ±1 after L2 norm
         ({"epochs": -1}, "epochs"),
         ({"num_batches": 0}, "num_batches"),
         ({"lr": 0.0}, "lr: must be > 0"),

@@ -1,10 +1,8 @@
 """Seeded k-means (batched k-means++ seeding, Lloyd iterations with exact assignments) and NMI.
 
-sklearn's KMeans at SOP scale (60k × 512, 11k clusters) is slow on a small CPU. Here every
-distance question — the D² weights of the seeding and each Lloyd assignment — is an exact
-nearest-neighbour search (``knn`` with k = 1: candidate matmuls in bf16 where the CPU runs
-them fast, a float64 re-rank, a certificate), so the clustering does not depend on the
-candidate precision or the machine's matmul rounding, only on the seed.
+sklearn's KMeans at SOP scale (60k × 512, 11k clusters) is slow on a small CPU. Here each
+Lloyd assignment is an exact nearest-neighbour search (``knn`` with k = 1), so the
+clustering does not depend on the machine's matmul rounding, only on the seed.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.evaluate._exact import resolve_precision, run_blocks
 from dmlkit.evaluate.neighbours import knn
 
 _BLOCK_SCORES = 2**22
@@ -28,7 +25,6 @@ def kmeans(
     seed: int = 0,
     max_iter: int = 30,
     tol: float = 1e-4,
-    precision: str = "auto",
 ) -> Tensor:
     """Cluster ``embeddings`` (N, D) into ``num_clusters``; returns (N,) int64 labels (CPU).
 
@@ -38,8 +34,7 @@ def kmeans(
     per center. Lloyd iterations stop when at most ``tol``·N points change cluster or
     after ``max_iter``. Each point goes to its nearest center by exact float64 distance,
     ties to the lower center index (``knn``); an emptied cluster is re-seeded at the point
-    farthest from its center. Deterministic for a given seed; ``precision`` only changes
-    the speed of the candidate matmuls.
+    farthest from its center. Deterministic for a given seed.
     Complexity: O(max_iter · N · num_clusters · D) time, O(block · num_clusters) memory.
     """
     x = embeddings.float()
@@ -47,11 +42,11 @@ def kmeans(
     if not 1 <= num_clusters <= count:
         raise ValueError(f"num_clusters={num_clusters} must lie in [1, N={count}]")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    centers = _seed_centers(x, num_clusters, generator, precision)
+    centers = _seed_centers(x, num_clusters, generator)
     assignment = torch.full((count,), -1, dtype=torch.long, device=x.device)
     for _ in range(max_iter):
         previous = assignment
-        distance, assignment = _nearest(x, centers, precision)
+        distance, assignment = _nearest(x, centers)
         centers = _update_centers(x, assignment, distance, num_clusters)
         if int((assignment != previous).sum()) <= tol * count:
             break
@@ -59,49 +54,25 @@ def kmeans(
 
 
 def normalized_mutual_info(labels: Tensor | np.ndarray, clusters: Tensor | np.ndarray) -> float:
-    """NMI = I(Y; C) / ((H(Y) + H(C)) / 2), natural logs (sklearn's arithmetic mean).
+    """NMI = I(Y; C) / ((H(Y) + H(C)) / 2): ``sklearn.metrics.normalized_mutual_info_score``."""
+    # Deferred: scikit-learn takes ~0.8 s to import, and only NMI needs it here.
+    from sklearn.metrics import normalized_mutual_info_score
 
-    Both all-in-one-group (or empty) → 1.0; I = 0 → 0.0, as in
-    ``sklearn.metrics.normalized_mutual_info_score``.
-    """
     y = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
     c = np.asarray(torch.as_tensor(clusters).cpu()).reshape(-1)
     if len(y) != len(c):
         raise ValueError(f"{len(y)} labels but {len(c)} cluster ids")
-    _, y_idx = np.unique(y, return_inverse=True)
-    _, c_idx = np.unique(c, return_inverse=True)
-    if y_idx.max(initial=-1) == c_idx.max(initial=-1) <= 0:
-        return 1.0
-    width = int(c_idx.max()) + 1
-    pairs, joint = np.unique(y_idx.astype(np.int64) * width + c_idx, return_counts=True)
-    pair_y, pair_c = np.divmod(pairs, width)
-    a = np.bincount(y_idx).astype(np.float64)  # class sizes
-    b = np.bincount(c_idx).astype(np.float64)  # cluster sizes
-    total, n_ij = float(len(y)), joint.astype(np.float64)
-    mi = np.sum(n_ij / total * (np.log(n_ij * total) - np.log(a[pair_y] * b[pair_c])))
-    mi = max(float(mi), 0.0)
-    if mi == 0.0:
-        return 0.0
-    h_y, h_c = _entropy(a, total), _entropy(b, total)
-    return mi / ((h_y + h_c) / 2)
+    return float(normalized_mutual_info_score(y, c))
 
 
-def _entropy(counts: np.ndarray, total: float) -> float:
-    p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
-
-
-def _seed_centers(
-    x: Tensor, num_clusters: int, generator: torch.Generator, precision: str
-) -> Tensor:
+def _seed_centers(x: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
     """Batched k-means++: first center uniform, then rounds of D²-weighted draws.
 
-    The D² weights come from candidate-precision matmuls (bf16 where fast): a weight off
-    by its rounding changes a draw only if the draw falls that close to a boundary.
+    The D² weights come from fp32 matmuls: a weight off by its rounding changes a draw
+    only if the draw falls that close to a boundary.
     """
     count = len(x)
-    dtype = torch.bfloat16 if resolve_precision(precision, x.device) == "bf16" else x.dtype
-    operand, sq_norms = x.to(dtype), x.pow(2).sum(1)  # made once for the 64 rounds
+    operand, sq_norms = x, x.pow(2).sum(1)
     per_round = math.ceil(num_clusters / 64)
     first = torch.randint(count, (1,), generator=generator).to(x.device)
     chosen = [first]
@@ -122,22 +93,20 @@ def _seed_centers(
 
 
 def _min_sq_distance(operand: Tensor, sq_norms: Tensor, centers: Tensor) -> Tensor:
-    """(N,) float32 squared distance to the nearest of ``centers`` (candidate precision)."""
+    """(N,) float32 squared distance to the nearest of ``centers`` (fp32 matmuls)."""
     out = torch.empty(len(operand), device=operand.device)
     c_sq, c_op = centers.pow(2).sum(1), centers.to(operand.dtype)
     rows = max(1, _BLOCK_SCORES // max(1, len(centers)))
 
-    def block(s: int) -> None:
-        dots = (operand[s : s + rows] @ c_op.T).float()  # (rows, C)
+    for s in range(0, len(operand), rows):
+        dots = operand[s : s + rows] @ c_op.T  # (rows, C)
         out[s : s + rows] = (sq_norms[s : s + rows, None] + c_sq - 2 * dots).amin(1)
-
-    run_blocks(block, range(0, len(operand), rows), operand.device)
     return out.clamp_min_(0)
 
 
-def _nearest(x: Tensor, centers: Tensor, precision: str) -> tuple[Tensor, Tensor]:
+def _nearest(x: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) distance to the nearest center and its index (exact; ties to the lower)."""
-    distance, index = knn(x, centers, k=1, precision=precision)
+    distance, index = knn(x, centers, k=1)
     return distance[:, 0], index[:, 0]
 
 

@@ -1,23 +1,41 @@
-"""Exact, blocked k-nearest-neighbour search (Euclidean), CPU or CUDA."""
+"""Exact k nearest neighbours (Euclidean) on CPU or CUDA: fp32 candidates, float64 re-rank.
+
+Exact means the order of the squared distances d²_ij = ||q_i||² + ||k_j||² − 2⟨q_i, k_j⟩
+evaluated in float64 (each term one float64 dot product by the same kernel, so a query
+equal to a key is at 0 and bitwise-equal keys tie), ties broken by the lower key index.
+Per block of queries (docs/methods.md#exact-knn):
+
+1. one fp32 matmul scores every key, r̃_ij = fl(||k_j||² − 2⟨q_i, k_j⟩) (smaller = closer);
+2. the c = k + margin smallest r̃ per query are the candidates, re-ranked in float64;
+3. certificate: a key left out has r̃ ≥ cut (the largest kept r̃) and, by the error bound
+   below, a float64 d² ≥ lower_i = ||q_i||² + cut − slack_i. If lower_i is strictly
+   above the k-th re-ranked distance, no left-out key can enter the top k or tie the
+   k-th, so the candidates hold every key with d² ≤ d²_(k) — the complete tie group at
+   the k-th, which the tie-aware metrics need (docs/methods.md#ties). Otherwise the query
+   is searched again with 4× the candidates, in the end with all keys.
+
+Error bound (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1): an fp32 dot
+product of D terms errs by at most γ_D·||q||·||k||, γ_D = D·u/(1 − D·u), u = 2⁻²⁴, in any
+summation order; rounding ||k||² and the subtraction adds u-sized terms of the same
+magnitude B_i = (||q_i|| + max_j ||k_j||)², and fp64 inputs rounded to fp32 two more.
+slack_i = (4·D + 32)·u·B_i covers all of them twice over; TF32 or bf16 matmuls (a float32
+matmul precision below "highest") round the operands once more, + 6·u_op·B_i. The float64
+evaluation of d² errs by at most (D + 4)·2⁻⁵³·B_i, and that of lower_i by a few 2⁻⁵³ of
+its terms: lower_i is lowered by (2·D + 16)·2⁻⁵³ of their sum.
+"""
 
 from __future__ import annotations
 
-import logging
+import math
+import warnings
+from collections.abc import Iterator
 from numbers import Integral
 
 import torch
 from torch import Tensor
 
-from dmlkit.evaluate import _exact
-from dmlkit.evaluate._count_search import CountSearch, default_block
-from dmlkit.evaluate._cpu_search import ThresholdSearch
-from dmlkit.runtime import settle_heap
-
-log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "bf16", "fp32")
-# Searches of at least this many scores hand their freed heap back to the OS afterwards.
-_RELEASE_SCORES = 2**24
+_SCORES = 2**22  # fp32 scores per block of queries (16 MB)
+_MARGIN = 16  # spare candidates per query beyond k (and k/8): certifies nearly all at once
 
 
 def knn(
@@ -27,115 +45,159 @@ def knn(
     *,
     block_size: int | None = None,
     exclude_self: bool = True,
-    precision: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest neighbours by Euclidean distance, ties broken by the lower index.
 
-    Exact means: the order of the squared distances evaluated in float64 from the inputs;
-    keys with bitwise-equal vectors are always tied (so the lower index comes first). The
-    search scores blocks of queries against all keys in a fast candidate precision and
-    re-ranks candidates in float64, certified by a rigorous rounding-error bound that no
-    other key can be as close: on CPU every key above a per-query score threshold
-    (``_cpu_search.py``), on CUDA a fixed number of best-scored keys (``_count_search.py``).
-    Uncertified queries are searched again, in the end exhaustively. The result is
-    therefore the same for every ``precision``; only the time differs. Details:
-    docs/methods.md, "Exact kNN".
-
-    On CPU the whole call runs with torch's intra-op threads set to 1 (restored
-    afterwards) and the blocks on ``torch.get_num_threads()`` Python threads, started once
-    per process and kept: a block is many small ops, and each parallel op would pay an
-    OpenMP barrier that costs milliseconds whenever other processes share the cores. A
-    search that is a single block runs its one matmul on all the threads instead.
-
     Args:
-        queries: (Q, D) floating tensor (CPU or CUDA).
+        queries: (Q, D) floating tensor (CPU or CUDA; half inputs are searched in fp32).
         keys: (M, D) on the same device, or None to search ``queries`` among themselves.
         k: neighbours per query; at most the number of keys available.
-        block_size: queries per block (default on CPU: ~8M scores or 4 MB of float64
-            queries, the same number of blocks for every thread; CUDA: ~1 GiB of scores).
+        block_size: queries per block (default: ~4M scores per block).
         exclude_self: when ``keys`` is None, a query is not its own neighbour (its
             duplicates at other indices still are). Ignored when ``keys`` is given.
-        precision: candidate scoring — "bf16", "fp32", or "auto" (bf16 on a CPU whose
-            bf16 matmuls are ≥ 1.5× as fast as fp32, measured once; else fp32).
     Returns:
         distances (Q, k) in the queries' float dtype (float32 for half inputs), ascending,
         and indices (Q, k) int64 into ``keys``; both on the input device.
-    Complexity: O(Q·M·D) time; memory O(threads·block·M + (Q + M)·k + M·D), never O(Q·M)
-    (on CPU the float64 keys: M·D·8 bytes).
+    Complexity: O(Q·M·D) time; memory O(block·M + M·D), never O(Q·M).
     """
     if isinstance(queries, Tensor) and queries.device.type == "mps":
         # MPS has no float64 (the exact re-rank): search on CPU, answer on MPS.
         cpu_keys = None if keys is None else keys.cpu()
-        d, i = knn(
-            queries.cpu(),
-            cpu_keys,
-            k,
-            block_size=block_size,
-            exclude_self=exclude_self,
-            precision=precision,
-        )
+        d, i = knn(queries.cpu(), cpu_keys, k, block_size=block_size, exclude_self=exclude_self)
         return d.to(queries.device), i.to(queries.device)
-    device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
-    if device.type == "cpu":
-        settle_heap()  # MB-sized temporaries: from the heap, not fresh pages each time
-    with _exact.coarse_threads(device) as workers:
-        queries, keys_, self_search = _check_inputs(queries, keys, k, exclude_self, precision)
-        if len(queries) == 0:
-            empty = torch.zeros(0, k, device=device)
-            return empty.to(_output_dtype(queries)), empty.long()
-        skip_self = self_search and exclude_self
-        search, block, precision = _prepare(queries, keys_, k, skip_self, precision, workers)
-        block = block_size or block
-        if block >= len(queries) and device.type == "cpu":
-            search.matmul_threads = workers  # one block: its matmul gets every thread
-        distances = torch.empty(len(queries), k, dtype=_output_dtype(queries), device=device)
-        indices = torch.empty(len(queries), k, dtype=torch.long, device=device)
-
-        def run(start: int) -> None:
-            rows = slice(start, start + block)
-            sq, indices[rows] = search.block(queries[rows], start)
-            distances[rows] = sq.sqrt()  # from the float64 d², rounded once
-
-        large = len(queries) * len(keys_) >= _RELEASE_SCORES
-        _exact.run_blocks(run, range(0, len(queries), block), device, workers, release=large)
-    log.debug(
-        "knn %s: %d queries, %d keys, k=%d, %d candidates; uncertified %d, exhaustive %d",
-        *(precision, len(queries), len(keys_), k, search.count),
-        *(search.retried, search.exhaustive),
-    )
+    queries, keys_, self_search = check_inputs(queries, keys, k, exclude_self)
+    double = torch.float64 in (queries.dtype, keys_.dtype)
+    distances = queries.new_empty(len(queries), k, dtype=torch.float64 if double else torch.float32)
+    indices = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
+    if len(queries) == 0:
+        return distances, indices
+    skip = self_search and exclude_self
+    for start, sq, idx in search(queries, keys_, k, skip_self=skip, block_size=block_size):
+        # Rounded once from float64; a near-duplicate's d² may come out a few ulps below 0.
+        distances[start : start + len(sq)] = sq[:, :k].clamp_min(0).sqrt()
+        indices[start : start + len(sq)] = idx[:, :k]
     return distances, indices
 
 
-def _prepare(queries, keys, k, skip_self, precision, workers) -> tuple:
-    """(search, default block, resolved precision): the threshold search on CPU."""
-    device = queries.device
-    precision = _exact.resolve_precision(precision, device)
-    if device.type == "cpu":
-        # A query with more candidates than this is searched densely (bounds its work).
-        most = 4 * _candidate_count(k, precision, len(keys) - int(skip_self))
-        search = ThresholdSearch(keys, precision, k, skip_self=skip_self, max_candidates=most)
-        return search, search.default_block(len(queries), workers), precision
-    search = CountSearch(keys, precision, k, skip_self=skip_self, candidate_count=_candidate_count)
-    element = search.index.operand_t.element_size()
-    return search, default_block(len(keys), element, device), precision
+def search(
+    queries: Tensor,
+    keys: Tensor,
+    k: int,
+    *,
+    skip_self: bool = False,
+    block_size: int | None = None,
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield (start, sq (m, c) float64, indices (m, c)) per block of queries, c ≥ k.
+
+    Each row is sorted by (d², index) and holds every key with d² ≤ its k-th d² (and
+    maybe more, whose order past that point is not complete). skip_self: query i is key
+    i (a self-search) and is left out. Inputs as returned by ``check_inputs``.
+    """
+    count = len(keys)
+    available = count - int(skip_self)
+    keys64 = keys.double()
+    key_sq = _sq_norms(keys64)  # (M,) float64
+    key_op, key_sq32, key_max = keys.float(), key_sq.float(), key_sq.max().sqrt()
+    slack_unit = (4 * keys.shape[1] + 32) * 2.0**-24 + 6 * _operand_unit(keys.device)
+    rho = (2 * keys.shape[1] + 16) * 2.0**-53  # float64 evaluation of d² and of the bound
+    margin = max(_MARGIN, k // 8)
+    rows = block_size or max(1, _SCORES // max(1, count))
+    for start in range(0, len(queries), rows):
+        q = queries[start : start + rows]
+        block = torch.arange(start, start + len(q), device=q.device)
+        scores = torch.addmm(key_sq32, q.float(), key_op.T, alpha=-2)  # (m, M) r̃
+        if skip_self:
+            scores[torch.arange(len(q), device=q.device), block] = math.inf
+        q64 = q.double()
+        q_sq = key_sq[block] if skip_self else _sq_norms(q64)  # (m,)
+        bound = (q_sq.sqrt() + key_max) ** 2  # (m,) B_i
+        kept = min(available, k + margin)
+        sq = torch.empty(len(q), 0, dtype=torch.float64, device=q.device)
+        idx = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
+        todo = torch.arange(len(q), device=q.device)  # rows still uncertified
+        while len(todo):
+            if kept >= available:  # every key: nothing left out to certify
+                cand = torch.arange(available, device=q.device).expand(len(todo), -1)
+                if skip_self:
+                    cand = cand + (cand >= block[todo, None])
+            else:
+                rows_left = scores if len(todo) == len(q) else scores[todo]  # no copy at first
+                values, cand = rows_left.topk(kept, dim=1, largest=False, sorted=False)
+                cut = values.max(1).values.double()  # every left-out key has r̃ ≥ cut
+            d2, cand = _sorted_sq_distances(q64[todo], q_sq[todo], keys64, key_sq, cand)
+            ok = torch.ones(len(todo), dtype=torch.bool, device=q.device)
+            if kept < available:
+                slack = slack_unit * bound[todo]
+                margin_ = rho * (bound[todo] + q_sq[todo] + cut.abs() + slack)
+                lower = q_sq[todo] + cut - slack - margin_  # ≤ every left-out key's d²
+                ok = torch.isfinite(lower) & (lower > d2[:, k - 1])
+            if len(todo) == len(q) and ok.all():  # the usual case: all done at once
+                sq, idx = d2, cand
+                break
+            if sq.shape[1] < d2.shape[1]:  # widen the output for the rows searched again
+                pad = d2.shape[1] - sq.shape[1]
+                sq = torch.nn.functional.pad(sq, (0, pad), value=math.inf)
+                idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
+            sq[todo[ok], : d2.shape[1]] = d2[ok]
+            idx[todo[ok], : d2.shape[1]] = cand[ok]
+            todo, kept = todo[~ok], min(available, 4 * kept)
+        yield start, sq, idx
 
 
-def _candidate_count(k: int, precision: str, available: int) -> int:
-    """Candidates kept per query on CUDA: enough that the certificate nearly always passes.
-    On CPU a query with more than 4× this many above its threshold is searched densely."""
-    margin = max(32, k // 2) if precision == "bf16" else max(8, k // 16)
-    return min(available, k + margin)
+def _sorted_sq_distances(
+    q64: Tensor, q_sq: Tensor, keys64: Tensor, key_sq: Tensor, cand: Tensor
+) -> tuple[Tensor, Tensor]:
+    """float64 d² = ||q||² + ||k||² − 2⟨q, k⟩ of each query's candidates (m, c), rows
+    sorted by (d², index). The dot products are sampled from the (m, M) product (sparse
+    CSR pattern): each is one float64 dot, computed in place of gathering (m, c, D) rows."""
+    d2 = q_sq[:, None] + key_sq[cand] - 2 * _dots(q64, keys64, cand)
+    d2, order = d2.sort(dim=1)
+    cand = cand.gather(1, order)
+    tied = (d2[:, 1:] == d2[:, :-1]).any(1)  # (m,) rows whose ties need index order
+    if tied.any():
+        by_index, order = cand[tied].sort(1)
+        d2_tied, again = d2[tied].gather(1, order).sort(dim=1, stable=True)
+        d2[tied], cand[tied] = d2_tied, by_index.gather(1, again)
+    return d2, cand
 
 
-def _output_dtype(queries: Tensor) -> torch.dtype:
-    return torch.float64 if queries.dtype == torch.float64 else torch.float32
+def _dots(a: Tensor, b: Tensor, columns: Tensor, *, ordered: bool = False) -> Tensor:
+    """(m, c) float64 ⟨a_i, b_j⟩ for j = columns[i, :]."""
+    m, c = columns.shape
+    if a.device.type != "cpu" and not ordered:  # cuSPARSE wants each row's columns in order
+        columns, order = columns.sort(1)
+        dots = _dots(a, b, columns, ordered=True)
+        return torch.empty_like(dots).scatter_(1, order, dots)
+    rows = torch.arange(0, m * c + 1, c, device=a.device)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            rows, columns.reshape(-1), a.new_zeros(m * c), size=(m, len(b)), check_invariants=False
+        )
+    return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values().view(m, c)
 
 
-def _check_inputs(queries, keys, k, exclude_self, precision) -> tuple[Tensor, Tensor, bool]:
+def _sq_norms(x64: Tensor, rows: int = 4096) -> Tensor:
+    """(n,) float64 ⟨x_i, x_i⟩ by the same dot product as ``_dots``, so that a query equal
+    to a key is at d² = 0 exactly."""
+    parts = [_dots(x, x, torch.arange(len(x), device=x.device)[:, None]) for x in x64.split(rows)]
+    return torch.cat(parts)[:, 0] if parts else x64.new_zeros(0)
+
+
+def _operand_unit(device: torch.device) -> float:
+    """Extra relative rounding of fp32 matmul operands: TF32 (10 bits) or bf16 (7 bits)."""
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return 2.0**-7
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return 2.0**-10 if precision == "high" or tf32 else 0.0
+
+
+def check_inputs(queries, keys, k, exclude_self) -> tuple[Tensor, Tensor, bool]:
     """Validate; returns (queries, keys) as float32/float64 and whether keys is None."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     self_search = keys is None
+    if isinstance(queries, Tensor) and queries.device.type == "mps":  # MPS has no float64
+        queries, keys = queries.cpu(), None if self_search else keys.cpu()
     tensors = [queries] if self_search else [queries, keys]
     for name, x in zip(("queries", "keys"), tensors, strict=False):
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
@@ -161,6 +223,4 @@ def _check_inputs(queries, keys, k, exclude_self, precision) -> tuple[Tensor, Te
             f"k={k} but only {max(available, 0)} keys per query{own}: "
             f"{len(keys)} {'points' if self_search else 'keys'} given"
         )
-    if keys.dtype != queries.dtype:  # compare like with like (float64 if either is)
-        keys, queries = keys.double(), queries.double()
     return queries.contiguous(), keys.contiguous(), self_search

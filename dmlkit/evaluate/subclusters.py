@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.evaluate.neighbours import knn
-from dmlkit.evaluate.retrieval import as_labels
+from dmlkit.evaluate.neighbours import check_inputs, search
+from dmlkit.evaluate.retrieval import TieGroups, as_labels
 
 __all__ = ["subcluster_agreement", "subcluster_preservation"]
 
@@ -28,8 +28,9 @@ def subcluster_preservation(
     """How often a query's nearest *same-class* neighbours share its mode (family purity@k).
 
     For each query whose class has ≥ 2 items: its min(k, n_c − 1) exact nearest
-    neighbours among the other items of its class (Euclidean, ties by lower index), and
-    the fraction of them with the query's mode (e.g. the glyph's font family);
+    neighbours among the other items of its class (Euclidean; a run of equal distances
+    counts by its expected value over its random orders, docs/methods.md#ties), and the
+    fraction of them with the query's mode (e.g. the glyph's font family);
     ``preservation`` is the mean of that fraction over the queries. ``chance`` = the same
     expected for neighbours drawn at random from the class, (m_{c,mode} − 1)/(n_c − 1)
     averaged over the queries. k = 1 is the nearest-neighbour measure.
@@ -44,9 +45,13 @@ def subcluster_preservation(
     for members in _classes(labels):
         if len(members) < 2:
             continue
-        _, nearest = knn(embeddings[members.to(embeddings.device)], k=min(k, len(members) - 1))
+        points, _, _ = check_inputs(embeddings[members.to(embeddings.device)], None, 1, True)
+        count = min(k, len(members) - 1)
         own = mode_ids[members]
-        hits.append((mode_ids[members[nearest.cpu()]] == own[:, None]).double().mean(1))
+        for start, sq, idx in search(points, points, count, skip_self=True):
+            same = mode_ids[members[idx.cpu()]] == own[start : start + len(sq), None]
+            expected = TieGroups(sq.cpu(), same, count).expected_hits(torch.full((len(sq),), count))
+            hits.append(expected / count)
         same_mode = torch.bincount(own)[own].double()  # members sharing each one's mode
         chances.append((same_mode - 1) / (len(members) - 1))
     if not hits:

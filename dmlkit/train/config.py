@@ -263,7 +263,7 @@ def _name_problems(cfg: TrainConfig) -> list[str]:
 
 def _size_problems(cfg: TrainConfig) -> list[str]:
     minimum = {
-        "embedding_dim": 1,
+        "embedding_dim": 2,  # L2-normalised, a 1-D embedding is ±1: half the items tie
         "p": 2,
         "k": 1,
         "epochs": 0,
