@@ -526,7 +526,8 @@ def test_explore_runs_in_jupyterlab_hover_and_click_and_its_page_draws_offline(l
     pm.execute_notebook(
         str(ROOT / "notebooks" / "train_eval.ipynb"),
         str(lab.root / "train_eval.ipynb"),
-        parameters={"smoke": True, "progress": False, "out_dir": str(run_dir)},
+        # overwrite: the lab test before this one may have left its run in that folder
+        parameters={"smoke": True, "progress": False, "out_dir": str(run_dir), "overwrite": True},
         kernel_name="dmlkit",
         cwd=str(lab.root),
         progress_bar=False,
