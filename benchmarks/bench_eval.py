@@ -13,12 +13,13 @@ N < 50,000, then ``--repeats`` timed rounds, the order swapped every round, each
 run several times in a row within a round when a search takes under ~30 ms (``BURST``:
 faiss's spinning OpenMP threads slow whatever runs right after it) — on the same
 thread count (torch and faiss OpenMP: ``--threads``, default all cores); seconds are
-medians, ratio = dmlkit / faiss. "identical": dmlkit's neighbours equal the float64
-reference (brute force, ties by lower index; a difference among equal distances does not
-count); faiss's share of rows with the reference's neighbour set is in the note. At N =
-60,502 separate processes run dmlkit's ``knn`` and faiss once each and report their peak
-RSS (VmHWM, 10^9 bytes; ``import torch`` alone is ~0.53 GB); the 1.5 GB bound counts for
-k ≤ 100 (at k = 1000 the (N, k) answer alone is 0.73 GB).
+medians, ratio = dmlkit / faiss, target ≤ 1.5 for N ≥ 5,924 (the search is a fraction of
+an epoch there; smaller searches take milliseconds and are information rows).
+"identical": dmlkit's neighbours equal the float64 reference (brute force, ties by lower
+index; a difference among equal distances does not count); faiss's share of rows with the
+reference's neighbour set is in the note. At N = 60,502 separate processes run dmlkit's
+``knn`` and faiss once each and report their peak RSS (VmHWM, 10^9 bytes; ``import torch``
+alone is ~0.53 GB); the 1.5 GB bound counts for k ≤ 100 (at k = 1000 the (N, k) answer alone is 0.73 GB).
 
 NMI row (N = 60,502, D = 512, k = number of classes): dmlkit ``kmeans`` against
 ``faiss.Kmeans`` with the same number of Lloyd iterations (``--iterations``; dmlkit's early
@@ -75,7 +76,9 @@ RSS_LIMIT_GB = 1.5
 # OMP_WAIT_POLICY=passive (D = 512; 16.0 otherwise); faiss after dmlkit 6.6 against 6.3 ms.
 BURST = 20
 BURST_SECONDS = 0.05
-TARGET = 1.0
+TARGET = 1.5  # kNN time / faiss, for N ≥ TARGET_FROM (issue: the search is a fraction of an epoch)
+TARGET_FROM = 5_924  # CUB's test set; smaller searches take milliseconds: information rows
+NMI_TARGET = 1.0
 
 
 def sop_like(
@@ -336,7 +339,11 @@ def knn_row(n: int, dim: int, k: int, row: dict, rss: dict | None) -> dict:
         return failed_row("kNN", case, "faiss IndexFlatIP", row["error"])
     ratio = row["dmlkit_s"] / row["faiss_s"]
     notes = ["identical" if row["identical"] else "NOT identical"]
-    ok = ratio <= TARGET and row["identical"]
+    target = f"≤ {TARGET}" if n >= TARGET_FROM else "—"
+    if n >= TARGET_FROM:
+        ok = ratio <= TARGET and row["identical"]
+    else:  # an information row: only a wrong answer fails it
+        ok = None if row["identical"] else False
     if rss is not None:
         mine, theirs = rss["dmlkit"], rss["faiss"]
         if "error" in mine:
@@ -357,10 +364,10 @@ def knn_row(n: int, dim: int, k: int, row: dict, rss: dict | None) -> dict:
         dmlkit_s=row["dmlkit_s"],
         reference="faiss IndexFlatIP",
         reference_s=row["faiss_s"],
-        target=f"≤ {TARGET}",
+        target=target,
         note="; ".join(notes),
     )
-    return {**out, "ok": bool(ok)}
+    return {**out, "ok": ok if ok is None else bool(ok)}
 
 
 def nmi_row(args) -> dict:
@@ -375,7 +382,7 @@ def nmi_row(args) -> dict:
         dmlkit_s=row["dmlkit_s"],
         reference="faiss Kmeans",
         reference_s=row["faiss_s"],
-        target=f"≤ {TARGET}",
+        target=f"≤ {NMI_TARGET}",
         note=f"NMI Δ {delta:+.4f} ({row['dmlkit_nmi']:.4f} vs {row['faiss_nmi']:.4f})",
     )
     return {**out, "ok": bool(out["ok"] and abs(delta) <= 0.005)}
