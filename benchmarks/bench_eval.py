@@ -19,7 +19,8 @@ an epoch there; smaller searches take milliseconds and are information rows).
 index; a difference among equal distances does not count); faiss's share of rows with the
 reference's neighbour set is in the note. At N = 60,502 separate processes run dmlkit's
 ``knn`` and faiss once each and report their peak RSS (VmHWM, 10^9 bytes; ``import torch``
-alone is ~0.53 GB); the 1.5 GB bound counts for k ≤ 100 (at k = 1000 the (N, k) answer alone is 0.73 GB).
+alone is ~0.53 GB); the 1.5 GB bound counts for k ≤ 100 (at k = 1000 the (N, k) answer
+alone is 0.73 GB).
 
 NMI row (N = 60,502, D = 512, k = number of classes): dmlkit ``kmeans`` against
 ``faiss.Kmeans`` with the same number of Lloyd iterations (``--iterations``; dmlkit's early
