@@ -972,6 +972,28 @@ def test_a_kernel_that_never_answers_before_any_cell_is_started_once_more(monkey
     assert outcome["error"] is None
 
 
+def test_a_requeue_that_slurm_kills_midway_is_no_outcome_but_other_commands_fail(monkeypatch):
+    # Slurm ends a job it requeues with SIGTERM, which can reach submitit's own `scontrol
+    # requeue` first (seen once in four clean-clone runs): the job is requeued all the same,
+    # so the worker leaves like submitit does instead of recording a failed run.
+    import papermill
+
+    from dmlkit.sweep import worker
+
+    def killed(command):
+        def run(*args, **kwargs):
+            raise subprocess.CalledProcessError(-signal.SIGTERM, command)
+
+        return run
+
+    job = {"notebook": "n.ipynb", "output": "o.ipynb", "parameters": {}, "kernel": "k", "cwd": "."}
+    monkeypatch.setattr(papermill, "execute_notebook", killed(["scontrol", "requeue", "8"]))
+    with pytest.raises(SystemExit, match="requeued by Slurm"):
+        worker.execute(job)
+    monkeypatch.setattr(papermill, "execute_notebook", killed(["scontrol", "show", "job"]))
+    assert worker.execute(job)["status"] == "failed"
+
+
 def test_an_executed_notebook_is_trusted_so_its_javascript_output_runs_when_opened(
     tmp_path, monkeypatch
 ):
