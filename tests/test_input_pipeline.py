@@ -36,6 +36,22 @@ MEAN = torch.tensor(ImagenetTransform(True).mean).view(-1, 1, 1)
 STD = torch.tensor(ImagenetTransform(True).std).view(-1, 1, 1)
 
 
+def cached(paths, cache_dir, resize=None, processes=None):
+    """The decoded cache of ``paths`` (the test protocol's Resize(256)), built if missing."""
+    resize = resize or ImagenetTransform(False).resize
+    return decoded_images(
+        "modes",
+        "test",
+        paths,
+        DECODE,
+        resize,
+        "Resize(256)",
+        cache_dir=cache_dir,
+        processes=processes,
+        progress=False,
+    )
+
+
 def levels(image: torch.Tensor) -> torch.Tensor:
     """A normalised (3, S, S) image back in uint8 levels (0…255, float)."""
     return (image * STD + MEAN) * 255
@@ -133,16 +149,7 @@ def test_every_image_mode_decodes_through_the_cache_as_through_pil(tmp_path):
     files = write_image_modes(tmp_path / "images", size=40)
     paths = [str(path) for path, _ in files.values()]
     transform = ImagenetTransform(False)
-    cache = decoded_images(
-        "modes",
-        "test",
-        paths,
-        DECODE,
-        transform.resize,
-        "Resize(256)",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-    )
+    cache = cached(paths, tmp_path / "cache")
     for i, (name, (path, expected)) in enumerate(files.items()):
         np.testing.assert_array_equal(np.asarray(decode_image("modes", str(path))), expected)
         resized = np.asarray(transform.resize(Image.fromarray(expected)))
@@ -154,20 +161,9 @@ def test_the_cache_is_reused_rebuilt_when_a_file_changes_and_never_left_half_bui
 ):
     files = write_image_modes(tmp_path / "images")
     paths = [str(path) for path, _ in files.values()]
-    transform = ImagenetTransform(False)
 
     def build():
-        return decoded_images(
-            "modes",
-            "test",
-            paths,
-            DECODE,
-            transform.resize,
-            "Resize(256)",
-            cache_dir=tmp_path / "cache",
-            processes=2,
-            progress=False,
-        )
+        return cached(paths, tmp_path / "cache", processes=2)
 
     first = build()
     monkeypatch.setattr(decoded_module, "_build", lambda *a: pytest.fail("rebuilt"))
@@ -179,17 +175,7 @@ def test_the_cache_is_reused_rebuilt_when_a_file_changes_and_never_left_half_bui
         raise KeyboardInterrupt  # killed mid-build
 
     with pytest.raises(KeyboardInterrupt):
-        decoded_images(
-            "modes",
-            "test",
-            paths,
-            DECODE,
-            broken,
-            "Resize(256)",
-            cache_dir=tmp_path / "cache",
-            processes=1,
-            progress=False,
-        )
+        cached(paths, tmp_path / "cache", resize=broken, processes=1)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [
         first.folder.name
     ]
@@ -325,20 +311,9 @@ def test_cuda_fit_from_the_cache_resumes_bit_for_bit(tmp_path, tree):
 def test_a_damaged_or_unwritable_cache_is_one_clear_error(tmp_path):
     files = write_image_modes(tmp_path / "images")
     paths = [str(path) for path, _ in files.values()]
-    transform = ImagenetTransform(False)
 
     def build(cache):
-        return decoded_images(
-            "modes",
-            "test",
-            paths,
-            DECODE,
-            transform.resize,
-            "Resize(256)",
-            cache_dir=cache,
-            processes=1,
-            progress=False,
-        )
+        return cached(paths, cache, processes=1)
 
     entry = build(tmp_path / "cache").folder
     with open(entry / "pixels.u8", "r+b") as pixels:

@@ -19,33 +19,15 @@ import torch
 
 from dmlkit.io import LockHeldError, exclusive_lock
 from dmlkit.train import CheckpointError, NonFiniteLossError, TrainConfig, fit, load_checkpoint
+from tests import reliability_fixtures
 from tests.fixtures_datasets import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = [f"class{c:02d}" for c in range(10)]
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("data") / "tree", CLASSES, images_per_class=3)
 
 
 def tiny(root: Path, out_dir: Path | None = None, **overrides) -> TrainConfig:
-    values = dict(
-        dataset="folder",
-        data_root=str(root),
-        embedding_dim=8,
-        p=5,
-        k=3,
-        num_batches=2,
-        epochs=2,
-        eval_ks=(1, 2),
-        batch_size_eval=16,
-        progress=False,
-        out_dir=None if out_dir is None else str(out_dir),
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    """``reliability_fixtures.tiny`` with two epochs (the ``tree`` fixture: conftest.py)."""
+    return reliability_fixtures.tiny(root, out_dir, **{"epochs": 2, **overrides})
 
 
 def keep_model(monkeypatch) -> dict:
