@@ -192,6 +192,11 @@ def test_detach_submits_and_a_later_invocation_collects_without_a_second_copy(sl
     assert lines[0]["slurm_job"] == lines[1]["slurm_job"]
 
 
+# slow (make test-all), not in `make test`: in the parallel suite it failed 2 of ~12 runs
+# (2026-12-06) — once submitit's `scontrol requeue` was killed by Slurm's SIGTERM (fixed in
+# the worker, unit test in test_sweep.py), once the job was not back in PENDING within 120 s
+# after the signals (cause not found); alone it passed every time (7 runs).
+@pytest.mark.slow
 def test_a_preempted_job_is_requeued_by_submitit_and_its_run_finishes(slurm, project):
     # Preemption as submitit's own test helper sends it (SIGTERM, then USR2): submitit
     # requeues the job, and the notebook runs again in its run folder (a training notebook
