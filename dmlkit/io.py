@@ -178,3 +178,8 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def cache_root() -> Path:
+    """``$DMLKIT_CACHE``, else ``~/.cache/dmlkit``: the glyphs and decoded-image caches."""
+    return Path(os.environ.get("DMLKIT_CACHE") or Path.home() / ".cache" / "dmlkit")

@@ -1,10 +1,8 @@
 """Reliability, losses, models and evaluation: no silent wrong result, one clear error for bad
 input.
 
-Every case is listed, with what dmlkit does, in docs/reliability.md. Training runs use a tiny
-``folder`` dataset of real JPEG files (5 + 5 classes of 3 images; glyphnet on 224 px crops; one
-run ≈ 1 s; ``tests/reliability_fixtures.py``), so image decoding, the DataLoader workers and the
-run folder are the real ones.
+Every case is listed in docs/reliability.md; the tiny real-JPEG runs and helpers are in
+``tests/reliability_fixtures.py``.
 """
 
 from __future__ import annotations

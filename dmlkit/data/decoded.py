@@ -28,11 +28,11 @@ import PIL
 from tqdm import tqdm
 
 from dmlkit.data.errors import DatasetError
-from dmlkit.io import exclusive_lock
+from dmlkit.io import cache_root, exclusive_lock
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DMLKIT_CACHE") or Path.home() / ".cache" / "dmlkit") / "decoded"
+    return cache_root() / "decoded"
 
 
 class DecodedImages:

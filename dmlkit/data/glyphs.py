@@ -36,7 +36,7 @@ from dmlkit.data.augment import GlyphJitter, jitter_glyph
 from dmlkit.data.charset import ANALYSIS_SIZE, Charset, analyse_characters
 from dmlkit.data.fonts import FontFile, font_files, render_clean
 from dmlkit.data.transforms import GlyphTransform
-from dmlkit.io import atomic_writer, write_json
+from dmlkit.io import atomic_writer, cache_root, write_json
 from dmlkit.samplers import SampleKey, sample_key
 
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ _LOG = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DMLKIT_CACHE") or Path.home() / ".cache" / "dmlkit")
+    return cache_root()
 
 
 def library_fingerprint() -> dict[str, str]:

@@ -156,7 +156,7 @@ def fit(
             run.history.append(record)
             run.epoch = epoch + 1
             run.train_seconds += record["seconds"]
-            run.images_seen += round(record["images_per_s"] * record["seconds"])
+            run.images_seen += _epoch_images(run)
             # Saved before evaluating: an evaluation that fails or is killed costs no training.
             save_run(run, time.perf_counter() - started)
             if epoch + 1 < cfg.epochs:
@@ -333,11 +333,15 @@ def _start_epoch(run: RunState, epoch: int) -> None:
 def _epoch_record(
     run: RunState, epoch: int, losses: Tensor, terms: dict[str, Tensor], seconds: float
 ) -> dict[str, Any]:
-    images = len(losses) * run.cfg.p * run.cfg.k * run.ctx.world_size  # global batches
     record = {"epoch": epoch + 1, "loss": losses.mean().item()}
     record.update({f"loss/{name}": values.mean().item() for name, values in terms.items()})
     lr = run.optimizer.param_groups[0]["lr"]
-    return {**record, "lr": lr, "seconds": seconds, "images_per_s": images / seconds}
+    return {**record, "lr": lr, "seconds": seconds, "images_per_s": _epoch_images(run) / seconds}
+
+
+def _epoch_images(run: RunState) -> int:
+    """Images in one epoch over all ranks: its steps × the global batch."""
+    return len(run.loader) * run.cfg.p * run.cfg.k * run.ctx.world_size
 
 
 def _watched_tensors(run: RunState) -> list[Tensor]:
