@@ -137,6 +137,18 @@ def test_knn_widens_uncertified_queries_up_to_every_key(monkeypatch, name, k):
         assert min(widths) == k + k // 8 and len(set(widths)) > 1  # and a 4× widening
 
 
+@pytest.mark.parametrize("count", [1, 5, 40, 41])  # 40: the most the two steps take; 41: one
+def test_two_step_selection_finds_the_smallest_values_among_ties_and_padding(count):
+    g = torch.Generator().manual_seed(count)
+    scores = torch.randint(0, 50, (30, 640), generator=g).float()  # every value tied
+    scores[:, -7:] = math.inf  # padding keys
+    values, columns = neighbours._smallest(scores, count)
+    expected = scores.topk(count, dim=1, largest=False).values
+    assert torch.equal(values.sort(1).values, expected.sort(1).values)
+    assert torch.equal(scores.gather(1, columns), values)
+    assert all(len(set(row.tolist())) == count for row in columns)  # distinct keys
+
+
 def test_knn_is_exact_beyond_the_fp32_range_and_for_half_inputs():
     big = DATA["norms"].double() * 1e100  # fp32 candidates overflow: every key re-ranked
     np.testing.assert_array_equal(knn(big, k=5)[1].numpy(), _reference_knn(big, None, 5, True)[1])

@@ -5,8 +5,12 @@ evaluated in float64 (each term one float64 dot product by the same kernel, so a
 equal to a key is at 0 and bitwise-equal keys tie), ties broken by the lower key index.
 Per block of queries (docs/methods.md#exact-knn):
 
-1. one fp32 matmul scores every key, r̃_ij = fl(||k_j||² − 2⟨q_i, k_j⟩) (smaller = closer);
-2. the c = k + margin smallest r̃ per query are the candidates, re-ranked in float64;
+1. one fp32 matmul of [q_i, 1] with [−2k_j, fl(||k_j||²)] scores every key,
+   r̃_ij = fl(||k_j||² − 2⟨q_i, k_j⟩) (smaller = closer);
+2. the c = k + margin smallest r̃ per query are the candidates, re-ranked in float64.
+   They are found in two steps (``_smallest``): the keys fall into G groups (key j in
+   group j mod G); the c groups with the smallest minima hold c keys no larger than any
+   key of another group, so the c smallest of their keys are the c smallest of all;
 3. certificate: a key left out has r̃ ≥ cut (the largest kept r̃) and, by the error bound
    below, a float64 d² ≥ lower_i = ||q_i||² + cut − slack_i. If lower_i is strictly
    above the k-th re-ranked distance, no left-out key can enter the top k or tie the
@@ -36,6 +40,7 @@ from torch import Tensor
 
 _SCORES = 2**22  # fp32 scores per block of queries (16 MB)
 _MARGIN = 16  # spare candidates per query beyond k (and k/8): certifies nearly all at once
+_GROUP = 8  # keys per group in the two-step selection (docs/methods.md#exact-knn)
 
 
 def knn(
@@ -97,15 +102,24 @@ def search(
     available = count - int(skip_self)
     keys64 = keys.double()
     key_sq = _sq_norms(keys64)  # (M,) float64
-    key_op, key_sq32, key_max = keys.float(), key_sq.float(), key_sq.max().sqrt()
+    key_max = key_sq.max().sqrt()
+    # Keys as the (D + 1, M') matrix [−2kᵀ; fl(||k||²)], M' a multiple of _GROUP; the
+    # padding keys' scores are set to +inf.
+    width = -(-count // _GROUP) * _GROUP
+    key_op = keys.new_zeros(keys.shape[1] + 1, width, dtype=torch.float32)
+    key_op[:-1, :count] = -2 * keys.T
+    key_op[-1, :count] = key_sq
     slack_unit = (4 * keys.shape[1] + 32) * 2.0**-24 + 6 * _operand_unit(keys.device)
     rho = (2 * keys.shape[1] + 16) * 2.0**-53  # float64 evaluation of d² and of the bound
     margin = max(_MARGIN, k // 8)
     rows = block_size or max(1, _SCORES // max(1, count))
+    buffer = key_op.new_empty(min(rows, len(queries)), width)  # reused: no page faults
     for start in range(0, len(queries), rows):
         q = queries[start : start + rows]
         block = torch.arange(start, start + len(q), device=q.device)
-        scores = torch.addmm(key_sq32, q.float(), key_op.T, alpha=-2)  # (m, M) r̃
+        q_op = torch.cat([q.float(), q.new_ones(len(q), 1, dtype=torch.float32)], 1)
+        scores = torch.mm(q_op, key_op, out=buffer[: len(q)])  # (m, M') r̃
+        scores[:, count:] = math.inf
         if skip_self:
             scores[torch.arange(len(q), device=q.device), block] = math.inf
         q64 = q.double()
@@ -122,7 +136,8 @@ def search(
                     cand = cand + (cand >= block[todo, None])
             else:
                 rows_left = scores if len(todo) == len(q) else scores[todo]  # no copy at first
-                values, cand = rows_left.topk(kept, dim=1, largest=False, sorted=False)
+                values, cand = _smallest(rows_left, kept)
+                cand.clamp_max_(count - 1)  # a padding key only where the cut is inf or NaN
                 cut = values.max(1).values.double()  # every left-out key has r̃ ≥ cut
             d2, cand = _sorted_sq_distances(q64[todo], q_sq[todo], keys64, key_sq, cand)
             ok = torch.ones(len(todo), dtype=torch.bool, device=q.device)
@@ -144,6 +159,25 @@ def search(
         yield start, sq, idx
 
 
+def _smallest(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` smallest values per row of ``scores`` (m, M') and their columns.
+
+    With G = M' / _GROUP groups (column j in group j mod G), the ``count`` groups of
+    smallest minimum hold ``count`` values no larger than the rest of the row, so the
+    ``count`` smallest of their values are the row's. Two small ``topk`` calls instead of
+    one over the row: about 2-3x cheaper on the CPU (docs/benchmarks.md, "Exact kNN").
+    """
+    groups = scores.shape[1] // _GROUP
+    if 2 * _GROUP * count > scores.shape[1]:  # too few groups to pay: one selection
+        return scores.topk(count, dim=1, largest=False, sorted=False)
+    minima = scores.view(len(scores), _GROUP, groups).amin(1)  # (m, G)
+    chosen = minima.topk(count, dim=1, largest=False, sorted=False).indices
+    offsets = torch.arange(0, scores.shape[1], groups, device=scores.device)
+    columns = (chosen[:, :, None] + offsets).flatten(1)  # (m, count · _GROUP)
+    values, picked = scores.gather(1, columns).topk(count, dim=1, largest=False, sorted=False)
+    return values, columns.gather(1, picked)
+
+
 def _sorted_sq_distances(
     q64: Tensor, q_sq: Tensor, keys64: Tensor, key_sq: Tensor, cand: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -161,20 +195,25 @@ def _sorted_sq_distances(
     return d2, cand
 
 
-def _dots(a: Tensor, b: Tensor, columns: Tensor, *, ordered: bool = False) -> Tensor:
-    """(m, c) float64 ⟨a_i, b_j⟩ for j = columns[i, :]."""
+def _dots(a: Tensor, b: Tensor, columns: Tensor) -> Tensor:
+    """(m, c) float64 ⟨a_i, b_j⟩ for j = columns[i, :], each one float64 dot.
+
+    Sampled from the product b·aᵀ with a sparse CSR pattern, one row per row of ``b``
+    (key-major): each key row is read once per call, not once per query that lists it,
+    ~1.5x faster on the CPU; the stable sort keeps each row's columns in order, which
+    cuSPARSE requires.
+    """
     m, c = columns.shape
-    if a.device.type != "cpu" and not ordered:  # cuSPARSE wants each row's columns in order
-        columns, order = columns.sort(1)
-        dots = _dots(a, b, columns, ordered=True)
-        return torch.empty_like(dots).scatter_(1, order, dots)
-    rows = torch.arange(0, m * c + 1, c, device=a.device)
+    keys, order = columns.flatten().int().sort(stable=True)  # int32: twice as fast
+    rows = torch.zeros(len(b) + 1, dtype=torch.long, device=b.device)
+    rows[1:] = torch.bincount(keys, minlength=len(b)).cumsum(0)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
-            rows, columns.reshape(-1), a.new_zeros(m * c), size=(m, len(b)), check_invariants=False
+            rows, order // c, a.new_zeros(m * c), size=(len(b), m), check_invariants=False
         )
-    return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values().view(m, c)
+    values = torch.sparse.sampled_addmm(pattern, b, a.T, beta=0.0).values()
+    return torch.empty_like(values).index_put_((order,), values).view(m, c)
 
 
 def _sq_norms(x64: Tensor, rows: int = 4096) -> Tensor:
