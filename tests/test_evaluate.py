@@ -295,6 +295,7 @@ def test_retrieval_memory_does_not_grow_with_the_largest_class(monkeypatch):
     z, _ = _clusters(400, 8, 4, 9)
     y = torch.cat([torch.zeros(300, dtype=torch.long), torch.arange(1, 101) % 7 + 1])
     monkeypatch.setattr(neighbours, "_SCORES", 400 * 20)  # 20 queries per block
+    monkeypatch.setattr(neighbours, "_MIN_ROWS", 1)
     shapes = []
     search = neighbours.search
 

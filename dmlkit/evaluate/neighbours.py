@@ -38,7 +38,8 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
-_SCORES = 2**22  # fp32 scores per block of queries (16 MB)
+_SCORES = 2**22  # fp32 scores per block of queries (16 MB)...
+_MIN_ROWS = 256  # ...but at least this many queries: the matmul reads all keys per block
 _MARGIN = 16  # spare candidates per query beyond k (and k/8): certifies nearly all at once
 _GROUP = 8  # keys per group in the two-step selection (docs/methods.md#exact-knn)
 
@@ -57,7 +58,7 @@ def knn(
         queries: (Q, D) floating tensor (CPU or CUDA; half inputs are searched in fp32).
         keys: (M, D) on the same device, or None to search ``queries`` among themselves.
         k: neighbours per query; at most the number of keys available.
-        block_size: queries per block (default: ~4M scores per block).
+        block_size: queries per block (default: ~4M scores, at least 256 queries).
         exclude_self: when ``keys`` is None, a query is not its own neighbour (its
             duplicates at other indices still are). Ignored when ``keys`` is given.
     Returns:
@@ -112,7 +113,7 @@ def search(
     slack_unit = (4 * keys.shape[1] + 32) * 2.0**-24 + 6 * _operand_unit(keys.device)
     rho = (2 * keys.shape[1] + 16) * 2.0**-53  # float64 evaluation of d² and of the bound
     margin = max(_MARGIN, k // 8)
-    rows = block_size or max(1, _SCORES // max(1, count))
+    rows = block_size or max(_MIN_ROWS, _SCORES // max(1, count))
     buffer = key_op.new_empty(min(rows, len(queries)), width)  # reused: no page faults
     for start in range(0, len(queries), rows):
         q = queries[start : start + rows]
