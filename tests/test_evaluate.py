@@ -11,6 +11,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 from dmlkit.evaluate import (
+    clustering,
     density_metrics,
     embed,
     kmeans,
@@ -370,6 +371,15 @@ def test_kmeans_is_seeded_and_finds_separated_clusters():
         torch.testing.assert_close(kmeans(z, 10, seed=3), a)  # same on 2 worker threads
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("count", [1, 37, 48])  # 37: padded to 48 columns
+def test_kmeans_seeding_distances_match_brute_force(count):
+    x = DATA["norms"]
+    operand = torch.cat([x, torch.ones(len(x), 1)], 1)
+    got = clustering._min_sq_distance(operand, x.pow(2).sum(1), x[100 : 100 + count])
+    expected = cdist(x.double(), x[100 : 100 + count].double(), "sqeuclidean").min(1)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------- density diagnostics

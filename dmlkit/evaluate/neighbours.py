@@ -18,10 +18,10 @@ Per block of queries (docs/methods.md#exact-knn):
    the k-th, which the tie-aware metrics need (docs/methods.md#ties). Otherwise the query
    is searched again with 4× the candidates, in the end with all keys.
 
-Error bound (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1): an fp32 dot
-product of D terms errs by at most γ_D·||q||·||k||, γ_D = D·u/(1 − D·u), u = 2⁻²⁴, in any
-summation order; rounding ||k||² and the subtraction adds u-sized terms of the same
-magnitude B_i = (||q_i|| + max_j ||k_j||)², and fp64 inputs rounded to fp32 two more.
+Error bound (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1): the fp32 dot
+product of D + 1 terms errs by at most γ_{D+1}·(2·||q||·||k|| + ||k||²) ≤ γ_{D+1}·B_i,
+γ_n = n·u/(1 − n·u), u = 2⁻²⁴, B_i = (||q_i|| + max_j ||k_j||)², in any summation order;
+rounding ||k||² to fp32 adds u·B_i, and fp64 inputs rounded to fp32 two more such terms.
 slack_i = (4·D + 32)·u·B_i covers all of them twice over; TF32 or bf16 matmuls (a float32
 matmul precision below "highest") round the operands once more, + 6·u_op·B_i. The float64
 evaluation of d² errs by at most (D + 4)·2⁻⁵³·B_i, and that of lower_i by a few 2⁻⁵³ of
