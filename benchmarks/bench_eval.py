@@ -31,6 +31,9 @@ float32 brute force on the same GPU (``X @ X.T`` in blocks + ``topk``, which is 
 N ∈ {8,131; 60,502}, D = 512, k = 100; "not run: no CUDA" otherwise. ``--gpu-only``: these
 rows alone; ``--gpu-dry-run``: their code on the CPU at N = 300 (see rows.py).
 
+``--sklearn-kmeans`` adds an information row: scikit-learn's ``KMeans`` on the same data
+(k-means++, ``n_init=1``, the same iterations), its seconds and NMI; ~20 minutes here.
+
 ``--quick``: N ∈ {1,000; 8,131}, D = 512, k ∈ {1, 100}, 3 rounds, and the NMI row.
 
 ``--json PATH`` writes the rows as a JSON list of objects: group, case, dmlkit_s,
@@ -250,6 +253,22 @@ def nmi_worker(n: int, dim: int, iterations: int, threads: int) -> dict:
     return out
 
 
+def sklearn_kmeans_worker(n: int, dim: int, iterations: int, threads: int) -> dict:
+    """scikit-learn's KMeans (k-means++, n_init=1) on the NMI row's data, with its NMI."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    from dmlkit.evaluate import normalized_mutual_info
+
+    x, labels = sop_like(n, dim)
+    start = time.perf_counter()
+    with threadpool_limits(threads):
+        km = KMeans(int(labels.max()) + 1, n_init=1, max_iter=iterations, random_state=0)
+        km.fit(x.numpy())
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "nmi": normalized_mutual_info(labels, km.labels_)}
+
+
 def peak_rss_gb() -> float:
     """Peak RSS of this process in GB (10^9 bytes): VmHWM, reset by exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -309,6 +328,7 @@ WORKERS = {
     "rss": rss_worker,
     "reference": reference_worker,
     "nmi": nmi_worker,
+    "sklearn_kmeans": sklearn_kmeans_worker,
 }
 
 
@@ -389,6 +409,17 @@ def nmi_row(args) -> dict:
     return {**out, "ok": bool(out["ok"] and abs(delta) <= 0.005)}
 
 
+def sklearn_kmeans_row(args) -> dict:
+    case = f"for information: N={SOP} D=512 C=classes it={args.iterations}"
+    row = spawn("sklearn_kmeans", SOP, 512, args.iterations, args.threads)
+    if "error" in row:
+        return failed_row("k-means+NMI", case, "—", row["error"])
+    note = f"NMI {row['nmi']:.4f}; k-means++ tries 11 candidates per center, one at a time"
+    return make_row(
+        "k-means+NMI", case, reference="scikit-learn KMeans", reference_s=row["seconds"], note=note
+    )
+
+
 def cuda_rows(args) -> list[dict]:
     group, reference = "kNN (CUDA)", "float32 mm + topk (CUDA)"
     device = gpu_device(args)
@@ -442,6 +473,9 @@ def main() -> None:
     parser.add_argument("--no-nmi", action="store_true", help="skip the k-means + NMI row")
     parser.add_argument("--nmi-only", action="store_true", help="only the k-means + NMI row")
     parser.add_argument("--quick", action="store_true", help="a smaller grid, 3 rounds")
+    parser.add_argument(
+        "--sklearn-kmeans", action="store_true", help="also scikit-learn's KMeans (~20 min)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here (JSON list)")
     add_gpu_options(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -470,6 +504,9 @@ def main() -> None:
     if not (args.no_nmi or gpu_only):
         rows.append(nmi_row(args))
         print_row(rows[-1])
+        if args.sklearn_kmeans:
+            rows.append(sklearn_kmeans_row(args))
+            print_row(rows[-1])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
 
