@@ -8,13 +8,18 @@ API: :func:`load_spec` (validate a spec), :func:`plan` (its grid jobs),
 :func:`read_manifest` (the attempt log).
 """
 
-from .manifest import ManifestLockedError, append_record, latest_records
-from .outcome import Outcome, SweepResult
+from .manifest import (
+    ManifestLockedError,
+    NoFinishedRunError,
+    append_record,
+    is_finished,
+    latest_records,
+    read_manifest,
+)
 from .plan import Job, format_value, grid_points, parse_only, plan, plan_steps, run_name
-from .processes import threads_per_job
-from .resume import NoFinishedRunError, is_finished
-from .runner import read_manifest, run_sweep
+from .runner import Outcome, SweepResult, run_sweep
 from .spec import Override, SpecError, SweepSpec, ThenStep, load_spec
+from .worker import threads_per_job
 
 __all__ = [
     "Job",

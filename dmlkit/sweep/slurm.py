@@ -1,12 +1,11 @@
-"""``--executor slurm``: each execution is one Slurm job, submitted with submitit.
+"""``--executor slurm``: each execution is one Slurm job, submitted with submitit (docs/sweeps.md,
+"On a cluster").
 
-The runner's loop, manifest and resume rule are the local ones; only starting, watching and
-stopping an execution differ. Executions submitted together form one job array; each runs
-:class:`NotebookTask` (``papermill`` via :func:`worker.execute`) on a compute node and
-writes its outcome next to the sweep (a shared file system). A job that Slurm preempts or
-times out is requeued by submitit (:meth:`NotebookTask.checkpoint`) and the notebook
-resumes from its checkpoint. State comes from ``squeue``: submitit reads ``sacct``, which
-clusters without accounting storage do not answer.
+Executions submitted together form one job array, each running :class:`NotebookTask` on a
+compute node, which writes its outcome next to the sweep (a shared file system). A job that
+Slurm preempts or times out is requeued by submitit (:meth:`NotebookTask.checkpoint`). States
+come from ``squeue``: submitit reads ``sacct``, which clusters without accounting storage do
+not answer.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_json
-from .processes import THREAD_VARIABLES, read_result
+from .worker import THREAD_VARIABLES, execute, read_result, skip_slow_optional_imports
 
 SLURM_FOLDER = "slurm"  # in the sweep folder: submitit's scripts, pickles and logs
 # squeue states of a job that may still run (anything else, or no line, means it ended).
@@ -39,14 +38,7 @@ class SlurmUnavailableError(RuntimeError):
 
 @dataclass
 class SlurmResources:
-    """What each execution asks Slurm for (spec ``executor:`` mapping, then the CLI).
-
-    Attributes:
-        partition: ``--partition`` (None: the cluster's default).
-        gpus_per_run: GPUs per execution.  cpus_per_run: CPUs per execution (its threads).
-        mem_gb: memory per execution.  time_min: time limit per execution, minutes.
-        sbatch: extra ``#SBATCH`` options, e.g. ``{"account": "lab", "qos": "high"}``.
-    """
+    """What each execution asks Slurm for: the spec's ``executor:`` keys, then the CLI's."""
 
     partition: str | None = None
     gpus_per_run: int = 0
@@ -76,7 +68,7 @@ def resources_from(
     """The spec's ``executor`` values, overridden by the CLI's (those not None; ``sbatch``
     options are merged); without a ``time_min``, ``timeout_s`` rounded up to minutes."""
     given = {key: value for key, value in cli.items() if value is not None}
-    sbatch = {**spec_executor.get("sbatch", {}), **given.get("sbatch", {})}  # merged
+    sbatch = {**spec_executor.get("sbatch", {}), **given.get("sbatch", {})}
     values = {**spec_executor, **given, "sbatch": sbatch}
     if "time_min" not in values and timeout_s is not None:
         values["time_min"] = math.ceil(timeout_s / 60)
@@ -84,10 +76,7 @@ def resources_from(
 
 
 def check_slurm(resources: SlurmResources) -> None:
-    """Raise :class:`SlurmUnavailableError` naming what was tried unless Slurm answers.
-
-    Called before anything is written or submitted.
-    """
+    """Raise :class:`SlurmUnavailableError` naming what was tried unless Slurm answers."""
     if shutil.which("sbatch") is None:
         raise SlurmUnavailableError(
             "--executor slurm: no `sbatch` on PATH; is this a Slurm login node?"
@@ -119,8 +108,6 @@ class NotebookTask:
         self.description = description
 
     def __call__(self) -> dict[str, Any]:
-        from .worker import execute, skip_slow_optional_imports
-
         threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
         os.environ.update(dict.fromkeys(THREAD_VARIABLES, threads))
         skip_slow_optional_imports()
@@ -136,28 +123,40 @@ class NotebookTask:
 
 
 class SlurmQueue:
-    """The states of this user's jobs, one ``squeue`` call per ``_SQUEUE_EVERY_S``."""
+    """This user's jobs, their states and comments: one ``squeue`` per ``_SQUEUE_EVERY_S``."""
 
     def __init__(self) -> None:
-        self.states: dict[str, str] = {}
+        self.jobs: dict[str, tuple[str, str]] = {}  # job id -> (state, comment)
         self.checked = -math.inf
 
-    def state(self, job_id: str) -> str | None:
+    def refresh(self) -> dict[str, tuple[str, str]]:
         if time.monotonic() - self.checked > _SQUEUE_EVERY_S:
-            command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T"]
+            command = ["squeue", "--me", "--noheader", "--array", "--states=all"]
+            command.append("--format=%i|%T|%k")
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
             if done.returncode == 0:  # a controller that blinks: keep the last answer
-                lines = (line.split("|", 1) for line in done.stdout.split())
-                self.states = {job: state for job, state in lines}
+                lines = (line.split("|", 2) for line in done.stdout.splitlines())
+                self.jobs = {job: (state, comment) for job, state, comment in lines}
             self.checked = time.monotonic()
-        return self.states.get(job_id)
+        return self.jobs
+
+    def state(self, job_id: str | None) -> str | None:
+        return self.refresh().get(job_id, (None,))[0]
+
+    def find(self, token: str, index: int) -> str | None:
+        """The job submitted as ``index`` of the batch with comment ``token`` (an array task
+        ``<id>_<index>``, or a lone job), if squeue lists it."""
+        for job_id, (_, comment) in self.refresh().items():
+            if comment == token and job_id.partition("_")[2] in ("", str(index)):
+                return job_id
+        return None
 
 
 @dataclass
 class SlurmProcess:
     """A submitted execution, with the interface of a local worker process."""
 
-    job_id: str
+    job_id: str | None
     result_file: Path
     queue: SlurmQueue
     own: bool = True  # submitted by this invocation (Ctrl-C cancels only those)
@@ -203,7 +202,9 @@ class SlurmExecutor:
         self.executor.update_parameters(**resources.submitit_parameters())
         self.queue = SlurmQueue()
 
-    def start_many(self, descriptions: list[dict[str, Any]]) -> list[SlurmProcess]:
+    def start_many(self, descriptions: list[dict[str, Any]], token: str) -> list[SlurmProcess]:
+        """Submit one job array whose jobs carry ``token`` as their Slurm comment."""
+        self.executor.update_parameters(slurm_comment=token)
         with self.executor.batch():
             jobs = [self.executor.submit(NotebookTask(d)) for d in descriptions]
         return [
@@ -215,8 +216,15 @@ class SlurmExecutor:
         pass  # Slurm allocates and frees the resources
 
     def attach(self, record: dict[str, Any] | None) -> SlurmProcess | None:
-        """The job of a ``submitted`` manifest record, if it may still be running."""
-        if not record or record.get("status") != "submitted":
+        """The job of a ``submitted`` manifest record; for a ``submitting`` one (the runner was
+        killed while it submitted), the job Slurm lists with its token, or its outcome."""
+        status = (record or {}).get("status")
+        if status not in ("submitted", "submitting"):
             return None
-        job_id, result_file = record["slurm_job"], Path(record["result_file"])
+        result_file = Path(record["result_file"])
+        job_id = record.get("slurm_job")
+        if status == "submitting":
+            job_id = self.queue.find(record["slurm_token"], record["slurm_index"])
+            if job_id is None and not read_result(result_file):
+                return None  # never submitted, or ended without an outcome: submit it again
         return SlurmProcess(job_id, result_file, self.queue, own=False, submitted=-math.inf)
