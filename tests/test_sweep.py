@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -203,7 +204,6 @@ def override(where, values, **extra) -> dict:
         ({"grid": None}, "grid", "empty"),
         ({"grid": {"x": 3}}, "grid.x", "non-empty list"),
         ({"grid": {"x": []}}, "grid.x", "non-empty list"),
-        ({"grid": {"x": [1, 1]}}, "grid.x", "listed twice"),
         ({"grid": {"lr": [1]}}, "grid.lr", "unknown parameter"),
         ({"fixed": {"lr": 0.1, "label": "b"}}, "fixed.lr", "unknown parameter"),
         ({"fixed": {"x": 3}}, "grid.x", "also set in 'fixed'"),
@@ -254,6 +254,15 @@ def test_bad_specs_raise_one_clear_error_naming_file_and_key(project, change, ke
     assert text.startswith(f"{path}: {key}: ")
     if message is not None:
         assert message in text
+
+
+def test_a_grid_value_listed_twice_is_refused_when_planning(project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, 1]}})
+    message = "grid: points {'x': 1} and {'x': 1} share the run name 'x=1'"
+    with pytest.raises(SpecError, match=re.escape(f"{spec}: {message}")):
+        plan(load_spec(spec))
+    done = sweep_cli(str(spec), "--dry-run", cwd=project)
+    assert done.returncode == 2 and message in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -31,13 +31,9 @@ from .worker import gpu_slots, local_jobs, skip_slow_optional_imports, threads_p
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+    return int(text)
 
 
 def _gpus(text: str) -> list[str]:
@@ -94,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach", action="store_true", help="submit and return; rerun later to collect"
     )
     return parser
+
+
+RUN_OPTIONS = ("jobs", "gpus", "smoke", "only", "out", "executor", "detach")  # run_sweep's
 
 
 def slurm_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,18 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             except BrokenPipeError:  # a listing piped into `head`, which stopped reading
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error
                 return 0
+        options = {name: getattr(args, name) for name in RUN_OPTIONS}
         with logging_redirect_tqdm():
             result = run_sweep(
-                args.spec,
-                jobs=args.jobs,
-                gpus=args.gpus,
-                smoke=args.smoke,
-                only=args.only,
-                out=args.out,
-                figures_only=args.figures,
-                executor=args.executor,
-                slurm=slurm_options(args),
-                detach=args.detach,
+                args.spec, figures_only=args.figures, slurm=slurm_options(args), **options
             )
     except NoFinishedRunError as exc:
         print(f"error: {exc}", file=sys.stderr)

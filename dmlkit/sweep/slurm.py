@@ -1,11 +1,6 @@
-"""``--executor slurm``: each execution is one Slurm job, submitted with submitit (docs/sweeps.md,
-"On a cluster").
-
-Executions submitted together form one job array, each running :class:`NotebookTask` on a
-compute node, which writes its outcome next to the sweep (a shared file system). A job that
-Slurm preempts or times out is requeued by submitit (:meth:`NotebookTask.checkpoint`). States
-come from ``squeue``: submitit reads ``sacct``, which clusters without accounting storage do
-not answer.
+"""``--executor slurm``: each execution is one Slurm job, submitted with submitit; executions
+submitted together form one job array (docs/sweeps.md, "On a cluster"). Job states come from
+``squeue``: submitit reads ``sacct``, which clusters without accounting storage do not answer.
 """
 
 from __future__ import annotations
@@ -82,22 +77,22 @@ def check_slurm(resources: SlurmResources) -> None:
             "--executor slurm: no `sbatch` on PATH; is this a Slurm login node?"
         )
     command = ["sinfo", "--noheader", "--format=%P"]
+    tried = f"`{' '.join(command)}`"
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SlurmUnavailableError(
-            f"--executor slurm: `{' '.join(command)}` failed: {exc}"
-        ) from exc
+        raise SlurmUnavailableError(f"--executor slurm: {tried} failed: {exc}") from exc
     if done.returncode != 0:
+        said = done.stderr.strip() or done.stdout.strip()
         raise SlurmUnavailableError(
-            f"--executor slurm: `{' '.join(command)}` exited {done.returncode}: "
-            f"{done.stderr.strip() or done.stdout.strip()} (is slurmctld up? SLURM_CONF?)"
+            f"--executor slurm: {tried} exited {done.returncode}: {said} "
+            "(is slurmctld up? SLURM_CONF?)"
         )
     partitions = [name.rstrip("*") for name in done.stdout.split()]
     if resources.partition and resources.partition not in partitions:
+        listed = ", ".join(partitions) or "none"
         raise SlurmUnavailableError(
-            f"--executor slurm: no partition {resources.partition!r}; "
-            f"`{' '.join(command)}` lists: {', '.join(partitions) or 'none'}"
+            f"--executor slurm: no partition {resources.partition!r}; {tried} lists: {listed}"
         )
 
 
