@@ -13,10 +13,9 @@ from .manifest import (
     NoFinishedRunError,
     append_record,
     is_finished,
-    latest_records,
     read_manifest,
 )
-from .plan import Job, format_value, grid_points, parse_only, plan, plan_steps, run_name
+from .plan import Job, format_value, plan, plan_steps, run_name
 from .runner import Outcome, SweepResult, run_sweep
 from .spec import Override, SpecError, SweepSpec, ThenStep, load_spec
 from .worker import threads_per_job
@@ -33,11 +32,8 @@ __all__ = [
     "ThenStep",
     "append_record",
     "format_value",
-    "grid_points",
     "is_finished",
-    "latest_records",
     "load_spec",
-    "parse_only",
     "plan",
     "plan_steps",
     "read_manifest",

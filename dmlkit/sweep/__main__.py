@@ -13,16 +13,8 @@ from typing import Any
 import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .manifest import (
-    MANIFEST,
-    ManifestLockedError,
-    NoFinishedRunError,
-    check_owner,
-    check_some_finished,
-    is_finished,
-    latest_records,
-    read_manifest,
-)
+from . import manifest
+from .manifest import ManifestLockedError, NoFinishedRunError
 from .plan import plan, plan_steps, sweep_folder
 from .runner import run_sweep
 from .slurm import SlurmUnavailableError, resources_from
@@ -106,12 +98,12 @@ def dry_run(args: argparse.Namespace) -> int:
     """Print what a real invocation would run or skip (with ``--figures``: redraw)."""
     spec = load_spec(args.spec)
     folder = sweep_folder(spec, args.out, smoke=args.smoke)
-    check_owner(spec, folder)
+    manifest.check_owner(spec, folder)
     print(f"{spec.name}: {spec.num_points} grid points -> {folder}", flush=True)
     jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
     if args.figures:
-        check_some_finished(spec, jobs, folder)
-    latest = latest_records(read_manifest(folder / MANIFEST))
+        manifest.check_some_finished(spec, jobs, folder)
+    latest = manifest.latest(folder)
     if args.executor == "slurm":
         resources = resources_from(spec.executor, spec.timeout_s, **slurm_options(args))
         print(f"{len(jobs)} selected; one Slurm job each: {resources}")
@@ -120,7 +112,7 @@ def dry_run(args: argparse.Namespace) -> int:
         gpus = f", GPUs {' | '.join(args.gpus)}" if args.gpus else ""
         print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}{gpus}")
     for job in jobs:
-        done = is_finished(job, latest)
+        done = manifest.is_finished(job, latest)
         if args.figures:
             action = "finished" if done else "skip"
         elif latest.get(job.key, {}).get("status") == "submitted":

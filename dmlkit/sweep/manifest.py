@@ -1,6 +1,7 @@
 """A sweep folder's state: ``manifest.jsonl`` (an append-only log of every execution attempt,
 one JSON object per line, flushed and fsynced, never rewritten), the resume rule, and which
-spec made the folder (``sweep.json``); see docs/sweeps.md, "`manifest.jsonl`"."""
+spec made the folder (``sweep.json``); see docs/sweeps.md, "`manifest.jsonl`" and "Where
+things go"."""
 
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ def latest_records(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any
     return {record["run"]: record for record in records}
 
 
+def latest(folder: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each job in a sweep folder's manifest."""
+    return latest_records(read_manifest(folder / MANIFEST))
+
+
 @contextlib.contextmanager
 def lock_manifest(path: str | Path) -> Iterator[IO[bytes]]:
     """Hold an exclusive ``flock`` on the manifest for the whole sweep, or raise
@@ -112,8 +118,8 @@ def is_finished(job: Job, latest: dict[str, dict[str, Any]]) -> bool:
 def check_some_finished(spec: SweepSpec, grid_jobs: list[Job], folder: Path) -> None:
     """Raise :class:`NoFinishedRunError` unless one of ``grid_jobs`` has finished (creates
     nothing); warn when the spec has no ``then`` steps to redraw."""
-    latest = latest_records(read_manifest(folder / MANIFEST))
-    if not any(is_finished(job, latest) for job in grid_jobs):
+    records = latest(folder)
+    if not any(is_finished(job, records) for job in grid_jobs):
         raise NoFinishedRunError(
             f"{folder}: none of the {len(grid_jobs)} selected run(s) has finished, so there "
             f"are no figures to draw; run the sweep first: python -m dmlkit.sweep {spec.path}"
@@ -122,20 +128,15 @@ def check_some_finished(spec: SweepSpec, grid_jobs: list[Job], folder: Path) -> 
         logger.warning("%s: the spec has no `then` steps; nothing to redraw", spec.path)
 
 
-def spec_identity(spec: SweepSpec) -> dict[str, Any]:
-    """What ``sweep.json`` records of the spec that made a folder (docs/sweeps.md, "Where
-    things go"): the spec file, the notebook, the grid keys."""
-    return {
+def check_owner(spec: SweepSpec, folder: Path, claim: bool = False) -> None:
+    """Raise :class:`SpecError` if ``folder`` was made by another spec (a folder from before
+    ``sweep.json`` is judged by its manifest's run notebooks); with ``claim`` (under the
+    manifest lock), then write ``sweep.json``."""
+    identity = {
         "spec": shown_path(spec.path.resolve(), spec.root),
         "notebook": shown_path(spec.notebook, spec.root),
         "grid_keys": list(spec.grid),
     }
-
-
-def check_owner(spec: SweepSpec, folder: Path) -> None:
-    """Raise :class:`SpecError` if ``folder`` was made by another spec; write nothing. A
-    folder from before ``sweep.json`` existed is judged by its manifest's run notebooks."""
-    identity = spec_identity(spec)
     try:
         recorded = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -156,8 +157,5 @@ def check_owner(spec: SweepSpec, folder: Path) -> None:
             f"name, or --out another folder; if this spec replaces the old one, delete "
             f"{folder / OWNER_FILE}"
         )
-
-
-def record_owner(spec: SweepSpec, folder: Path) -> None:
-    """Write ``folder/sweep.json`` (after :func:`check_owner`, under the manifest lock)."""
-    write_json(folder / OWNER_FILE, spec_identity(spec))
+    if claim:
+        write_json(folder / OWNER_FILE, identity)

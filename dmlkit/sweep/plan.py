@@ -73,11 +73,6 @@ def _cut(name: str) -> str:
     return name
 
 
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """The cartesian product of the grid, in the spec's key and value order."""
-    return [point for _, point in _named_points(spec)]
-
-
 def _named_points(spec: SweepSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     # (run name, point) in grid order; each value is formatted once, not once per point
     # (YAML dumping is what made planning a 10^5-point grid slow).

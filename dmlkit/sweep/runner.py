@@ -27,18 +27,7 @@ from typing import Any
 
 from tqdm import tqdm  # text bars: tqdm.auto warns in Jupyter without ipywidgets
 
-from .manifest import (
-    MANIFEST,
-    append_record,
-    check_owner,
-    check_some_finished,
-    is_finished,
-    latest_records,
-    lock_manifest,
-    now_iso,
-    read_manifest,
-    record_owner,
-)
+from . import manifest
 from .plan import METRICS_FILE, Job, OnlyFilter, plan, plan_steps, shown_path, sweep_folder
 from .slurm import SlurmExecutor, check_slurm, resources_from
 from .spec import SweepSpec, load_spec
@@ -143,12 +132,11 @@ def run_sweep(
         starter = LocalExecutor(local_jobs(jobs, gpus), gpus)
     else:
         raise ValueError(f"executor must be 'local' or 'slurm', got {executor!r}")
-    check_owner(spec, folder)  # before taking the lock, which would create the sweep folder
+    manifest.check_owner(spec, folder)  # before the lock, which creates the sweep folder
     if figures_only:
-        check_some_finished(spec, grid_jobs, folder)
-    with lock_manifest(folder / MANIFEST):
-        check_owner(spec, folder)  # again: another spec's sweep may have started meanwhile
-        record_owner(spec, folder)
+        manifest.check_some_finished(spec, grid_jobs, folder)
+    with manifest.lock_manifest(folder / manifest.MANIFEST):
+        manifest.check_owner(spec, folder, claim=True)  # another spec's sweep may have begun
         runner = _Runner(spec, folder, starter, smoke, grace_s, figures_only, detach)
         return runner.run(grid_jobs, progress)
 
@@ -178,7 +166,7 @@ class _Runner:
     detach: bool
 
     def __post_init__(self) -> None:
-        self.latest = latest_records(read_manifest(self.folder / MANIFEST))
+        self.latest = manifest.latest(self.folder)
         self.active: list[_Active] = []
         self.outcomes: dict[str, Outcome] = {}
         self.executed: set[str] = set()
@@ -223,7 +211,7 @@ class _Runner:
         return SweepResult(self.spec, self.folder, outcomes, self.stop_signal)
 
     def _skip(self, job: Job) -> bool:
-        if not is_finished(job, self.latest):
+        if not manifest.is_finished(job, self.latest):
             return False
         recorded = self.latest[job.key].get("params")
         if recorded is not None and recorded != json.loads(json.dumps(job.parameters, default=str)):
@@ -243,7 +231,7 @@ class _Runner:
 
     def _figures_of(self, run: Job) -> list[Job]:
         # figures_only: every step of a finished run, forced; an unfinished run is left alone.
-        if is_finished(run, self.latest):
+        if manifest.is_finished(run, self.latest):
             return self._steps_of(run)
         status = self.latest.get(run.key, {}).get("status")
         reason = {None: "never run", "ok": "outputs missing"}.get(status, f"last attempt {status}")
@@ -256,7 +244,7 @@ class _Runner:
     def _sweep_steps(self, grid_jobs: list[Job]) -> list[Job]:
         steps = plan_steps(self.spec, None, smoke=self.smoke, folder=self.folder)
         if self.figures_only:
-            done = [j for j in grid_jobs if is_finished(j, self.latest)]
+            done = [j for j in grid_jobs if manifest.is_finished(j, self.latest)]
         else:
             done = [j for j in grid_jobs if self.outcomes[j.key].status in ("ok", "skipped")]
         if steps and not done:
@@ -291,7 +279,7 @@ class _Runner:
             self._leave_running(active)
 
     def _launch(self, batch: list[Job]) -> None:
-        started, t0, ready = now_iso(), time.monotonic(), []
+        started, t0, ready = manifest.now_iso(), time.monotonic(), []
         for job in batch:
             self.executed.add(job.key)
             record = self.latest.get(job.key)
@@ -383,13 +371,13 @@ class _Runner:
             "params": job.parameters,
             "seconds": None,
             "started": started,
-            "ended": now_iso(),
+            "ended": manifest.now_iso(),
             "error": None,
             "error_cell": None,
             "notebook": shown_path(job.notebook, self.spec.root),
             "output": shown_path(job.output, self.spec.root),
         }
-        append_record(self.folder / MANIFEST, {**record, **fields})
+        manifest.append_record(self.folder / manifest.MANIFEST, {**record, **fields})
         if status in ("submitting", "submitted"):
             return
         seconds, error = fields.get("seconds"), fields.get("error")
@@ -406,11 +394,9 @@ class _Runner:
         for active in self.active:
             active.proc.stop()
         deadline = time.monotonic() + self.grace_s
-        while (
-            any(a.proc.poll() is None for a in self.active)
-            and not self.force
-            and time.monotonic() < deadline
-        ):
+        while not self.force and time.monotonic() < deadline:
+            if all(a.proc.poll() is not None for a in self.active):
+                break
             time.sleep(_POLL_S)
         for active in list(self.active):
             active.proc.kill()

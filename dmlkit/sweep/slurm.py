@@ -117,43 +117,13 @@ class NotebookTask:
         return submitit.helpers.DelayedSubmission(self)
 
 
-class SlurmQueue:
-    """This user's jobs, their states and comments: one ``squeue`` per ``_SQUEUE_EVERY_S``."""
-
-    def __init__(self) -> None:
-        self.jobs: dict[str, tuple[str, str]] = {}  # job id -> (state, comment)
-        self.checked = -math.inf
-
-    def refresh(self) -> dict[str, tuple[str, str]]:
-        if time.monotonic() - self.checked > _SQUEUE_EVERY_S:
-            command = ["squeue", "--me", "--noheader", "--array", "--states=all"]
-            command.append("--format=%i|%T|%k")
-            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            if done.returncode == 0:  # a controller that blinks: keep the last answer
-                lines = (line.split("|", 2) for line in done.stdout.splitlines())
-                self.jobs = {job: (state, comment) for job, state, comment in lines}
-            self.checked = time.monotonic()
-        return self.jobs
-
-    def state(self, job_id: str | None) -> str | None:
-        return self.refresh().get(job_id, (None,))[0]
-
-    def find(self, token: str, index: int) -> str | None:
-        """The job submitted as ``index`` of the batch with comment ``token`` (an array task
-        ``<id>_<index>``, or a lone job), if squeue lists it."""
-        for job_id, (_, comment) in self.refresh().items():
-            if comment == token and job_id.partition("_")[2] in ("", str(index)):
-                return job_id
-        return None
-
-
 @dataclass
 class SlurmProcess:
     """A submitted execution, with the interface of a local worker process."""
 
     job_id: str | None
     result_file: Path
-    queue: SlurmQueue
+    executor: SlurmExecutor
     own: bool = True  # submitted by this invocation (Ctrl-C cancels only those)
     returncode: int | None = None
     state: str | None = None
@@ -161,7 +131,7 @@ class SlurmProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.state = self.queue.state(self.job_id) or self.state
+            self.state = self.executor.squeue().get(self.job_id, (None,))[0] or self.state
             unseen = self.state is None and time.monotonic() - self.submitted < _UNSEEN_S
             if (self.state not in ALIVE and not unseen) or read_result(self.result_file):
                 self.returncode = 0 if read_result(self.result_file).get("status") == "ok" else 1
@@ -195,7 +165,20 @@ class SlurmExecutor:
         self.result_dir = folder / SLURM_FOLDER
         self.executor = submitit.AutoExecutor(folder=self.result_dir / "%j", cluster="slurm")
         self.executor.update_parameters(**resources.submitit_parameters())
-        self.queue = SlurmQueue()
+        self.listed: dict[str, tuple[str, str]] = {}  # job id -> (state, comment)
+        self.checked = -math.inf
+
+    def squeue(self) -> dict[str, tuple[str, str]]:
+        """This user's jobs (id -> state, comment), asked at most every ``_SQUEUE_EVERY_S``."""
+        if time.monotonic() - self.checked > _SQUEUE_EVERY_S:
+            command = ["squeue", "--me", "--noheader", "--array", "--states=all"]
+            command.append("--format=%i|%T|%k")
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            if done.returncode == 0:  # a controller that blinks: keep the last answer
+                lines = (line.split("|", 2) for line in done.stdout.splitlines())
+                self.listed = {job: (state, comment) for job, state, comment in lines}
+            self.checked = time.monotonic()
+        return self.listed
 
     def start_many(self, descriptions: list[dict[str, Any]], token: str) -> list[SlurmProcess]:
         """Submit one job array whose jobs carry ``token`` as their Slurm comment."""
@@ -203,7 +186,7 @@ class SlurmExecutor:
         with self.executor.batch():
             jobs = [self.executor.submit(NotebookTask(d)) for d in descriptions]
         return [
-            SlurmProcess(job.job_id, Path(d["result_file"]), self.queue)
+            SlurmProcess(job.job_id, Path(d["result_file"]), self)
             for job, d in zip(jobs, descriptions, strict=True)
         ]
 
@@ -212,14 +195,18 @@ class SlurmExecutor:
 
     def attach(self, record: dict[str, Any] | None) -> SlurmProcess | None:
         """The job of a ``submitted`` manifest record; for a ``submitting`` one (the runner was
-        killed while it submitted), the job Slurm lists with its token, or its outcome."""
+        killed while it submitted), the job squeue lists with its token (the job array's
+        comment; ``<array>_<index>``, or a lone job), else its outcome if it wrote one."""
         status = (record or {}).get("status")
         if status not in ("submitted", "submitting"):
             return None
         result_file = Path(record["result_file"])
         job_id = record.get("slurm_job")
         if status == "submitting":
-            job_id = self.queue.find(record["slurm_token"], record["slurm_index"])
+            index, token = str(record["slurm_index"]), record["slurm_token"]
+            listed = self.squeue().items()
+            found = [j for j, (_, c) in listed if c == token and j.partition("_")[2] in ("", index)]
+            job_id = found[0] if found else None
             if job_id is None and not read_result(result_file):
                 return None  # never submitted, or ended without an outcome: submit it again
-        return SlurmProcess(job_id, result_file, self.queue, own=False, submitted=-math.inf)
+        return SlurmProcess(job_id, result_file, self, own=False, submitted=-math.inf)
