@@ -23,7 +23,7 @@ from dmlkit.sweep import append_record, read_manifest, run_sweep
 from dmlkit.sweep.__main__ import main as sweep_main
 from dmlkit.sweep.slurm import SlurmResources, SlurmUnavailableError, resources_from
 from tests.slurm_cluster import PARTITION, SlurmCluster, missing_programs
-from tests.test_sweep import BASE, NOTEBOOKS, hold, write_spec
+from tests.test_sweep import BASE, NOTEBOOKS, hold, pretend_ran, write_spec
 
 FIGURE = "notebooks/toy_figure.ipynb"
 
@@ -191,6 +191,80 @@ def test_detach_submits_and_a_later_invocation_collects_without_a_second_copy(sl
     lines = read_manifest(folder)
     assert [r["status"] for r in lines] == ["submitting", "submitted", "ok"]
     assert lines[1]["slurm_job"] == lines[2]["slurm_job"]
+
+
+def squeue_jobs(**fields: str) -> list[dict[str, str]]:
+    """This machine's Slurm jobs (array tasks one by one): id, state and comment."""
+    command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%k"]
+    lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rows = (line.split("|", 2) for line in lines.splitlines())
+    jobs = [{"id": job, "state": state, "comment": comment} for job, state, comment in rows]
+    return [job for job in jobs if all(job[key] == value for key, value in fields.items())]
+
+
+def test_a_then_step_left_queued_by_detach_is_collected_not_submitted_again(slurm, project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1]}, "then": [FIGURE]})
+    folder = project / "papermill_runs" / "toy"
+    pretend_ran(folder, "x=1")  # finished earlier: only its per-run step is left to run
+    held = {"sbatch": {"hold": True}}  # Slurm keeps the step's job queued until released
+    result = run_sweep(spec, executor="slurm", slurm=held, detach=True, progress=False)
+    assert [(o.key, o.status) for o in result.outcomes] == [
+        ("x=1", "skipped"), ("x=1/toy_figure", "submitted")
+    ]  # fmt: skip
+    job = read_manifest(folder)[-1]["slurm_job"]
+    collector = cli(str(spec), cwd=project)
+    time.sleep(5)  # it finds the step's job queued: it waits for it rather than submit a copy
+    assert [j["state"] for j in squeue_jobs(id=job)] == ["PENDING"]
+    subprocess.run(["scontrol", "release", job], check=True)
+    out, err = collector.communicate(timeout=120)
+    assert collector.returncode == 0, err
+    steps = [r for r in read_manifest(folder) if r["run"] == "x=1/toy_figure"]
+    assert [r["status"] for r in steps] == ["submitting", "submitted", "ok"]
+    assert steps[-1]["slurm_job"] == job and (folder / "x=1" / "figure.txt").exists()
+    assert len(list((folder / "slurm").glob("*/*_submitted.pkl"))) == 1  # one job submitted
+
+
+# A runner SIGKILLed inside SlurmExecutor.start_many: before sbatch, or after it and before
+# the runner's `submitted` lines (the window where a second copy could be submitted).
+DIE_IN_SUBMISSION = """
+import os, signal, sys
+from dmlkit.sweep import slurm
+from dmlkit.sweep.__main__ import main
+submit = slurm.SlurmExecutor.start_many
+def start_many(self, descriptions, token):
+    if sys.argv[1] == "after":
+        submit(self, descriptions, token)
+    os.kill(os.getpid(), signal.SIGKILL)
+slurm.SlurmExecutor.start_many = start_many
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_runner_killed_while_submitting_leaves_no_second_copy(slurm, project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, 2]}})
+    folder = project / "papermill_runs" / "toy"
+    gate = hold(project, "x=1")
+    for when, run in (("before", "x=2"), ("after", "x=1")):
+        argv = [when, str(spec), "--executor", "slurm", "--only", run]
+        died = subprocess.run(
+            [sys.executable, "-c", DIE_IN_SUBMISSION, *argv], cwd=project, capture_output=True
+        )
+        assert died.returncode == -signal.SIGKILL, died.stderr
+    assert records(folder) == [("x=2", "submitting"), ("x=1", "submitting")]
+    token = read_manifest(folder)[1]["slurm_token"]
+    (job,) = squeue_jobs(comment=token)  # x=1's job was submitted; x=2's never was
+    wait_for(lambda: (folder / "x=1" / "kernel.pid").exists(), "x=1 to start on Slurm")
+    collector = cli(str(spec), cwd=project)
+    wait_for(lambda: ("x=2", "submitted") in records(folder), "x=2 to be submitted")
+    gate.unlink()
+    out, err = collector.communicate(timeout=180)
+    assert collector.returncode == 0, err
+    lines = read_manifest(folder)
+    x1 = [(r["status"], r.get("slurm_job")) for r in lines if r["run"] == "x=1"]
+    assert x1 == [("submitting", None), ("submitted", job["id"]), ("ok", job["id"])]
+    x2 = [r["status"] for r in lines if r["run"] == "x=2"]
+    assert x2 == ["submitting", "submitting", "submitted", "ok"]
+    assert len(squeue_jobs(comment=token)) == 1  # no second copy of x=1
 
 
 # slow (make test-all), not in `make test`: in the parallel suite it failed 2 of ~12 runs
