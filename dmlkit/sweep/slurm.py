@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ ALIVE = frozenset(
      "REQUEUE_FED", "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT"}
 )  # fmt: skip
 _SQUEUE_EVERY_S = 2.0
-_UNSEEN_S = 60.0  # a job squeue has not listed this long after its submission has ended
+# A job squeue has not shown alive this long, and that wrote no outcome, has ended: squeue
+# lists a new job after a moment, and shows a requeued one FAILED for a moment before PENDING.
+_GONE_S = 30.0
 
 
 class SlurmUnavailableError(RuntimeError):
@@ -103,6 +106,10 @@ class NotebookTask:
         self.description = description
 
     def __call__(self) -> dict[str, Any]:
+        # Slurm signals every process of a job it preempts, requeues or cancels: with SIGTERM
+        # ignored (inherited by the kernel), submitit's USR2 or Slurm's SIGKILL ends the
+        # attempt, never a kernel that died of the SIGTERM (a failed run, then requeued).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
         os.environ.update(dict.fromkeys(THREAD_VARIABLES, threads))
         skip_slow_optional_imports()
@@ -127,19 +134,23 @@ class SlurmProcess:
     own: bool = True  # submitted by this invocation (Ctrl-C cancels only those)
     returncode: int | None = None
     state: str | None = None
-    submitted: float = field(default_factory=time.monotonic)
+    alive: float = field(default_factory=time.monotonic)  # when last seen alive (or found)
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.state = self.executor.squeue().get(self.job_id, (None,))[0] or self.state
-            unseen = self.state is None and time.monotonic() - self.submitted < _UNSEEN_S
-            if (self.state not in ALIVE and not unseen) or read_result(self.result_file):
-                self.returncode = 0 if read_result(self.result_file).get("status") == "ok" else 1
+            listed = self.executor.squeue().get(self.job_id, (None,))[0]
+            self.state = listed or self.state
+            result = read_result(self.result_file)
+            if listed in ALIVE and not result:
+                self.alive = time.monotonic()
+            elif result or time.monotonic() - self.alive > _GONE_S:
+                self.returncode = 0 if result.get("status") == "ok" else 1
         return self.returncode
 
     def stop(self) -> None:
         if self.own:
             subprocess.run(["scancel", self.job_id], capture_output=True, timeout=60)
+            self.alive = -math.inf  # cancelled: a state that is not alive is final
 
     def kill(self) -> None:
         if self.returncode is None:
@@ -209,4 +220,4 @@ class SlurmExecutor:
             job_id = found[0] if found else None
             if job_id is None and not read_result(result_file):
                 return None  # never submitted, or ended without an outcome: submit it again
-        return SlurmProcess(job_id, result_file, self, own=False, submitted=-math.inf)
+        return SlurmProcess(job_id, result_file, self, own=False)
