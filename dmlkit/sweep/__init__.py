@@ -1,11 +1,6 @@
-"""Papermill sweeps: one notebook execution per grid point, resumable and interruptible.
-
-``python -m dmlkit.sweep notebooks/sweeps/quickstart.yaml --jobs 2`` — see docs/sweeps.md
-for the spec format, run naming, the manifest and what happens on failure or Ctrl-C.
-
-API: :func:`load_spec` (validate a spec), :func:`plan` (its grid jobs),
-:func:`run_sweep` (run or resume it; ``figures_only=True`` redraws the ``then`` steps),
-:func:`read_manifest` (the attempt log).
+"""Papermill sweeps: one notebook execution per grid point, resumable and interruptible, on
+this machine or on Slurm; ``python -m dmlkit.sweep SPEC.yaml`` (docs/sweeps.md). The API:
+:func:`load_spec`, :func:`plan`, :func:`run_sweep` and :func:`read_manifest`.
 """
 
 from .manifest import (

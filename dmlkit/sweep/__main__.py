@@ -42,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "skipping runs that already finished. See docs/sweeps.md.",
     )
     parser.add_argument("spec", help="sweep spec (YAML), e.g. notebooks/sweeps/quickstart.yaml")
-    parser.add_argument(
-        "--jobs", type=_positive, help="parallel runs (default: one per --gpus slot, else 1)"
-    )
+    parser.add_argument("--jobs", type=_positive, help="parallel runs (default: GPU slots, or 1)")
     parser.add_argument(
         "--gpus",
         type=_gpus,
@@ -61,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only grid points with these values (repeat a key for OR)",
     )
     parser.add_argument("--out", help="parent folder of the sweep folder (default papermill_runs)")
-    parser.add_argument(
-        "--figures",
-        action="store_true",
-        help="start no run: execute the `then` steps again on the finished runs",
-    )
+    parser.add_argument("--figures", action="store_true", help="only redraw: rerun `then` steps")
     parser.add_argument("--dry-run", action="store_true", help="show the plan, run nothing")
     cluster = parser.add_argument_group("Slurm (see docs/sweeps.md, 'On a cluster')")
     cluster.add_argument("--executor", choices=("local", "slurm"), default="local")
@@ -78,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sbatch", action="extend", nargs="+", default=[], metavar="OPTION=VALUE",
         help="extra sbatch options, e.g. account=lab qos=high",
     )  # fmt: skip
-    cluster.add_argument(
-        "--detach", action="store_true", help="submit and return; rerun later to collect"
-    )
+    cluster.add_argument("--detach", action="store_true", help="submit, return; rerun to collect")
     return parser
 
 

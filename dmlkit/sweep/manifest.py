@@ -10,7 +10,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -78,14 +78,9 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def latest_records(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The last record of each ``run`` key (later lines win)."""
-    return {record["run"]: record for record in records}
-
-
 def latest(folder: Path) -> dict[str, dict[str, Any]]:
-    """The last record of each job in a sweep folder's manifest."""
-    return latest_records(read_manifest(folder / MANIFEST))
+    """The last record of each job (``run`` key) in a sweep folder's manifest."""
+    return {record["run"]: record for record in read_manifest(folder / MANIFEST)}
 
 
 @contextlib.contextmanager

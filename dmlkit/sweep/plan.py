@@ -3,6 +3,7 @@ injected parameters; see docs/sweeps.md, "Where things go"."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -120,11 +121,8 @@ def _grid_value(spec: SweepSpec, key: str, raw: Any) -> Any:
     # A command-line value matches a grid value if it reads as the same YAML value or is
     # spelled exactly as in the run name ("--only lr=1.0e-05" and "--only lr=1e-5" both work).
     candidates = [raw]
-    if isinstance(raw, str):
-        try:
-            candidates.insert(0, yaml.safe_load(raw))
-        except yaml.YAMLError:
-            pass
+    with contextlib.suppress(yaml.YAMLError):
+        candidates += [yaml.safe_load(raw)] if isinstance(raw, str) else []
     for value in spec.grid[key]:
         if any(same_value(c, value) for c in candidates) or raw == format_value(value):
             return value

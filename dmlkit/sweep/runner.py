@@ -36,6 +36,7 @@ from .worker import LocalExecutor, local_jobs, read_result
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DONE = ("ok", "skipped", "submitted")
 _STATUS_ORDER = ("ok", "skipped", "submitted", "failed", "interrupted", "pending")
 
@@ -187,9 +188,7 @@ class _Runner:
                 queue.append(job)
         handlers = {}
         if threading.current_thread() is threading.main_thread():  # else signal() raises
-            handlers = {
-                s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
-            }
+            handlers = {s: signal.signal(s, self._on_signal) for s in _STOP_SIGNALS}
         self.bar = tqdm(total=len(queue), desc=self.spec.name, unit="job", disable=not progress)
         try:
             self._loop(queue)
@@ -215,12 +214,8 @@ class _Runner:
             return False
         recorded = self.latest[job.key].get("params")
         if recorded is not None and recorded != json.loads(json.dumps(job.parameters, default=str)):
-            logger.warning(
-                "%s finished earlier with other parameters (%s); delete %s to rerun it",
-                job.key,
-                recorded,
-                job.folder,
-            )
+            message = "%s finished earlier with other parameters (%s); delete %s to rerun it"
+            logger.warning(message, job.key, recorded, job.folder)
         self._settle(job, "skipped")
         return True
 
@@ -330,21 +325,15 @@ class _Runner:
             if self.executor.remote:
                 self._record(job, "submitted", started, result_file=str(result_file), **proc.record)
 
-    def _finish(
-        self,
-        active: _Active,
-        queue: deque[Job],
-        status: str | None = None,
-        error: str | None = None,
-    ) -> None:
+    def _finish(self, active: _Active, queue: deque[Job], *decided: str) -> None:
+        # `decided`: the status and error the runner gives (a timeout, an interruption).
         self.active.remove(active)
         self.executor.release(active.proc)
         job, seconds = active.job, round(time.monotonic() - active.t0, 3)
         result = read_result(active.result_file)
-        if status is None:
-            status, error = result.get("status", "failed"), result.get("error")
-            if not result:
-                error = active.proc.error()
+        status, error = decided or (result.get("status", "failed"), result.get("error"))
+        if not result and not decided:
+            error = active.proc.error()
         metrics = job.folder / METRICS_FILE
         if status == "ok" and job.kind == "run" and _mtime(metrics) in (None, active.metrics_mtime):
             # A notebook that "succeeds" without (re)writing metrics.json did not do its job,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jupyter_client.kernelspec import KernelSpecManager
 
 TOP_LEVEL_KEYS = (
     "name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s", "executor"
@@ -151,7 +152,13 @@ def load_spec(path: str | Path) -> SweepSpec:
         executor=_mapping(err, "executor", data.get("executor") or {}),
     )
     _check_keys(err, "executor", spec.executor, EXECUTOR_KEYS)
-    _check_kernel(err, spec.kernel)
+    installed = KernelSpecManager().find_kernel_specs()
+    if spec.kernel not in installed:
+        raise err(
+            "kernel",
+            f"no Jupyter kernel named {spec.kernel!r} (installed: "
+            f"{', '.join(sorted(installed)) or 'none'}); `make setup` installs 'dmlkit'",
+        )
     return _check_parameters(err, spec)
 
 
@@ -346,18 +353,6 @@ def _overrides(err: Err, raw: Any, grid: Mapping[str, list]) -> tuple[Override, 
                 raise err(f"{key}.set.{name}", "set by the runner; remove it")
         overrides.append(Override(where=where, set=values))
     return tuple(overrides)
-
-
-def _check_kernel(err: Err, kernel: str) -> None:
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    installed = KernelSpecManager().find_kernel_specs()
-    if kernel not in installed:
-        raise err(
-            "kernel",
-            f"no Jupyter kernel named {kernel!r} (installed: "
-            f"{', '.join(sorted(installed)) or 'none'}); `make setup` installs 'dmlkit'",
-        )
 
 
 def _check_parameters(err: Err, spec: SweepSpec) -> SweepSpec:
