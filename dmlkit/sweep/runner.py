@@ -313,11 +313,8 @@ class _Runner:
             # Before submitting: a runner killed before its `submitted` lines leaves these,
             # and the next invocation asks Slurm for the token instead of submitting again.
             for index, (job, description, _) in enumerate(ready):
-                result_file = description["result_file"]
-                self._record(
-                    job, "submitting", started, result_file=result_file, slurm_token=token,
-                    slurm_index=index,
-                )  # fmt: skip
+                intent = {"result_file": description["result_file"], "slurm_token": token}
+                self._record(job, "submitting", started, slurm_index=index, **intent)
         procs = self.executor.start_many([d for _, d, _ in ready], token)
         for (job, description, metrics_mtime), proc in zip(ready, procs, strict=True):
             result_file = Path(description["result_file"])
