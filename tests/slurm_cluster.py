@@ -4,7 +4,9 @@ Debian's ``slurm-wlm`` and ``munge`` (``make slurm-deps``) provide the daemons. 
 the foreground as a child of the test process, with its own socket, state and log files
 under the folder and a generated ``slurm.conf`` that ``SLURM_CONF`` points at, so nothing of
 the machine's own configuration is read or changed; :meth:`SlurmCluster.stop` ends them by
-PID. Starting takes a few seconds (the node registering with the controller).
+PID. Starting takes a few seconds (the node registering with the controller). Job credentials
+live 10 s (``cred_expire``), which is also how long Slurm holds a requeued job back (120 s by
+default): a requeued test job starts again by itself, and never with its old credential.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ SlurmdUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
-AuthInfo=socket={folder}/munge.socket
+AuthInfo=socket={folder}/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool

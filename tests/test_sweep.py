@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,21 +29,22 @@ from hypothesis import strategies as st
 from dmlkit.sweep import (
     ManifestLockedError,
     NoFinishedRunError,
+    Outcome,
     SpecError,
+    SweepResult,
     append_record,
     format_value,
     is_finished,
     load_spec,
     plan,
-    processes,
     read_manifest,
     run_name,
     run_sweep,
     threads_per_job,
+    worker,
 )
 from dmlkit.sweep.__main__ import main as sweep_main
 from dmlkit.sweep.manifest import lock_manifest
-from dmlkit.sweep.outcome import Outcome, SweepResult
 from dmlkit.sweep.plan import plan_steps, sweep_folder
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
@@ -202,7 +204,6 @@ def override(where, values, **extra) -> dict:
         ({"grid": None}, "grid", "empty"),
         ({"grid": {"x": 3}}, "grid.x", "non-empty list"),
         ({"grid": {"x": []}}, "grid.x", "non-empty list"),
-        ({"grid": {"x": [1, 1]}}, "grid.x", "listed twice"),
         ({"grid": {"lr": [1]}}, "grid.lr", "unknown parameter"),
         ({"fixed": {"lr": 0.1, "label": "b"}}, "fixed.lr", "unknown parameter"),
         ({"fixed": {"x": 3}}, "grid.x", "also set in 'fixed'"),
@@ -253,6 +254,15 @@ def test_bad_specs_raise_one_clear_error_naming_file_and_key(project, change, ke
     assert text.startswith(f"{path}: {key}: ")
     if message is not None:
         assert message in text
+
+
+def test_a_grid_value_listed_twice_is_refused_when_planning(project):
+    spec = write_spec(project, {**BASE, "grid": {"x": [1, 1]}})
+    message = "grid: points {'x': 1} and {'x': 1} share the run name 'x=1'"
+    with pytest.raises(SpecError, match=re.escape(f"{spec}: {message}")):
+        plan(load_spec(spec))
+    done = sweep_cli(str(spec), "--dry-run", cwd=project)
+    assert done.returncode == 2 and message in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -410,7 +420,7 @@ def test_smoke_steps_draw_their_figures_inside_the_smoke_folder():
     ("cores", "jobs", "threads"), [(2, 1, 2), (2, 2, 1), (2, 4, 1), (16, 3, 5)]
 )
 def test_threads_per_job_divides_the_cores(monkeypatch, cores, jobs, threads):
-    monkeypatch.setattr(processes, "available_cores", lambda: cores)
+    monkeypatch.setattr(worker, "available_cores", lambda: cores)
     assert threads_per_job(jobs) == threads
 
 
@@ -584,14 +594,14 @@ def test_a_folder_from_before_sweep_json_is_judged_by_its_manifest(project):
 def test_gpu_slots_parse_lists_groups_and_all(monkeypatch, text, visible, slots):
     if visible is not None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert processes.gpu_slots(text) == slots
+    assert worker.gpu_slots(text) == slots
 
 
 @pytest.mark.parametrize("text", ["0,0", "0,,1", "0+1,1", "all"])
 def test_bad_gpu_lists_are_refused(monkeypatch, text):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # `all` on a machine with no GPU
     with pytest.raises(ValueError, match="--gpus"):
-        processes.gpu_slots(text)
+        worker.gpu_slots(text)
 
 
 def test_gpus_sets_jobs_and_refuses_more_jobs_than_slots(project, capsys):
@@ -955,8 +965,6 @@ def test_a_kernel_that_never_answers_before_any_cell_is_started_once_more(monkey
     # clean-clone runs); such a run executed nothing, so a second start decides its outcome.
     import papermill
 
-    from dmlkit.sweep import worker
-
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) <= dying:
@@ -977,8 +985,6 @@ def test_a_requeue_that_slurm_kills_midway_is_no_outcome_but_other_commands_fail
     # requeue` first (seen once in four clean-clone runs): the job is requeued all the same,
     # so the worker leaves like submitit does instead of recording a failed run.
     import papermill
-
-    from dmlkit.sweep import worker
 
     def killed(command):
         def run(*args, **kwargs):
@@ -1001,8 +1007,6 @@ def test_an_executed_notebook_is_trusted_so_its_javascript_output_runs_when_open
     import nbformat
     from nbformat.sign import NotebookNotary
 
-    from dmlkit.sweep import worker
-
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))  # the signature store
     source = tmp_path / "n.ipynb"
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")])
@@ -1021,8 +1025,6 @@ def test_a_signature_store_that_cannot_be_written_leaves_the_run_ok(monkeypatch,
 
     import papermill
     from nbformat.sign import NotebookNotary
-
-    from dmlkit.sweep import worker
 
     def locked(self, notebook):
         raise sqlite3.OperationalError("database is locked")

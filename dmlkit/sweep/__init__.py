@@ -1,20 +1,19 @@
-"""Papermill sweeps: one notebook execution per grid point, resumable and interruptible.
-
-``python -m dmlkit.sweep notebooks/sweeps/quickstart.yaml --jobs 2`` — see docs/sweeps.md
-for the spec format, run naming, the manifest and what happens on failure or Ctrl-C.
-
-API: :func:`load_spec` (validate a spec), :func:`plan` (its grid jobs),
-:func:`run_sweep` (run or resume it; ``figures_only=True`` redraws the ``then`` steps),
-:func:`read_manifest` (the attempt log).
+"""Papermill sweeps: one notebook execution per grid point, resumable and interruptible, on
+this machine or on Slurm; ``python -m dmlkit.sweep SPEC.yaml`` (docs/sweeps.md). The API:
+:func:`load_spec`, :func:`plan`, :func:`run_sweep` and :func:`read_manifest`.
 """
 
-from .manifest import ManifestLockedError, append_record, latest_records
-from .outcome import Outcome, SweepResult
-from .plan import Job, format_value, grid_points, parse_only, plan, plan_steps, run_name
-from .processes import threads_per_job
-from .resume import NoFinishedRunError, is_finished
-from .runner import read_manifest, run_sweep
+from .manifest import (
+    ManifestLockedError,
+    NoFinishedRunError,
+    append_record,
+    is_finished,
+    read_manifest,
+)
+from .plan import Job, format_value, plan, plan_steps, run_name
+from .runner import Outcome, SweepResult, run_sweep
 from .spec import Override, SpecError, SweepSpec, ThenStep, load_spec
+from .worker import threads_per_job
 
 __all__ = [
     "Job",
@@ -28,11 +27,8 @@ __all__ = [
     "ThenStep",
     "append_record",
     "format_value",
-    "grid_points",
     "is_finished",
-    "latest_records",
     "load_spec",
-    "parse_only",
     "plan",
     "plan_steps",
     "read_manifest",

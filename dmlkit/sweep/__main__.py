@@ -1,6 +1,5 @@
-"""``python -m dmlkit.sweep SPEC.yaml [--jobs N] [--gpus 0,1,...] [--smoke] [--only k=v ...]
-[--out DIR] [--figures] [--dry-run]``: run or resume a papermill sweep (or, with
-``--figures``, only redraw its ``then`` steps); exit 0 iff every execution succeeded."""
+"""``python -m dmlkit.sweep SPEC.yaml [options]``: run or resume a papermill sweep, or with
+``--figures`` only redraw its ``then`` steps (docs/sweeps.md)."""
 
 from __future__ import annotations
 
@@ -14,25 +13,19 @@ from typing import Any
 import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .manifest import MANIFEST, ManifestLockedError, latest_records
-from .manifest import read_manifest as read_records
-from .plan import Job, plan, plan_steps, sweep_folder
-from .processes import gpu_slots, threads_per_job
-from .resume import NoFinishedRunError, check_owner, check_some_finished, is_finished
+from . import manifest
+from .manifest import ManifestLockedError, NoFinishedRunError
+from .plan import plan, plan_steps, sweep_folder
 from .runner import run_sweep
 from .slurm import SlurmUnavailableError, resources_from
 from .spec import SpecError, load_spec
-from .worker import skip_slow_optional_imports
+from .worker import gpu_slots, local_jobs, skip_slow_optional_imports, threads_per_job
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+    return int(text)
 
 
 def _gpus(text: str) -> list[str]:
@@ -49,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "skipping runs that already finished. See docs/sweeps.md.",
     )
     parser.add_argument("spec", help="sweep spec (YAML), e.g. notebooks/sweeps/quickstart.yaml")
-    parser.add_argument(
-        "--jobs", type=_positive, help="parallel runs (default: one per --gpus slot, else 1)"
-    )
+    parser.add_argument("--jobs", type=_positive, help="parallel runs (default: GPU slots, or 1)")
     parser.add_argument(
         "--gpus",
         type=_gpus,
@@ -68,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only grid points with these values (repeat a key for OR)",
     )
     parser.add_argument("--out", help="parent folder of the sweep folder (default papermill_runs)")
-    parser.add_argument(
-        "--figures",
-        action="store_true",
-        help="start no run: execute the `then` steps again on the finished runs",
-    )
+    parser.add_argument("--figures", action="store_true", help="only redraw: rerun `then` steps")
     parser.add_argument("--dry-run", action="store_true", help="show the plan, run nothing")
     cluster = parser.add_argument_group("Slurm (see docs/sweeps.md, 'On a cluster')")
     cluster.add_argument("--executor", choices=("local", "slurm"), default="local")
@@ -85,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sbatch", action="extend", nargs="+", default=[], metavar="OPTION=VALUE",
         help="extra sbatch options, e.g. account=lab qos=high",
     )  # fmt: skip
-    cluster.add_argument(
-        "--detach", action="store_true", help="submit and return; rerun later to collect"
-    )
+    cluster.add_argument("--detach", action="store_true", help="submit, return; rerun to collect")
     return parser
+
+
+RUN_OPTIONS = ("jobs", "gpus", "smoke", "only", "out", "executor", "detach")  # run_sweep's
 
 
 def slurm_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,12 +90,12 @@ def dry_run(args: argparse.Namespace) -> int:
     """Print what a real invocation would run or skip (with ``--figures``: redraw)."""
     spec = load_spec(args.spec)
     folder = sweep_folder(spec, args.out, smoke=args.smoke)
-    check_owner(spec, folder)
+    manifest.check_owner(spec, folder)
     print(f"{spec.name}: {spec.num_points} grid points -> {folder}", flush=True)
     jobs = plan(spec, only=args.only, smoke=args.smoke, out=args.out)
     if args.figures:
-        check_some_finished(spec, jobs, folder)
-    latest = latest_records(read_records(folder / MANIFEST))
+        manifest.check_some_finished(spec, jobs, folder)
+    latest = manifest.latest(folder)
     if args.executor == "slurm":
         resources = resources_from(spec.executor, spec.timeout_s, **slurm_options(args))
         print(f"{len(jobs)} selected; one Slurm job each: {resources}")
@@ -116,14 +104,16 @@ def dry_run(args: argparse.Namespace) -> int:
         gpus = f", GPUs {' | '.join(args.gpus)}" if args.gpus else ""
         print(f"{len(jobs)} selected; {threads} thread(s) per run with --jobs {args.jobs}{gpus}")
     for job in jobs:
-        done = is_finished(job, latest)
+        done = manifest.is_finished(job, latest)
         if args.figures:
             action = "finished" if done else "skip"
         elif latest.get(job.key, {}).get("status") == "submitted":
             action = "collect"  # a Slurm job submitted earlier: waited for, not resubmitted
         else:
             action = "skip (done)" if done else "run"
-        print(f"  {action:<11}  {job.key}{_shown_overrides(job)}")
+        flow = yaml.safe_dump(job.overrides, default_flow_style=True, sort_keys=False, width=10**6)
+        overrides = f"  set {flow.strip()}" if job.overrides else ""  # what `overrides` set
+        print(f"  {action:<11}  {job.key}{overrides}")
         if done or not args.figures:
             for step in plan_steps(spec, job, smoke=args.smoke, folder=folder):
                 print(f"  {'then':<11}  {step.key}")
@@ -132,66 +122,36 @@ def dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shown_overrides(job: Job) -> str:
-    # The parameters the spec's `overrides` set on this run, as YAML: "  set {epochs: 30}".
-    if not job.overrides:
-        return ""
-    return "  set " + _flow_yaml(job.overrides)
-
-
-def _flow_yaml(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
-    return text.strip()
-
-
-def _piped(command: Any, args: argparse.Namespace) -> int:
-    # A listing piped into `head` that stops reading is not an error worth a traceback.
-    try:
-        return command(args)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 0
-
-
-def _check_out(parser: argparse.ArgumentParser, out: str | None) -> None:
-    """A usage error, before anything is read or run, if ``--out`` cannot be a folder."""
-    if out is None:
-        return
-    path = Path(out).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
-        parser.error(f"--out {out}: {existing} is a file, not a folder")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_out(parser, args.out)
+    if args.out is not None:  # a usage error, before anything is read, if it cannot be a folder
+        path = Path(args.out).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+        if not existing.is_dir():
+            parser.error(f"--out {args.out}: {existing} is a file, not a folder")
     if args.gpus and args.executor == "slurm":
         parser.error("--gpus is for local runs; with Slurm give --gpus-per-run")
-    if args.jobs is None and args.executor == "local":
-        args.jobs = len(args.gpus) if args.gpus else 1
-    if args.gpus and args.jobs > len(args.gpus):
-        parser.error(f"--jobs {args.jobs} with {len(args.gpus)} GPU slot(s): a run needs its own")
+    if args.executor == "local":
+        try:
+            args.jobs = local_jobs(args.jobs, args.gpus)
+        except ValueError as exc:
+            parser.error(str(exc))
     skip_slow_optional_imports()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # papermill logs every notebook it inspects at INFO; the runner reports per run.
     logging.getLogger("papermill").setLevel(logging.WARNING)
     try:
         if args.dry_run:
-            return _piped(dry_run, args)
+            try:
+                return dry_run(args)
+            except BrokenPipeError:  # a listing piped into `head`, which stopped reading
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error
+                return 0
+        options = {name: getattr(args, name) for name in RUN_OPTIONS}
         with logging_redirect_tqdm():
             result = run_sweep(
-                args.spec,
-                jobs=args.jobs,
-                gpus=args.gpus,
-                smoke=args.smoke,
-                only=args.only,
-                out=args.out,
-                figures_only=args.figures,
-                executor=args.executor,
-                slurm=slurm_options(args),
-                detach=args.detach,
+                args.spec, figures_only=args.figures, slurm=slurm_options(args), **options
             )
     except NoFinishedRunError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,34 +1,36 @@
-"""``manifest.jsonl``: an append-only log of every execution attempt of a sweep.
-
-One JSON object per line, appended with flush + fsync and never rewritten, so a crash
-can at worst tear the line being written. Reading skips unreadable lines with a warning.
-Only one sweep process writes a manifest at a time (:func:`lock_manifest`).
-"""
+"""A sweep folder's state: ``manifest.jsonl`` (an append-only log of every execution attempt,
+one JSON object per line, flushed and fsynced, never rewritten), the resume rule, and which
+spec made the folder (``sweep.json``); see docs/sweeps.md, "`manifest.jsonl`" and "Where
+things go"."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-try:  # POSIX only; elsewhere concurrent sweeps on one folder are not detected.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from ..io import write_json
+from .plan import METRICS_FILE, Job, shown_path
+from .spec import SpecError, SweepSpec
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
-STATUSES = ("ok", "failed", "interrupted")
+OWNER_FILE = "sweep.json"
 
 
 class ManifestLockedError(RuntimeError):
     """Another sweep process is writing this manifest."""
+
+
+class NoFinishedRunError(RuntimeError):
+    """``figures_only``: no run of the (``only``-restricted) grid has finished yet."""
 
 
 def now_iso() -> str:
@@ -37,11 +39,8 @@ def now_iso() -> str:
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as a JSON line, flushed and fsynced before returning.
-
-    If the file ends in a torn line (a crash mid-write), a newline is written first so the
-    new record stays readable and only the torn line is lost.
-    """
+    """Append one record as a JSON line, flushed and fsynced before returning; after a torn
+    last line (a crash mid-write) a newline comes first, so only the torn record is lost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
@@ -57,12 +56,9 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """All readable records, in file order; ``[]`` when the file does not exist.
-
-    A line that is not a JSON object (a torn write, an editor accident) is skipped with a
-    warning naming the file and line — never an exception.
-    """
-    path = Path(path)
+    """All readable records of a manifest (or a sweep folder's), in file order (``[]`` without
+    it); a line that is not a JSON object with a ``run`` key is skipped with a warning."""
+    path = Path(path) / MANIFEST if Path(path).is_dir() else Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -82,33 +78,79 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def latest_records(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The last record of each ``run`` key (later lines win)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for record in records:
-        latest[record["run"]] = record
-    return latest
+def latest(folder: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each job (``run`` key) in a sweep folder's manifest."""
+    return {record["run"]: record for record in read_manifest(folder / MANIFEST)}
 
 
 @contextlib.contextmanager
 def lock_manifest(path: str | Path) -> Iterator[IO[bytes]]:
-    """Hold an exclusive advisory lock on the manifest for the whole sweep.
-
-    Raises:
-        ManifestLockedError: another process holds it (a sweep already running there).
-    """
+    """Hold an exclusive ``flock`` on the manifest for the whole sweep, or raise
+    :class:`ManifestLockedError` (a sweep already runs there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as handle:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                raise ManifestLockedError(
-                    f"{path} is locked: another `python -m dmlkit.sweep` is running this sweep"
-                ) from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise ManifestLockedError(
+                f"{path} is locked: another `python -m dmlkit.sweep` is running this sweep"
+            ) from exc
         try:
             yield handle
         finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def is_finished(job: Job, latest: dict[str, dict[str, Any]]) -> bool:
+    """Whether a job can be skipped: its latest record is ``ok`` and its outputs exist (for a
+    run, ``metrics.json`` too)."""
+    outputs = [job.output, *([job.folder / METRICS_FILE] if job.kind == "run" else [])]
+    record = latest.get(job.key) or {}
+    return record.get("status") == "ok" and all(path.is_file() for path in outputs)
+
+
+def check_some_finished(spec: SweepSpec, grid_jobs: list[Job], folder: Path) -> None:
+    """Raise :class:`NoFinishedRunError` unless one of ``grid_jobs`` has finished (creates
+    nothing); warn when the spec has no ``then`` steps to redraw."""
+    records = latest(folder)
+    if not any(is_finished(job, records) for job in grid_jobs):
+        raise NoFinishedRunError(
+            f"{folder}: none of the {len(grid_jobs)} selected run(s) has finished, so there "
+            f"are no figures to draw; run the sweep first: python -m dmlkit.sweep {spec.path}"
+        )
+    if not spec.then:
+        logger.warning("%s: the spec has no `then` steps; nothing to redraw", spec.path)
+
+
+def check_owner(spec: SweepSpec, folder: Path, claim: bool = False) -> None:
+    """Raise :class:`SpecError` if ``folder`` was made by another spec (a folder from before
+    ``sweep.json`` is judged by its manifest's run notebooks); with ``claim`` (under the
+    manifest lock), then write ``sweep.json``."""
+    identity = {
+        "spec": shown_path(spec.path.resolve(), spec.root),
+        "notebook": shown_path(spec.notebook, spec.root),
+        "grid_keys": list(spec.grid),
+    }
+    try:
+        recorded = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        runs = [r for r in read_manifest(folder / MANIFEST) if r.get("kind") == "run"]
+        others = {r["notebook"] for r in runs if r.get("notebook")} - {identity["notebook"]}
+        recorded = {"notebook": others.pop()} if others else identity
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise SpecError(f"{folder / OWNER_FILE}: unreadable; delete it to adopt the folder")
+    changed = [key for key, value in identity.items() if recorded.get(key, value) != value]
+    if changed:
+        was = ", ".join(f"{key} {recorded[key]}" for key in changed)
+        now = ", ".join(f"{key} {identity[key]}" for key in changed)
+        raise SpecError(
+            f"{spec.path}: the sweep folder {folder} was made by another spec ({was}; this one: "
+            f"{now}), and its runs would be mixed with this one's: give this spec another "
+            f"name, or --out another folder; if this spec replaces the old one, delete "
+            f"{folder / OWNER_FILE}"
+        )
+    if claim:
+        write_json(folder / OWNER_FILE, identity)

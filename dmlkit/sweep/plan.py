@@ -1,12 +1,9 @@
-"""From a validated spec to jobs: run names, ``--only`` filtering, injected parameters.
-
-A *job* is one papermill execution: a grid point (kind ``"run"``) or a ``then`` step on
-one run (``"then-run"``) or on the whole sweep (``"then-sweep"``). Its ``key`` is what
-``manifest.jsonl`` records it under: the run name, ``<run name>/<step>``, or ``<step>``.
-"""
+"""From a validated spec to jobs (one papermill execution each): run names, ``--only``,
+injected parameters; see docs/sweeps.md, "Where things go"."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -24,10 +21,10 @@ from .spec import (
     STEP_PARAMETERS,
     SpecError,
     SweepSpec,
-    ThenStep,
     load_spec,
+    matches,
+    same_value,
 )
-from .values import same_value
 
 RUN_NOTEBOOK = "notebook.ipynb"
 METRICS_FILE = "metrics.json"
@@ -42,19 +39,10 @@ OnlyFilter = Mapping[str, Sequence[Any]] | Sequence[str] | None
 
 @dataclass(frozen=True)
 class Job:
-    """One papermill execution.
-
-    Attributes:
-        key: manifest key (run name, ``<run>/<step>`` or ``<step>``).
-        kind: ``"run"``, ``"then-run"`` or ``"then-sweep"``.
-        notebook: source notebook.  output: executed notebook written by papermill.
-        parameters: everything injected (spec values + ``out_dir``/``run_dir``/``sweep_dir``
-            + ``smoke``).
-        point: the grid values of the run (empty for a per-sweep step).
-        folder: the run folder (the sweep folder for a per-sweep step).
-        overrides: the parameters the spec's ``overrides`` set on this run (already in
-            ``parameters``; empty for steps).
-    """
+    """One papermill execution: a grid point (``kind`` ``"run"``) or a ``then`` step on one run
+    (``"then-run"``) or on the sweep (``"then-sweep"``). ``key`` is its manifest key (run name,
+    ``<run>/<step>`` or ``<step>``), ``parameters`` everything injected, ``folder`` the run
+    (or sweep) folder, ``overrides`` what the spec's ``overrides`` set (in ``parameters``)."""
 
     key: str
     kind: str
@@ -65,32 +53,17 @@ class Job:
     folder: Path = Path()
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def required_outputs(self) -> tuple[Path, ...]:
-        """Files that must exist after a successful execution (and for a rerun to skip)."""
-        if self.kind == "run":
-            return (self.output, self.folder / METRICS_FILE)
-        return (self.output,)
-
 
 def format_value(value: Any) -> str:
-    """A grid value as it appears in a run name: YAML flow style, path-safe.
-
-    ``True`` → ``true``, ``None`` → ``null``, ``1e-5`` → ``1.0e-05``, the string
-    ``"true"`` → ``%27true%27`` (quoted, so it differs from the boolean); characters
-    outside ``[A-Za-z0-9._~+@-]`` (``/``, ``,``, ``=``, spaces, …) are %-escaped.
-    """
+    """A grid value as it appears in a run name (docs/sweeps.md, "Run names")."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True)
     text = text.removesuffix("\n...\n").rstrip("\n")
     return quote(text, safe="+@")
 
 
 def run_name(point: Mapping[str, Any]) -> str:
-    """``k=v`` pairs joined by commas in grid order, e.g. ``loss=triplet,density=true``.
-
-    Names longer than 200 bytes are cut and end with a hash of the full name, so they
-    stay unique and fit every file system.
-    """
+    """``k=v`` pairs joined by commas in grid order, e.g. ``loss=triplet,density=true``, cut
+    (and ended by a hash) past 200 bytes."""
     return _cut(",".join(f"{key}={format_value(value)}" for key, value in point.items()))
 
 
@@ -99,11 +72,6 @@ def _cut(name: str) -> str:
         digest = hashlib.sha1(name.encode()).hexdigest()[:12]
         name = f"{name[: _MAX_NAME_BYTES - 20]}~{digest}"
     return name
-
-
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """The cartesian product of the grid, in the spec's key and value order."""
-    return [point for _, point in _named_points(spec)]
 
 
 def _named_points(spec: SweepSpec) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -117,25 +85,16 @@ def _named_points(spec: SweepSpec) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def sweep_folder(spec: SweepSpec, out: str | Path | None = None, *, smoke: bool = False) -> Path:
-    """``<out>/<name>`` (``<out>/<name>-smoke`` for a smoke sweep); ``out`` defaults to
+    """``<out>/<name>`` (``<out>/<name>-smoke``: smoke runs live apart); ``out`` defaults to
     ``<root>/papermill_runs``."""
-    # Smoke runs live apart, so that a later real sweep neither skips them as finished nor
-    # finds their models in its folder.
     base = Path(out) if out is not None else spec.root / RUNS_FOLDER
     name = f"{spec.name}{SMOKE_SUFFIX}" if smoke else spec.name
     return (base if base.is_absolute() else Path.cwd() / base).resolve() / name
 
 
 def parse_only(spec: SweepSpec, only: OnlyFilter) -> dict[str, list[Any]]:
-    """Normalize ``--only`` filters to grid key -> allowed grid values.
-
-    Accepts ``["loss=triplet", "seed=0"]`` (command line; values read as YAML) or a
-    mapping ``{"loss": ["triplet"]}``. Repeating a key allows several values; different
-    keys must all match.
-
-    Raises:
-        SpecError: an unknown key or a value not in that key's grid list.
-    """
+    """``--only`` filters (``["loss=triplet", "seed=0"]`` or ``{"loss": ["triplet"]}``) as grid
+    key -> allowed grid values; a :class:`SpecError` for a key or value not in the grid."""
     if not only:
         return {}
     pairs = list(only.items()) if isinstance(only, Mapping) else [_split(spec, o) for o in only]
@@ -162,11 +121,8 @@ def _grid_value(spec: SweepSpec, key: str, raw: Any) -> Any:
     # A command-line value matches a grid value if it reads as the same YAML value or is
     # spelled exactly as in the run name ("--only lr=1.0e-05" and "--only lr=1e-5" both work).
     candidates = [raw]
-    if isinstance(raw, str):
-        try:
-            candidates.insert(0, yaml.safe_load(raw))
-        except yaml.YAMLError:
-            pass
+    with contextlib.suppress(yaml.YAMLError):
+        candidates += [yaml.safe_load(raw)] if isinstance(raw, str) else []
     for value in spec.grid[key]:
         if any(same_value(c, value) for c in candidates) or raw == format_value(value):
             return value
@@ -181,24 +137,16 @@ def plan(
     smoke: bool = False,
     out: str | Path | None = None,
 ) -> list[Job]:
-    """The grid jobs of a sweep, in grid order, restricted by ``only``.
-
-    A run's parameters are ``fixed``, then its grid point, then the ``set`` of every
-    matching override (in spec order), then ``out_dir`` and ``smoke``.
-
-    Args:
-        spec: from :func:`load_spec`, or the path of a spec file (loaded and checked).
-        only: see :func:`parse_only`.
-        smoke: inject ``smoke=True`` (every notebook must declare ``smoke``).
-        out: parent of the sweep folder (default ``<root>/papermill_runs``).
-    Raises:
-        SpecError: bad ``only``, ``smoke`` not declared, or two grid points with one name.
-    """
+    """The grid jobs of a spec (or spec file), in grid order, restricted by ``only``; their
+    parameters are ``fixed``, the point, matching overrides, ``out_dir``, ``smoke``."""
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec)
     allowed = parse_only(spec, only)
-    if smoke:
-        _check_smoke(spec)
+    for notebook, declared in spec.notebook_parameters.items() if smoke else ():
+        if SMOKE_PARAMETER not in declared:
+            raise SpecError(
+                f"{spec.path}: --smoke: {notebook.name} declares no '{SMOKE_PARAMETER}' parameter"
+            )
     folder = sweep_folder(spec, out, smoke=smoke)
     jobs: list[Job] = []
     names: dict[str, dict[str, Any]] = {}
@@ -208,7 +156,7 @@ def plan(
                 f"{spec.path}: grid: points {names[name]} and {point} share the run name {name!r}"
             )
         names[name] = point
-        if not all(any(same_value(point[k], v) for v in vals) for k, vals in allowed.items()):
+        if not matches(allowed, point):
             continue
         run_dir, overrides = folder / name, spec.overrides_for(point)
         parameters = {**spec.fixed, **point, **overrides}
@@ -221,49 +169,29 @@ def plan(
 
 
 def plan_steps(spec: SweepSpec, run: Job | None, *, smoke: bool, folder: Path) -> list[Job]:
-    """The ``then`` jobs of one finished run (``run``) or of the sweep (``run=None``).
-
-    Args:
-        folder: the sweep folder (used for per-sweep steps).
-    """
+    """The ``then`` jobs of one finished run, or of the sweep in ``folder`` (``run=None``)."""
     jobs = []
+    target = run.folder if run is not None else folder
+    point = dict(run.point) if run is not None else {}
     for step in spec.then:
-        if (step.per == "run") != (run is not None):
+        if (step.per == "run") != (run is not None) or not matches(step.where, point):
             continue
-        if run is not None and not step.matches(run.point):
-            continue
-        jobs.append(_step_job(spec, step, run, smoke=smoke, folder=folder))
+        parameters = {**step.parameters, STEP_PARAMETERS[step.per]: shown_path(target, spec.root)}
+        if smoke:
+            parameters[SMOKE_PARAMETER] = True
+            if FIGURES_PARAMETER in spec.notebook_parameters.get(step.notebook, ()):
+                # Smoke figures stay in the smoke sweep's folder, never over the real ones.
+                parameters[FIGURES_PARAMETER] = shown_path(folder / "figures", spec.root)
+        key = f"{run.key}/{step.name}" if run is not None else step.name
+        kind = "then-run" if run is not None else "then-sweep"
+        output = target / f"{step.name}.ipynb"
+        jobs.append(Job(key, kind, step.notebook, output, parameters, point, target))
     return jobs
 
 
-def _step_job(
-    spec: SweepSpec, step: ThenStep, run: Job | None, *, smoke: bool, folder: Path
-) -> Job:
-    target = run.folder if run is not None else folder
-    parameters = {**step.parameters, STEP_PARAMETERS[step.per]: shown_path(target, spec.root)}
-    if smoke:
-        parameters[SMOKE_PARAMETER] = True
-        if FIGURES_PARAMETER in spec.notebook_parameters.get(step.notebook, ()):
-            # Smoke figures stay in the smoke sweep's folder, never over the real ones.
-            parameters[FIGURES_PARAMETER] = shown_path(folder / "figures", spec.root)
-    key = f"{run.key}/{step.name}" if run is not None else step.name
-    kind = "then-run" if run is not None else "then-sweep"
-    point = dict(run.point) if run is not None else {}
-    return Job(key, kind, step.notebook, target / f"{step.name}.ipynb", parameters, point, target)
-
-
-def _check_smoke(spec: SweepSpec) -> None:
-    for notebook, names in spec.notebook_parameters.items():
-        if SMOKE_PARAMETER not in names:
-            raise SpecError(
-                f"{spec.path}: --smoke: {notebook.name} declares no '{SMOKE_PARAMETER}' parameter"
-            )
-
-
 def shown_path(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` (POSIX form) when inside it, else absolute."""
-    # Relative to the root (the notebooks' cwd) when possible, so executed notebooks do
-    # not embed machine-specific absolute paths.
+    """``path`` relative to ``root`` (the notebooks' cwd) when inside it, else absolute: the
+    executed notebooks embed no machine-specific paths."""
     try:
         return path.relative_to(root.resolve()).as_posix()
     except ValueError:

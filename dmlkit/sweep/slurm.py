@@ -1,12 +1,6 @@
-"""``--executor slurm``: each execution is one Slurm job, submitted with submitit.
-
-The runner's loop, manifest and resume rule are the local ones; only starting, watching and
-stopping an execution differ. Executions submitted together form one job array; each runs
-:class:`NotebookTask` (``papermill`` via :func:`worker.execute`) on a compute node and
-writes its outcome next to the sweep (a shared file system). A job that Slurm preempts or
-times out is requeued by submitit (:meth:`NotebookTask.checkpoint`) and the notebook
-resumes from its checkpoint. State comes from ``squeue``: submitit reads ``sacct``, which
-clusters without accounting storage do not answer.
+"""``--executor slurm``: each execution is one Slurm job, submitted with submitit; executions
+submitted together form one job array (docs/sweeps.md, "On a cluster"). Job states come from
+``squeue``: submitit reads ``sacct``, which clusters without accounting storage do not answer.
 """
 
 from __future__ import annotations
@@ -14,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -21,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_json
-from .processes import THREAD_VARIABLES, read_result
+from .worker import THREAD_VARIABLES, execute, read_result, skip_slow_optional_imports
 
 SLURM_FOLDER = "slurm"  # in the sweep folder: submitit's scripts, pickles and logs
 # squeue states of a job that may still run (anything else, or no line, means it ended).
@@ -30,7 +25,9 @@ ALIVE = frozenset(
      "REQUEUE_FED", "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT"}
 )  # fmt: skip
 _SQUEUE_EVERY_S = 2.0
-_UNSEEN_S = 60.0  # a job squeue has not listed this long after its submission has ended
+# A job squeue has not shown alive this long, and that wrote no outcome, has ended: squeue
+# lists a new job after a moment, and shows a requeued one FAILED for a moment before PENDING.
+_GONE_S = 30.0
 
 
 class SlurmUnavailableError(RuntimeError):
@@ -39,14 +36,7 @@ class SlurmUnavailableError(RuntimeError):
 
 @dataclass
 class SlurmResources:
-    """What each execution asks Slurm for (spec ``executor:`` mapping, then the CLI).
-
-    Attributes:
-        partition: ``--partition`` (None: the cluster's default).
-        gpus_per_run: GPUs per execution.  cpus_per_run: CPUs per execution (its threads).
-        mem_gb: memory per execution.  time_min: time limit per execution, minutes.
-        sbatch: extra ``#SBATCH`` options, e.g. ``{"account": "lab", "qos": "high"}``.
-    """
+    """What each execution asks Slurm for: the spec's ``executor:`` keys, then the CLI's."""
 
     partition: str | None = None
     gpus_per_run: int = 0
@@ -76,7 +66,7 @@ def resources_from(
     """The spec's ``executor`` values, overridden by the CLI's (those not None; ``sbatch``
     options are merged); without a ``time_min``, ``timeout_s`` rounded up to minutes."""
     given = {key: value for key, value in cli.items() if value is not None}
-    sbatch = {**spec_executor.get("sbatch", {}), **given.get("sbatch", {})}  # merged
+    sbatch = {**spec_executor.get("sbatch", {}), **given.get("sbatch", {})}
     values = {**spec_executor, **given, "sbatch": sbatch}
     if "time_min" not in values and timeout_s is not None:
         values["time_min"] = math.ceil(timeout_s / 60)
@@ -84,31 +74,28 @@ def resources_from(
 
 
 def check_slurm(resources: SlurmResources) -> None:
-    """Raise :class:`SlurmUnavailableError` naming what was tried unless Slurm answers.
-
-    Called before anything is written or submitted.
-    """
+    """Raise :class:`SlurmUnavailableError` naming what was tried unless Slurm answers."""
     if shutil.which("sbatch") is None:
         raise SlurmUnavailableError(
             "--executor slurm: no `sbatch` on PATH; is this a Slurm login node?"
         )
     command = ["sinfo", "--noheader", "--format=%P"]
+    tried = f"`{' '.join(command)}`"
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SlurmUnavailableError(
-            f"--executor slurm: `{' '.join(command)}` failed: {exc}"
-        ) from exc
+        raise SlurmUnavailableError(f"--executor slurm: {tried} failed: {exc}") from exc
     if done.returncode != 0:
+        said = done.stderr.strip() or done.stdout.strip()
         raise SlurmUnavailableError(
-            f"--executor slurm: `{' '.join(command)}` exited {done.returncode}: "
-            f"{done.stderr.strip() or done.stdout.strip()} (is slurmctld up? SLURM_CONF?)"
+            f"--executor slurm: {tried} exited {done.returncode}: {said} "
+            "(is slurmctld up? SLURM_CONF?)"
         )
     partitions = [name.rstrip("*") for name in done.stdout.split()]
     if resources.partition and resources.partition not in partitions:
+        listed = ", ".join(partitions) or "none"
         raise SlurmUnavailableError(
-            f"--executor slurm: no partition {resources.partition!r}; "
-            f"`{' '.join(command)}` lists: {', '.join(partitions) or 'none'}"
+            f"--executor slurm: no partition {resources.partition!r}; {tried} lists: {listed}"
         )
 
 
@@ -119,8 +106,10 @@ class NotebookTask:
         self.description = description
 
     def __call__(self) -> dict[str, Any]:
-        from .worker import execute, skip_slow_optional_imports
-
+        # Slurm signals every process of a job it preempts, requeues or cancels: with SIGTERM
+        # ignored (inherited by the kernel), submitit's USR2 or Slurm's SIGKILL ends the
+        # attempt, never a kernel that died of the SIGTERM (a failed run, then requeued).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
         os.environ.update(dict.fromkeys(THREAD_VARIABLES, threads))
         skip_slow_optional_imports()
@@ -135,47 +124,33 @@ class NotebookTask:
         return submitit.helpers.DelayedSubmission(self)
 
 
-class SlurmQueue:
-    """The states of this user's jobs, one ``squeue`` call per ``_SQUEUE_EVERY_S``."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, str] = {}
-        self.checked = -math.inf
-
-    def state(self, job_id: str) -> str | None:
-        if time.monotonic() - self.checked > _SQUEUE_EVERY_S:
-            command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T"]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            if done.returncode == 0:  # a controller that blinks: keep the last answer
-                lines = (line.split("|", 1) for line in done.stdout.split())
-                self.states = {job: state for job, state in lines}
-            self.checked = time.monotonic()
-        return self.states.get(job_id)
-
-
 @dataclass
 class SlurmProcess:
     """A submitted execution, with the interface of a local worker process."""
 
-    job_id: str
+    job_id: str | None
     result_file: Path
-    queue: SlurmQueue
+    executor: SlurmExecutor
     own: bool = True  # submitted by this invocation (Ctrl-C cancels only those)
     returncode: int | None = None
     state: str | None = None
-    submitted: float = field(default_factory=time.monotonic)
+    alive: float = field(default_factory=time.monotonic)  # when last seen alive (or found)
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.state = self.queue.state(self.job_id) or self.state
-            unseen = self.state is None and time.monotonic() - self.submitted < _UNSEEN_S
-            if (self.state not in ALIVE and not unseen) or read_result(self.result_file):
-                self.returncode = 0 if read_result(self.result_file).get("status") == "ok" else 1
+            listed = self.executor.squeue().get(self.job_id, (None,))[0]
+            self.state = listed or self.state
+            result = read_result(self.result_file)
+            if listed in ALIVE and not result:
+                self.alive = time.monotonic()
+            elif result or time.monotonic() - self.alive > _GONE_S:
+                self.returncode = 0 if result.get("status") == "ok" else 1
         return self.returncode
 
     def stop(self) -> None:
         if self.own:
             subprocess.run(["scancel", self.job_id], capture_output=True, timeout=60)
+            self.alive = -math.inf  # cancelled: a state that is not alive is final
 
     def kill(self) -> None:
         if self.returncode is None:
@@ -201,13 +176,28 @@ class SlurmExecutor:
         self.result_dir = folder / SLURM_FOLDER
         self.executor = submitit.AutoExecutor(folder=self.result_dir / "%j", cluster="slurm")
         self.executor.update_parameters(**resources.submitit_parameters())
-        self.queue = SlurmQueue()
+        self.listed: dict[str, tuple[str, str]] = {}  # job id -> (state, comment)
+        self.checked = -math.inf
 
-    def start_many(self, descriptions: list[dict[str, Any]]) -> list[SlurmProcess]:
+    def squeue(self) -> dict[str, tuple[str, str]]:
+        """This user's jobs (id -> state, comment), asked at most every ``_SQUEUE_EVERY_S``."""
+        if time.monotonic() - self.checked > _SQUEUE_EVERY_S:
+            command = ["squeue", "--me", "--noheader", "--array", "--states=all"]
+            command.append("--format=%i|%T|%k")
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            if done.returncode == 0:  # a controller that blinks: keep the last answer
+                lines = (line.split("|", 2) for line in done.stdout.splitlines())
+                self.listed = {job: (state, comment) for job, state, comment in lines}
+            self.checked = time.monotonic()
+        return self.listed
+
+    def start_many(self, descriptions: list[dict[str, Any]], token: str) -> list[SlurmProcess]:
+        """Submit one job array whose jobs carry ``token`` as their Slurm comment."""
+        self.executor.update_parameters(slurm_comment=token)
         with self.executor.batch():
             jobs = [self.executor.submit(NotebookTask(d)) for d in descriptions]
         return [
-            SlurmProcess(job.job_id, Path(d["result_file"]), self.queue)
+            SlurmProcess(job.job_id, Path(d["result_file"]), self)
             for job, d in zip(jobs, descriptions, strict=True)
         ]
 
@@ -215,8 +205,19 @@ class SlurmExecutor:
         pass  # Slurm allocates and frees the resources
 
     def attach(self, record: dict[str, Any] | None) -> SlurmProcess | None:
-        """The job of a ``submitted`` manifest record, if it may still be running."""
-        if not record or record.get("status") != "submitted":
+        """The job of a ``submitted`` manifest record; for a ``submitting`` one (the runner was
+        killed while it submitted), the job squeue lists with its token (the job array's
+        comment; ``<array>_<index>``, or a lone job), else its outcome if it wrote one."""
+        status = (record or {}).get("status")
+        if status not in ("submitted", "submitting"):
             return None
-        job_id, result_file = record["slurm_job"], Path(record["result_file"])
-        return SlurmProcess(job_id, result_file, self.queue, own=False, submitted=-math.inf)
+        result_file = Path(record["result_file"])
+        job_id = record.get("slurm_job")
+        if status == "submitting":
+            index, token = str(record["slurm_index"]), record["slurm_token"]
+            listed = self.squeue().items()
+            found = [j for j, (_, c) in listed if c == token and j.partition("_")[2] in ("", index)]
+            job_id = found[0] if found else None
+            if job_id is None and not read_result(result_file):
+                return None  # never submitted, or ended without an outcome: submit it again
+        return SlurmProcess(job_id, result_file, self, own=False)

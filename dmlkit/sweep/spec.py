@@ -1,26 +1,21 @@
-"""Sweep specs: read a YAML file, check it against its notebooks before anything runs.
+"""Sweep specs: a YAML file, checked against its notebooks before anything runs.
 
-A spec names a notebook, fixed parameters, a grid (cartesian product) and optional
-``then`` steps (figure notebooks run per finished run or once per sweep). Every problem
-is a :class:`SpecError` naming the spec file and the offending key; nothing is executed
-until the whole spec (and every notebook's ``parameters`` cell) checks out.
+Every problem is a :class:`SpecError` naming the spec file and the offending key; the
+format and each check are in docs/sweeps.md, "The spec".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
-import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from .values import mapping, matches, string, where_filter
+from jupyter_client.kernelspec import KernelSpecManager
 
 TOP_LEVEL_KEYS = (
     "name", "notebook", "fixed", "grid", "overrides", "then", "kernel", "timeout_s", "executor"
@@ -34,26 +29,31 @@ DEFAULT_KERNEL = "dmlkit"
 RUN_PARAMETER = "out_dir"
 STEP_PARAMETERS = {"run": "run_dir", "sweep": "sweep_dir"}
 SMOKE_PARAMETER = "smoke"
-# Planning costs ~0.1 ms per point; a grid this large is a mistake, not an experiment.
+# Planning costs ~35 µs per point; a grid this large is a mistake, not an experiment.
 MAX_GRID_POINTS = 100_000
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+Err = Callable[[str, str], Exception]
 
 
 class SpecError(ValueError):
     """A sweep spec that cannot run: the message names the spec file and the key."""
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equality that keeps YAML types apart (``True`` is not ``1``, ``1`` is not ``1.0``)."""
+    return type(a) is type(b) and a == b
+
+
+def matches(where: Mapping[str, list[Any]], point: Mapping[str, Any]) -> bool:
+    """Whether a grid point's value of every ``where`` key is one of that key's values."""
+    return all(any(same_value(point[k], v) for v in values) for k, values in where.items())
+
+
 @dataclass(frozen=True)
 class ThenStep:
-    """A figure notebook run after the grid, once per finished run or once on the sweep.
-
-    Attributes:
-        name: step name; its executed notebook is ``<folder>/<name>.ipynb``.
-        notebook: absolute path of the source notebook.
-        per: ``"run"`` (gets ``run_dir``) or ``"sweep"`` (gets ``sweep_dir``).
-        parameters: extra notebook parameters.
-        where: per-run filter, grid key -> allowed values; empty = every run.
-    """
+    """A figure notebook run per finished run (``per="run"``, filtered by ``where``: grid
+    key -> allowed values) or once on the sweep (``"sweep"``); see docs/sweeps.md, "`then`"."""
 
     name: str
     notebook: Path
@@ -61,43 +61,19 @@ class ThenStep:
     parameters: dict[str, Any] = field(default_factory=dict)
     where: dict[str, list[Any]] = field(default_factory=dict)
 
-    def matches(self, point: Mapping[str, Any]) -> bool:
-        """Whether a grid point passes this step's ``where`` filter."""
-        return matches(self.where, point)
-
 
 @dataclass(frozen=True)
 class Override:
-    """Run-notebook parameters for the grid points that match ``where``.
-
-    Attributes:
-        where: grid key -> allowed values (as a ``then`` step's ``where``).
-        set: parameters added to / replacing the injected ones on those points.
-    """
+    """Run parameters ``set`` on the grid points that match ``where``."""
 
     where: dict[str, list[Any]]
     set: dict[str, Any]
 
-    def matches(self, point: Mapping[str, Any]) -> bool:
-        """Whether a grid point passes this override's ``where`` filter."""
-        return matches(self.where, point)
-
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A validated sweep spec.
-
-    Attributes:
-        path: the spec file.  root: the folder notebooks run in (repository root).
-        name: sweep name, the folder under ``papermill_runs/``.
-        notebook: absolute path of the notebook run once per grid point.
-        fixed: parameters common to every run.  grid: key -> values, in spec order.
-        overrides: per-point parameters, applied in order (later entries win).
-        then: figure steps.  kernel: Jupyter kernel name.
-        timeout_s: per-execution wall-clock limit (None = none).
-        notebook_parameters: the names in each notebook's ``parameters`` cell.
-        executor: Slurm resources of each execution (``EXECUTOR_KEYS``).
-    """
+    """A validated spec: its keys (docs/sweeps.md, "The spec"), plus ``path``, ``root`` (the
+    folder notebooks run in) and ``notebook_parameters`` (each notebook's declared names)."""
 
     path: Path
     root: Path
@@ -115,43 +91,53 @@ class SweepSpec:
     @property
     def num_points(self) -> int:
         """Size of the cartesian product of the grid."""
-        count = 1
-        for values in self.grid.values():
-            count *= len(values)
-        return count
+        return math.prod(len(values) for values in self.grid.values())
 
     def overrides_for(self, point: Mapping[str, Any]) -> dict[str, Any]:
         """The ``set`` parameters of every override matching ``point``, later ones winning."""
         merged: dict[str, Any] = {}
         for override in self.overrides:
-            if override.matches(point):
+            if matches(override.where, point):
                 merged.update(override.set)
         return merged
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep spec (``safe_yaml``: no tags, no key twice); see docs/sweeps.md.
-
-    Raises:
-        SpecError: naming the file and key, for unknown keys, a missing name/notebook, a
-            notebook that does not exist, an empty grid, a grid value that is not a
-            non-empty list, an override or ``where`` on a key or value not in the grid, or a
-            parameter name absent from a notebook's parameters cell.
-    """
+    """Read and validate a sweep spec (:func:`safe_yaml`); see docs/sweeps.md, "Checked before
+    anything runs". Raises :class:`SpecError` naming the file and the key."""
     path = Path(path)
+
+    def err(key: str, problem: str) -> SpecError:
+        return SpecError(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
     data = _read_yaml(path)
-    _check_keys(path, "", data, TOP_LEVEL_KEYS)
-    err = _error_factory(path)
-    name = _name(err, data)
-    root = find_root(path, string(err, "notebook", data["notebook"])).resolve()
-    fixed = mapping(err, "fixed", data.get("fixed") or {})
+    _check_keys(err, "", data, TOP_LEVEL_KEYS)
+    for key in ("name", "notebook"):
+        if data.get(key) in (None, ""):
+            raise err(key, "missing (required)")
+    name = data["name"]
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise err("name", f"must be a folder name of letters, digits, '.', '_', '-'; got {name!r}")
+    root = find_root(path, _string(err, "notebook", data["notebook"])).resolve()
+    fixed = _mapping(err, "fixed", data.get("fixed") or {})
     grid = _grid(err, data.get("grid"))
     both = sorted(fixed.keys() & grid.keys())
     if both:
         raise err(f"grid.{both[0]}", "also set in 'fixed'; set each parameter in one place")
-    raw_steps = enumerate(_list_of_steps(err, data))
-    steps = tuple(_step(err, f"then[{i}]", root, raw, grid) for i, raw in raw_steps)
-    _check_step_names(err, steps)
+    steps = data.get("then") or []
+    if not isinstance(steps, list):
+        raise err("then", f"must be a list of steps, got {type(steps).__name__}")
+    steps = tuple(_step(err, f"then[{i}]", root, raw, grid) for i, raw in enumerate(steps))
+    seen: set[tuple[str, str]] = set()
+    for i, step in enumerate(steps):
+        if (step.per, step.name) in seen:
+            raise err(f"then[{i}].name", f"two per-{step.per} steps are named {step.name!r}")
+        seen.add((step.per, step.name))
+    timeout = data.get("timeout_s")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise err("timeout_s", f"must be a positive number of seconds, got {timeout!r}")
     spec = SweepSpec(
         path=path,
         root=root,
@@ -161,62 +147,29 @@ def load_spec(path: str | Path) -> SweepSpec:
         grid=grid,
         then=steps,
         overrides=_overrides(err, data.get("overrides"), grid),
-        kernel=string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
-        timeout_s=_timeout(err, data.get("timeout_s")),
-        executor=mapping(err, "executor", data.get("executor") or {}),
+        kernel=_string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
+        timeout_s=None if timeout is None else float(timeout),
+        executor=_mapping(err, "executor", data.get("executor") or {}),
     )
-    _check_keys(path, "executor", spec.executor, EXECUTOR_KEYS)
-    _check_kernel(err, spec.kernel)
-    return _check_parameters(spec)
+    _check_keys(err, "executor", spec.executor, EXECUTOR_KEYS)
+    installed = KernelSpecManager().find_kernel_specs()
+    if spec.kernel not in installed:
+        raise err(
+            "kernel",
+            f"no Jupyter kernel named {spec.kernel!r} (installed: "
+            f"{', '.join(sorted(installed)) or 'none'}); `make setup` installs 'dmlkit'",
+        )
+    return _check_parameters(err, spec)
 
 
 def find_root(spec_path: Path, notebook: str) -> Path:
-    """The folder a spec's relative notebook paths start from (the repository root).
-
-    The first of: the spec's folder and its ancestors, the git root of the spec, the
-    current directory — that contains ``notebook``. Falls back to the current directory.
-    """
+    """The first of the spec's folder, its ancestors and the current directory that contains
+    ``notebook`` (the repository root); else the current directory."""
     spec_dir = spec_path.resolve().parent
-    candidates = [spec_dir, *spec_dir.parents]
-    git_root = _git_root(spec_dir)
-    if git_root is not None:
-        candidates.append(git_root)
-    candidates.append(Path.cwd())
-    for folder in candidates:
+    for folder in (spec_dir, *spec_dir.parents, Path.cwd()):
         if (folder / notebook).is_file():
             return folder
-    return git_root or Path.cwd()
-
-
-def _git_root(folder: Path) -> Path | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
-
-
-def _error_factory(path: Path):
-    def err(key: str, problem: str) -> SpecError:
-        return SpecError(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
-
-    return err
-
-
-def _name(err, data: Mapping[str, Any]) -> str:
-    for key in ("name", "notebook"):
-        if data.get(key) in (None, ""):
-            raise err(key, "missing (required)")
-    name = data["name"]
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
-        raise err("name", f"must be a folder name of letters, digits, '.', '_', '-'; got {name!r}")
-    return name
+    return Path.cwd()
 
 
 class _DuplicateKeyError(yaml.YAMLError):
@@ -224,10 +177,8 @@ class _DuplicateKeyError(yaml.YAMLError):
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, nested ones too.
-
-    Keys brought in by a merge (``<<: *base``) may be overridden, as YAML intends.
-    """
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, nested ones too;
+    keys brought in by a merge (``<<: *base``) may be overridden, as YAML intends."""
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
@@ -268,11 +219,9 @@ def safe_yaml(text: str) -> Any:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = safe_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read the spec: {exc}") from exc
-    try:
-        data = safe_yaml(text)
     except _DuplicateKeyError as exc:
         raise SpecError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
@@ -282,17 +231,60 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_keys(path: Path, prefix: str, data: Mapping, allowed: tuple[str, ...]) -> None:
+def _check_keys(err: Err, prefix: str, data: Mapping, allowed: tuple[str, ...]) -> None:
     for key in data:
         if key not in allowed:
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise SpecError(f"{path}: {where}: unknown key; expected one of {', '.join(allowed)}")
+            raise err(where, f"unknown key; expected one of {', '.join(allowed)}")
 
 
-def _grid(err, raw: Any) -> dict[str, list[Any]]:
+def _string(err: Err, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise err(key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _mapping(err: Err, key: str, value: Any) -> dict[str, Any]:
+    """A copy of a ``parameter: value`` mapping with identifier names and plain values."""
+    if not isinstance(value, dict):
+        raise err(key, f"must be a mapping of parameter: value, got {type(value).__name__}")
+    for name, item in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise err(key, f"parameter names must be Python identifiers, got {name!r}")
+        _check_plain(err, f"{key}.{name}", item)
+    return dict(value)
+
+
+def _check_plain(err: Err, key: str, value: Any) -> None:
+    # Values are injected into notebooks as Python literals and written to JSON; YAML
+    # dates, sets or tagged objects would survive neither.
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            _check_plain(err, key, item)
+    elif not (value is None or isinstance(value, (str, bool, int, float))):
+        raise err(key, f"unsupported value {value!r} ({type(value).__name__}); use plain YAML")
+
+
+def _where(err: Err, key: str, raw: Any, grid: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
+    """A ``where`` mapping (grid key -> value or list of values) as grid key -> values."""
+    where = _mapping(err, key, raw)
+    for grid_key, allowed in where.items():
+        if grid_key not in grid:
+            raise err(f"{key}.{grid_key}", f"not a grid key; grid keys: {', '.join(grid)}")
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        for value in allowed:
+            if not any(same_value(value, v) for v in grid[grid_key]):
+                raise err(f"{key}.{grid_key}", f"{value!r} is not one of {grid[grid_key]}")
+        where[grid_key] = allowed
+    return where
+
+
+def _grid(err: Err, raw: Any) -> dict[str, list[Any]]:
     if raw is None or raw == {}:
         raise err("grid", "empty; give at least one parameter with a list of values")
-    grid = mapping(err, "grid", raw)
+    grid = _mapping(err, "grid", raw)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise err(f"grid.{key}", f"must be a non-empty list of values, got {values!r}")
@@ -303,27 +295,11 @@ def _grid(err, raw: Any) -> dict[str, list[Any]]:
             f"{math.prod(sizes):,} points ({' × '.join(map(str, sizes))}), more than the "
             f"{MAX_GRID_POINTS:,} one sweep may run; split it into several specs",
         )
-    for key, values in grid.items():
-        seen: set[tuple[type, str]] = set()
-        for value in values:
-            # The type keeps true, 1 and 1.0 apart, as same_value does.
-            identity = (type(value), json.dumps(value, sort_keys=True))
-            if identity in seen:
-                raise err(f"grid.{key}", f"value {value!r} is listed twice")
-            seen.add(identity)
-    return grid
+    return grid  # a value listed twice gives two points one run name, which plan() refuses
 
 
-def _timeout(err, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise err("timeout_s", f"must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _notebook_path(err, key: str, root: Path, value: Any) -> Path:
-    notebook = (root / string(err, key, value)).resolve()
+def _notebook_path(err: Err, key: str, root: Path, value: Any) -> Path:
+    notebook = (root / _string(err, key, value)).resolve()
     if notebook.suffix != ".ipynb":
         raise err(key, f"expected a .ipynb notebook, got {value!r}")
     if not notebook.is_file():
@@ -331,21 +307,12 @@ def _notebook_path(err, key: str, root: Path, value: Any) -> Path:
     return notebook
 
 
-def _list_of_steps(err, data: Mapping) -> list[Any]:
-    steps = data.get("then") or []
-    if not isinstance(steps, list):
-        raise err("then", f"must be a list of steps, got {type(steps).__name__}")
-    return steps
-
-
-def _step(err, key: str, root: Path, raw: Any, grid: Mapping[str, list]) -> ThenStep:
+def _step(err: Err, key: str, root: Path, raw: Any, grid: Mapping[str, list]) -> ThenStep:
     if isinstance(raw, str):
         raw = {"notebook": raw}
     if not isinstance(raw, dict):
         raise err(key, f"must be a mapping or a notebook path, got {raw!r}")
-    for name in raw:
-        if name not in STEP_KEYS:
-            raise err(f"{key}.{name}", f"unknown key; expected one of {', '.join(STEP_KEYS)}")
+    _check_keys(err, key, raw, STEP_KEYS)
     notebook = _notebook_path(err, f"{key}.notebook", root, raw.get("notebook"))
     per = raw.get("per", "run")
     if per not in STEP_PARAMETERS:
@@ -353,102 +320,76 @@ def _step(err, key: str, root: Path, raw: Any, grid: Mapping[str, list]) -> Then
     name = raw.get("name", notebook.stem)
     if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name == "notebook":
         raise err(f"{key}.name", f"must be a file name other than 'notebook', got {name!r}")
-    where = where_filter(err, f"{key}.where", raw.get("where") or {}, grid)
+    where = _where(err, f"{key}.where", raw.get("where") or {}, grid)
     if where and per == "sweep":
         raise err(f"{key}.where", "only per-run steps can filter runs")
-    parameters = mapping(err, f"{key}.parameters", raw.get("parameters") or {})
+    parameters = _mapping(err, f"{key}.parameters", raw.get("parameters") or {})
     return ThenStep(name=name, notebook=notebook, per=per, parameters=parameters, where=where)
 
 
-def _overrides(err, raw: Any, grid: Mapping[str, list]) -> tuple[Override, ...]:
+def _overrides(err: Err, raw: Any, grid: Mapping[str, list]) -> tuple[Override, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
         raise err("overrides", f"must be a list of {{where: ..., set: ...}}, got {raw!r}")
-    return tuple(_override(err, f"overrides[{i}]", item, grid) for i, item in enumerate(raw))
+    overrides = []
+    for i, item in enumerate(raw):
+        key = f"overrides[{i}]"
+        if not isinstance(item, dict):
+            raise err(key, f"must be a mapping {{where: ..., set: ...}}, got {item!r}")
+        _check_keys(err, key, item, OVERRIDE_KEYS)
+        if not item.get("where"):
+            raise err(f"{key}.where", "missing (required); parameters of every run go in 'fixed'")
+        if not item.get("set"):
+            raise err(f"{key}.set", "missing (required): the parameters to set on these runs")
+        where = _where(err, f"{key}.where", item["where"], grid)
+        values = _mapping(err, f"{key}.set", item["set"])
+        for name in values:
+            if name in grid:
+                raise err(
+                    f"{key}.set.{name}", "a grid key; an override cannot change the grid point"
+                )
+            if name in (RUN_PARAMETER, SMOKE_PARAMETER):
+                raise err(f"{key}.set.{name}", "set by the runner; remove it")
+        overrides.append(Override(where=where, set=values))
+    return tuple(overrides)
 
 
-def _override(err, key: str, raw: Any, grid: Mapping[str, list]) -> Override:
-    if not isinstance(raw, dict):
-        raise err(key, f"must be a mapping {{where: ..., set: ...}}, got {raw!r}")
-    for name in raw:
-        if name not in OVERRIDE_KEYS:
-            raise err(f"{key}.{name}", f"unknown key; expected one of {', '.join(OVERRIDE_KEYS)}")
-    if not raw.get("where"):
-        raise err(f"{key}.where", "missing (required); parameters of every run go in 'fixed'")
-    if not raw.get("set"):
-        raise err(f"{key}.set", "missing (required): the parameters to set on these runs")
-    where = where_filter(err, f"{key}.where", raw["where"], grid)
-    values = mapping(err, f"{key}.set", raw["set"])
-    for name in values:
-        if name in grid:
-            raise err(f"{key}.set.{name}", "a grid key; an override cannot change the grid point")
-        if name in (RUN_PARAMETER, SMOKE_PARAMETER):
-            raise err(f"{key}.set.{name}", "set by the runner; remove it")
-    return Override(where=where, set=values)
-
-
-def _check_step_names(err, steps: tuple[ThenStep, ...]) -> None:
-    seen: set[tuple[str, str]] = set()
-    for i, step in enumerate(steps):
-        if (step.per, step.name) in seen:
-            raise err(f"then[{i}].name", f"two per-{step.per} steps are named {step.name!r}")
-        seen.add((step.per, step.name))
-
-
-def _check_kernel(err, kernel: str) -> None:
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    installed = KernelSpecManager().find_kernel_specs()
-    if kernel not in installed:
-        raise err(
-            "kernel",
-            f"no Jupyter kernel named {kernel!r} (installed: "
-            f"{', '.join(sorted(installed)) or 'none'}); `make setup` installs 'dmlkit'",
-        )
-
-
-def _check_parameters(spec: SweepSpec) -> SweepSpec:
+def _check_parameters(err: Err, spec: SweepSpec) -> SweepSpec:
     """Check every parameter the spec sets against the notebooks' parameters cells."""
     import papermill  # deferred: only needed when a spec is actually loaded
 
-    err = _error_factory(spec.path)
     declared: dict[Path, frozenset[str]] = {}
     for notebook in {spec.notebook, *(step.notebook for step in spec.then)}:
         try:
-            names = frozenset(papermill.inspect_notebook(str(notebook)))
+            declared[notebook] = frozenset(papermill.inspect_notebook(str(notebook)))
         except Exception as exc:  # papermill raises many types for an unreadable notebook
             raise err("notebook", f"cannot inspect {notebook}: {exc}") from exc
-        declared[notebook] = names
     checks = [("fixed", spec.notebook, spec.fixed), ("grid", spec.notebook, spec.grid)]
     checks += [(f"overrides[{i}].set", spec.notebook, o.set) for i, o in enumerate(spec.overrides)]
     checks += [(f"then[{i}].parameters", s.notebook, s.parameters) for i, s in enumerate(spec.then)]
     for key, notebook, parameters in checks:
-        _check_names(err, key, notebook, declared[notebook], parameters)
-    _check_injected(err, "notebook", spec.notebook, declared[spec.notebook], RUN_PARAMETER)
+        names = declared[notebook]
+        if not names:
+            raise err(key, f"{notebook.name} has no cell tagged 'parameters'")
+        unknown = sorted(set(parameters) - names)
+        if unknown:
+            raise err(
+                f"{key}.{unknown[0]}",
+                f"unknown parameter(s) {', '.join(unknown)} for {notebook.name}; "
+                f"its parameters cell declares: {', '.join(sorted(names))}",
+            )
+    injected = [("notebook", spec.notebook, RUN_PARAMETER)]
+    injected += [
+        (f"then[{i}].notebook", s.notebook, STEP_PARAMETERS[s.per]) for i, s in enumerate(spec.then)
+    ]
+    for key, notebook, name in injected:
+        if name not in declared[notebook]:
+            problem = f"{notebook.name} must declare a {name!r} parameter (the runner sets it)"
+            raise err(key, problem)
     for i, step in enumerate(spec.then):
-        injected = STEP_PARAMETERS[step.per]
-        names = declared[step.notebook]
-        _check_injected(err, f"then[{i}].notebook", step.notebook, names, injected)
-        if injected in step.parameters:
-            raise err(f"then[{i}].parameters.{injected}", "set by the runner; remove it")
+        if (name := STEP_PARAMETERS[step.per]) in step.parameters:
+            raise err(f"then[{i}].parameters.{name}", "set by the runner; remove it")
     if RUN_PARAMETER in spec.fixed or RUN_PARAMETER in spec.grid:
         raise err(RUN_PARAMETER, "set by the runner to the run folder; remove it from the spec")
     return dataclasses.replace(spec, notebook_parameters=declared)
-
-
-def _check_names(err, key: str, notebook: Path, declared: frozenset[str], parameters) -> None:
-    if not declared:
-        raise err(key, f"{notebook.name} has no cell tagged 'parameters'")
-    unknown = sorted(set(parameters) - declared)
-    if unknown:
-        raise err(
-            f"{key}.{unknown[0]}",
-            f"unknown parameter(s) {', '.join(unknown)} for {notebook.name}; "
-            f"its parameters cell declares: {', '.join(sorted(declared))}",
-        )
-
-
-def _check_injected(err, key: str, notebook: Path, declared: frozenset[str], name: str) -> None:
-    if name not in declared:
-        raise err(key, f"{notebook.name} must declare a {name!r} parameter (the runner sets it)")
