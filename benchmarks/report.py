@@ -81,8 +81,8 @@ def load_line(start: tuple[float, ...], end: tuple[float, ...]) -> str:
     cores = os.cpu_count() or 1
     busy = start[0] > BUSY * cores
     verdict = (
-        "**measured under load** (other processes were using the cores; ratios are "
-        "side by side, absolute times are inflated)"
+        "**measured under load**\n  (above 0.5 per core before the run; ratios are side by side, "
+        "absolute times may be inflated)"
         if busy
         else "quiet before the run"
     )
