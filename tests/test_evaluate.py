@@ -116,12 +116,8 @@ def test_knn_queries_against_separate_keys():
     np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["duplicates", "lattice"])
-@pytest.mark.parametrize("k", [1, 6, 498, 499])  # 499 = N − 1: every key, nothing to certify
-def test_knn_widens_uncertified_queries_up_to_every_key(monkeypatch, name, k):
-    # No spare candidates: a query whose k-th neighbour ties keys left out fails the
-    # certificate and is searched again with 4× the candidates, in the end with all.
-    monkeypatch.setattr(neighbours, "_MARGIN", 0)
+def _rerank_widths(monkeypatch) -> list[int]:
+    """The number of candidates of every float64 re-rank, appended as they happen."""
     widths = []
     rerank = neighbours._sorted_sq_distances
     monkeypatch.setattr(
@@ -129,6 +125,16 @@ def test_knn_widens_uncertified_queries_up_to_every_key(monkeypatch, name, k):
         "_sorted_sq_distances",
         lambda *args: widths.append(args[-1].shape[1]) or rerank(*args),
     )
+    return widths
+
+
+@pytest.mark.parametrize("name", ["duplicates", "lattice"])
+@pytest.mark.parametrize("k", [1, 6, 498, 499])  # 499 = N − 1: every key, nothing to certify
+def test_knn_widens_uncertified_queries_up_to_every_key(monkeypatch, name, k):
+    # No spare candidates: a query whose k-th neighbour ties keys left out fails the
+    # certificate and is searched again with 4× the candidates, in the end with all.
+    monkeypatch.setattr(neighbours, "_MARGIN", 0)
+    widths = _rerank_widths(monkeypatch)
     x = DATA[name][:500]
     _, indices = knn(x, k=k, block_size=100)
     np.testing.assert_array_equal(indices.numpy(), _reference_knn(x, None, k, True)[1])
@@ -161,13 +167,7 @@ def test_knn_is_exact_beyond_the_fp32_range_and_for_half_inputs():
 
 
 def test_knn_of_collapsed_embeddings_lists_the_lower_indices(monkeypatch):
-    widths = []
-    rerank = neighbours._sorted_sq_distances
-    monkeypatch.setattr(
-        neighbours,
-        "_sorted_sq_distances",
-        lambda *args: widths.append(args[-1].shape[1]) or rerank(*args),
-    )
+    widths = _rerank_widths(monkeypatch)
     distances, indices = knn(torch.zeros(300, 4), k=3)
     assert widths == [19, 76, 299]  # every key ties: widened until all are re-ranked
     assert indices[0].tolist() == [1, 2, 3] and indices[5].tolist() == [0, 1, 2]

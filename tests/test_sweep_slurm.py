@@ -272,6 +272,20 @@ def slurm_state(job: str) -> str:
     return subprocess.run(command, capture_output=True, text=True).stdout.strip()
 
 
+def finish_requeued(runner, folder: Path, starts: Path, held: Path, job: str) -> None:
+    """Wait for x=1's second attempt, release it, and check that the run finished ok under
+    the same job id, started twice."""
+    wait_for(lambda: len(starts.read_text().split()) == 2, "the requeued attempt to start")
+    held.unlink()
+    out, err = runner.communicate(timeout=120)
+    assert runner.returncode == 0, err
+    lines = read_manifest(folder)
+    assert [(r["status"], r.get("slurm_job")) for r in lines] == [
+        ("submitting", None), ("submitted", job), ("ok", job)
+    ]  # fmt: skip
+    assert json.loads((folder / "x=1" / "metrics.json").read_text())["starts"] == 2
+
+
 def test_a_job_at_its_time_limit_is_requeued_and_its_run_resumes(slurm, project):
     # Slurm sends a job's --signal (submitit's USR2@90) at the first of slurmctld's time-limit
     # checks, every 30 s, that finds the end closer than the signal's lead + 30 s: with the
@@ -290,15 +304,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_its_run_resumes(slurm, project)
     # The requeued attempt, which Slurm starts ~11 s later (tests/slurm_cluster.py), gets a
     # longer limit so that it cannot time out too.
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
-    wait_for(lambda: len(starts.read_text().split()) == 2, "the requeued attempt to start")
-    held.unlink()
-    out, err = runner.communicate(timeout=120)
-    assert runner.returncode == 0, err
-    lines = read_manifest(folder)
-    assert [(r["status"], r.get("slurm_job")) for r in lines] == [
-        ("submitting", None), ("submitted", job), ("ok", job)
-    ]  # fmt: skip
-    assert json.loads((folder / "x=1" / "metrics.json").read_text())["starts"] == 2
+    finish_requeued(runner, folder, starts, held, job)
     logs = "".join(path.read_text() for path in (folder / "slurm").glob(f"{job}/*_log.*"))
     assert "this job is timed-out" in logs and "Requeued job" in logs
 
@@ -323,12 +329,4 @@ def test_a_preempted_job_is_requeued_by_submitit_and_its_run_resumes(slurm, proj
     # Slurm starts the requeued job again ~11 s later (tests/slurm_cluster.py). Forcing it with
     # `scontrol update StartTime=now` raced with the first attempt's end: within the second of
     # the requeue the node refused the job ("Job credential revoked"), and it ended FAILED.
-    wait_for(lambda: len(starts.read_text().split()) == 2, "the requeued attempt to start")
-    held.unlink()
-    out, err = runner.communicate(timeout=120)
-    assert runner.returncode == 0, err
-    lines = read_manifest(folder)
-    assert [(r["status"], r.get("slurm_job")) for r in lines] == [
-        ("submitting", None), ("submitted", job), ("ok", job)
-    ]  # fmt: skip
-    assert json.loads((folder / "x=1" / "metrics.json").read_text())["starts"] == 2
+    finish_requeued(runner, folder, starts, held, job)
