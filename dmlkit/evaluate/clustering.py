@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmlkit.evaluate.neighbours import knn
+from dmlkit.evaluate.neighbours import knn, score_matrix
 
 _BLOCK_SCORES = 2**22
 
@@ -97,12 +97,10 @@ def _min_sq_distance(operand: Tensor, sq_norms: Tensor, centers: Tensor) -> Tens
     """(N,) float32 squared distance to the nearest of ``centers``: ||x||² + min_c of
     [x, 1]·[−2c; ||c||²], one fp32 matmul per block of points (``operand`` is [x, 1])."""
     out = torch.empty(len(operand), device=operand.device)
-    # (D + 1, C'), C' a multiple of 16 (a ~25 % faster matmul); padding columns score the
-    # largest float32, above every center's score.
-    c_op = operand.new_zeros(operand.shape[1], -(-len(centers) // 16) * 16)
-    c_op[:-1, : len(centers)] = -2 * centers.T
-    c_op[-1] = torch.finfo(torch.float32).max
-    c_op[-1, : len(centers)] = centers.pow(2).sum(1)
+    # C' = C rounded up to a multiple of 16 (a ~25 % faster matmul); the padding columns score
+    # the largest float32, above every center's score.
+    width, largest = -(-len(centers) // 16) * 16, torch.finfo(torch.float32).max
+    c_op = score_matrix(centers, centers.pow(2).sum(1), width, pad=largest)  # (D + 1, C')
     rows = max(1, _BLOCK_SCORES // max(1, len(centers)))
     buffer = operand.new_empty(min(rows, len(operand)), c_op.shape[1])
     for s in range(0, len(operand), rows):

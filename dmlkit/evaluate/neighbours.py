@@ -104,12 +104,9 @@ def search(
     keys64 = keys.double()
     key_sq = _sq_norms(keys64)  # (M,) float64
     key_max = key_sq.max().sqrt()
-    # Keys as the (D + 1, M') matrix [−2kᵀ; fl(||k||²)], M' a multiple of _GROUP; the
-    # padding keys' scores are set to +inf.
-    width = -(-count // _GROUP) * _GROUP
-    key_op = keys.new_zeros(keys.shape[1] + 1, width, dtype=torch.float32)
-    key_op[:-1, :count] = -2 * keys.T
-    key_op[-1, :count] = key_sq
+    # M' = count rounded up to a multiple of _GROUP; the padding keys' scores are set to +inf.
+    key_op = score_matrix(keys, key_sq, -(-count // _GROUP) * _GROUP)
+    width = key_op.shape[1]
     slack_unit = (4 * keys.shape[1] + 32) * 2.0**-24 + 6 * _operand_unit(keys.device)
     rho = (2 * keys.shape[1] + 16) * 2.0**-53  # float64 evaluation of d² and of the bound
     margin = max(_MARGIN, k // 8)
@@ -158,6 +155,17 @@ def search(
             idx[todo[ok], : d2.shape[1]] = cand[ok]
             todo, kept = todo[~ok], min(available, 4 * kept)
         yield start, sq, idx
+
+
+def score_matrix(points: Tensor, sq_norms: Tensor, width: int, pad: float = 0.0) -> Tensor:
+    """(D + 1, width) fp32 [−2pᵀ; fl(||p||²)]: one matmul of [x, 1] with it scores every
+    point, ||p||² − 2⟨x, p⟩. Columns past ``len(points)`` are zero, with ``pad`` in the last
+    row, so they score ``pad``."""
+    out = points.new_zeros(points.shape[1] + 1, width, dtype=torch.float32)
+    out[:-1, : len(points)] = -2 * points.T
+    out[-1] = pad
+    out[-1, : len(points)] = sq_norms
+    return out
 
 
 def _smallest(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
