@@ -1,8 +1,5 @@
-"""Sweep specs: a YAML file, checked against its notebooks before anything runs.
-
-Every problem is a :class:`SpecError` naming the spec file and the offending key; the
-format and each check are in docs/sweeps.md, "The spec".
-"""
+"""Sweep specs: a YAML file, checked against its notebooks before anything runs; every problem
+is a :class:`SpecError` naming the spec file and the key (docs/sweeps.md, "The spec")."""
 
 from __future__ import annotations
 
@@ -95,11 +92,7 @@ class SweepSpec:
 
     def overrides_for(self, point: Mapping[str, Any]) -> dict[str, Any]:
         """The ``set`` parameters of every override matching ``point``, later ones winning."""
-        merged: dict[str, Any] = {}
-        for override in self.overrides:
-            if matches(override.where, point):
-                merged.update(override.set)
-        return merged
+        return {k: v for o in self.overrides if matches(o.where, point) for k, v in o.set.items()}
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -128,15 +121,11 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(steps, list):
         raise err("then", f"must be a list of steps, got {type(steps).__name__}")
     steps = tuple(_step(err, f"then[{i}]", root, raw, grid) for i, raw in enumerate(steps))
-    seen: set[tuple[str, str]] = set()
     for i, step in enumerate(steps):
-        if (step.per, step.name) in seen:
+        if any((s.per, s.name) == (step.per, step.name) for s in steps[:i]):
             raise err(f"then[{i}].name", f"two per-{step.per} steps are named {step.name!r}")
-        seen.add((step.per, step.name))
     timeout = data.get("timeout_s")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
-    ):
+    if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):  # no bool
         raise err("timeout_s", f"must be a positive number of seconds, got {timeout!r}")
     spec = SweepSpec(
         path=path,
@@ -146,7 +135,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         fixed=fixed,
         grid=grid,
         then=steps,
-        overrides=_overrides(err, data.get("overrides"), grid),
+        overrides=_overrides(err, data.get("overrides") or [], grid),
         kernel=_string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
         timeout_s=None if timeout is None else float(timeout),
         executor=_mapping(err, "executor", data.get("executor") or {}),
@@ -210,11 +199,7 @@ def _duplicate_message(first: yaml.Node, second: yaml.Node) -> str:
 
 def safe_yaml(text: str) -> Any:
     """``yaml.safe_load(text)``, but a key given twice in a mapping is an error."""
-    loader = UniqueKeyLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -324,12 +309,12 @@ def _step(err: Err, key: str, root: Path, raw: Any, grid: Mapping[str, list]) ->
     if where and per == "sweep":
         raise err(f"{key}.where", "only per-run steps can filter runs")
     parameters = _mapping(err, f"{key}.parameters", raw.get("parameters") or {})
+    if (injected := STEP_PARAMETERS[per]) in parameters:
+        raise err(f"{key}.parameters.{injected}", "set by the runner; remove it")
     return ThenStep(name=name, notebook=notebook, per=per, parameters=parameters, where=where)
 
 
 def _overrides(err: Err, raw: Any, grid: Mapping[str, list]) -> tuple[Override, ...]:
-    if raw is None:
-        return ()
     if not isinstance(raw, list):
         raise err("overrides", f"must be a list of {{where: ..., set: ...}}, got {raw!r}")
     overrides = []
@@ -387,9 +372,6 @@ def _check_parameters(err: Err, spec: SweepSpec) -> SweepSpec:
         if name not in declared[notebook]:
             problem = f"{notebook.name} must declare a {name!r} parameter (the runner sets it)"
             raise err(key, problem)
-    for i, step in enumerate(spec.then):
-        if (name := STEP_PARAMETERS[step.per]) in step.parameters:
-            raise err(f"then[{i}].parameters.{name}", "set by the runner; remove it")
     if RUN_PARAMETER in spec.fixed or RUN_PARAMETER in spec.grid:
         raise err(RUN_PARAMETER, "set by the runner to the run folder; remove it from the spec")
     return dataclasses.replace(spec, notebook_parameters=declared)
