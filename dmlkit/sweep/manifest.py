@@ -1,7 +1,5 @@
-"""A sweep folder's state: ``manifest.jsonl`` (an append-only log of every execution attempt,
-one JSON object per line, flushed and fsynced, never rewritten), the resume rule, and which
-spec made the folder (``sweep.json``); see docs/sweeps.md, "`manifest.jsonl`" and "Where
-things go"."""
+"""A sweep folder's state: ``manifest.jsonl`` (one line per execution attempt), the resume
+rule, and ``sweep.json`` (the spec that made the folder); docs/sweeps.md, "Where things go"."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..io import write_json
 from .plan import METRICS_FILE, Job, shown_path
@@ -84,9 +82,9 @@ def latest(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def lock_manifest(path: str | Path) -> Iterator[IO[bytes]]:
-    """Hold an exclusive ``flock`` on the manifest for the whole sweep, or raise
-    :class:`ManifestLockedError` (a sweep already runs there)."""
+def lock_manifest(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the manifest for the whole sweep (closing the file
+    releases it), or raise :class:`ManifestLockedError` (a sweep already runs there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as handle:
@@ -96,10 +94,7 @@ def lock_manifest(path: str | Path) -> Iterator[IO[bytes]]:
             raise ManifestLockedError(
                 f"{path} is locked: another `python -m dmlkit.sweep` is running this sweep"
             ) from exc
-        try:
-            yield handle
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        yield
 
 
 def is_finished(job: Job, latest: dict[str, dict[str, Any]]) -> bool:
@@ -124,9 +119,8 @@ def check_some_finished(spec: SweepSpec, grid_jobs: list[Job], folder: Path) -> 
 
 
 def check_owner(spec: SweepSpec, folder: Path, claim: bool = False) -> None:
-    """Raise :class:`SpecError` if ``folder`` was made by another spec (a folder from before
-    ``sweep.json`` is judged by its manifest's run notebooks); with ``claim`` (under the
-    manifest lock), then write ``sweep.json``."""
+    """Raise :class:`SpecError` if another spec made ``folder`` (docs/sweeps.md, "Where things
+    go"); with ``claim`` (under the manifest lock), then write ``sweep.json``."""
     identity = {
         "spec": shown_path(spec.path.resolve(), spec.root),
         "notebook": shown_path(spec.notebook, spec.root),
