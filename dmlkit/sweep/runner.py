@@ -65,16 +65,11 @@ class SweepResult:
     signal: int | None = None
 
     @property
-    def ok(self) -> bool:
-        """True iff nothing failed, nothing was interrupted and no signal stopped the sweep."""
-        return self.signal is None and all(o.status in DONE for o in self.outcomes)
-
-    @property
     def exit_code(self) -> int:
-        """0 when ``ok``; 128 + signal number when stopped by a signal; 1 otherwise."""
+        """128 + the signal's number when one stopped the sweep; else 0 if every job is done."""
         if self.signal is not None:
             return 128 + int(self.signal)
-        return 0 if self.ok else 1
+        return 0 if all(o.status in DONE for o in self.outcomes) else 1
 
     @property
     def failed(self) -> list[Outcome]:
@@ -170,7 +165,6 @@ class _Runner:
         self.latest = manifest.latest(self.folder)
         self.active: list[_Active] = []
         self.outcomes: dict[str, Outcome] = {}
-        self.executed: set[str] = set()
         self.stop_signal: int | None = None
         self.force = False
         self.tmp = Path(tempfile.mkdtemp(prefix="dmlkit-sweep-"))
@@ -238,14 +232,12 @@ class _Runner:
 
     def _sweep_steps(self, grid_jobs: list[Job]) -> list[Job]:
         steps = plan_steps(self.spec, None, smoke=self.smoke, folder=self.folder)
-        if self.figures_only:
-            done = [j for j in grid_jobs if manifest.is_finished(j, self.latest)]
-        else:
-            done = [j for j in grid_jobs if self.outcomes[j.key].status in ("ok", "skipped")]
-        if steps and not done:
+        if self.figures_only:  # run_sweep checked that some run has finished
+            return steps
+        if steps and not any(self.outcomes[j.key].status in ("ok", "skipped") for j in grid_jobs):
             logger.warning("no run finished; per-sweep steps not run")
             return []
-        if self.executed or self.figures_only:
+        if any(o.status != "skipped" for o in self.outcomes.values()):  # something executed
             return steps
         return [step for step in steps if not self._skip(step)]
 
@@ -276,7 +268,6 @@ class _Runner:
     def _launch(self, batch: list[Job]) -> None:
         started, t0, ready = manifest.now_iso(), time.monotonic(), []
         for job in batch:
-            self.executed.add(job.key)
             record = self.latest.get(job.key)
             if (proc := self.executor.attach(record)) is not None:
                 # Submitted by an earlier invocation and not collected: wait for that job.
@@ -297,7 +288,6 @@ class _Runner:
             }  # fmt: skip
             try:
                 job.folder.mkdir(parents=True, exist_ok=True)
-                self.results.mkdir(parents=True, exist_ok=True)
                 metrics_mtime = _mtime(job.folder / METRICS_FILE) if job.kind == "run" else None
                 if not self.executor.remote:  # Slurm jobs log under <sweep>/slurm/
                     job.output.with_suffix(".log").open("ab").close()
