@@ -28,13 +28,6 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _gpus(text: str) -> list[str]:
-    try:
-        return gpu_slots(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dmlkit.sweep",
@@ -45,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=_positive, help="parallel runs (default: GPU slots, or 1)")
     parser.add_argument(
         "--gpus",
-        type=_gpus,
         metavar="0,1,...|0+1,...|all",
         help="give each concurrent run its own GPU(s) through CUDA_VISIBLE_DEVICES",
     )
@@ -130,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
         if not existing.is_dir():
             parser.error(f"--out {args.out}: {existing} is a file, not a folder")
-    if args.gpus and args.executor == "slurm":
+    if args.gpus is not None and args.executor == "slurm":
         parser.error("--gpus is for local runs; with Slurm give --gpus-per-run")
     if args.executor == "local":
         try:
+            args.gpus = None if args.gpus is None else gpu_slots(args.gpus)
             args.jobs = local_jobs(args.jobs, args.gpus)
         except ValueError as exc:
             parser.error(str(exc))
@@ -160,12 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.table())
-    if result.unfinished:
-        print(
-            f"\nUnfinished ({len(result.unfinished)}): "
-            + ", ".join(o.key for o in result.unfinished)
-            + "\nRun the same command again to resume them."
-        )
+    if unfinished := [o.key for o in result.unfinished]:
+        print(f"\nUnfinished ({len(unfinished)}): {', '.join(unfinished)}")
+        print("Run the same command again to resume them.")
     return result.exit_code
 
 
