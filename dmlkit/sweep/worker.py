@@ -20,7 +20,7 @@ from typing import Any
 
 from jupyter_client import AsyncKernelManager
 
-from ..io import write_json
+from ..io import atomic_write_text, write_json
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DMLKIT_NUM_THREADS"
@@ -49,17 +49,16 @@ def gpu_slots(text: str) -> list[str]:
     """``--gpus`` (``0,1,2,3``, ``0+1,2+3`` or ``all``) as each slot's ``CUDA_VISIBLE_DEVICES``
     (``["0,1", "2,3"]``); ``all`` is this process's ``CUDA_VISIBLE_DEVICES``, else every GPU
     torch counts. A ``ValueError`` for an empty item, a device twice, or ``all`` and no GPU."""
+    items = text.split(",")
     if text.strip() == "all":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is None:
             import torch  # deferred: only `all` needs to count devices
 
             visible = ",".join(map(str, range(torch.cuda.device_count())))
-        items = [item.strip() for item in visible.split(",") if item.strip()]
+        items = [item for item in visible.split(",") if item.strip()]
         if not items:
             raise ValueError("--gpus all: this machine shows no GPU")
-    else:
-        items = [item.strip() for item in text.split(",")]
     slots = [",".join(device.strip() for device in item.split("+")) for item in items]
     devices = [device for slot in slots for device in slot.split(",")]
     if "" in devices or len(set(devices)) != len(devices):
@@ -101,8 +100,7 @@ class LocalProcess:
         self.pid_file, self.gpus = Path(description["pid_file"]), gpus
         self.log_path = Path(description["output"]).with_suffix(".log")
         self.record = {} if gpus is None else {"gpus": gpus}
-        if gpus is not None:
-            env = {**env, "CUDA_VISIBLE_DEVICES": gpus}
+        env = env if gpus is None else {**env, "CUDA_VISIBLE_DEVICES": gpus}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dmlkit.sweep.worker", json.dumps(description, default=str)],
@@ -163,13 +161,10 @@ class PidFileKernelManager(AsyncKernelManager):
     pid_file: str | None = None
 
     async def start_kernel(self, **kwargs: Any) -> None:
-        """Start the kernel, then write its pid (atomically) for the sweep runner."""
         await super().start_kernel(**kwargs)
         pid = getattr(self.provisioner, "pid", None)
         if self.pid_file and pid:
-            tmp = f"{self.pid_file}.tmp"
-            Path(tmp).write_text(str(pid))
-            os.replace(tmp, self.pid_file)
+            atomic_write_text(self.pid_file, str(pid))
 
 
 def error_summary(exc: BaseException) -> tuple[str, int | None]:
