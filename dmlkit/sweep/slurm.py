@@ -24,6 +24,7 @@ ALIVE = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
      "REQUEUE_FED", "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT"}
 )  # fmt: skip
+_SQUEUE = ("squeue", "--me", "--noheader", "--array", "--states=all", "--format=%i|%T|%k")
 _SQUEUE_EVERY_S = 2.0
 # A job squeue has not shown alive this long, and that wrote no outcome, has ended: squeue
 # lists a new job after a moment, and shows a requeued one FAILED for a moment before PENDING.
@@ -46,18 +47,15 @@ class SlurmResources:
     sbatch: dict[str, Any] = field(default_factory=dict)
 
     def submitit_parameters(self) -> dict[str, Any]:
-        parameters = {
+        optional = {"slurm_partition": self.partition or None, "mem_gb": self.mem_gb}
+        return {
             "timeout_min": self.time_min,
             "cpus_per_task": self.cpus_per_run,
             "gpus_per_node": self.gpus_per_run,
             "tasks_per_node": 1,
             "slurm_additional_parameters": dict(self.sbatch),
+            **{key: value for key, value in optional.items() if value is not None},
         }
-        if self.partition:
-            parameters["slurm_partition"] = self.partition
-        if self.mem_gb is not None:
-            parameters["mem_gb"] = self.mem_gb
-        return parameters
 
 
 def resources_from(
@@ -99,11 +97,11 @@ def check_slurm(resources: SlurmResources) -> None:
         )
 
 
+@dataclass
 class NotebookTask:
     """What a Slurm job runs: one papermill execution, its outcome written to ``result_file``."""
 
-    def __init__(self, description: dict[str, Any]) -> None:
-        self.description = description
+    description: dict[str, Any]
 
     def __call__(self) -> dict[str, Any]:
         # Slurm signals every process of a job it preempts, requeues or cancels: with SIGTERM
@@ -182,9 +180,7 @@ class SlurmExecutor:
     def squeue(self) -> dict[str, tuple[str, str]]:
         """This user's jobs (id -> state, comment), asked at most every ``_SQUEUE_EVERY_S``."""
         if time.monotonic() - self.checked > _SQUEUE_EVERY_S:
-            command = ["squeue", "--me", "--noheader", "--array", "--states=all"]
-            command.append("--format=%i|%T|%k")
-            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            done = subprocess.run(_SQUEUE, capture_output=True, text=True, timeout=60)
             if done.returncode == 0:  # a controller that blinks: keep the last answer
                 lines = (line.split("|", 2) for line in done.stdout.splitlines())
                 self.listed = {job: (state, comment) for job, state, comment in lines}
