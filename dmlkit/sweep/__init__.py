@@ -10,9 +10,9 @@ from .manifest import (
     is_finished,
     read_manifest,
 )
-from .plan import Job, format_value, plan, plan_steps, run_name
+from .plan import Job, format_value, plan, run_name
 from .runner import Outcome, SweepResult, run_sweep
-from .spec import Override, SpecError, SweepSpec, ThenStep, load_spec
+from .spec import SpecError, SweepSpec, load_spec
 from .worker import threads_per_job
 
 __all__ = [
@@ -20,17 +20,14 @@ __all__ = [
     "ManifestLockedError",
     "NoFinishedRunError",
     "Outcome",
-    "Override",
     "SpecError",
     "SweepResult",
     "SweepSpec",
-    "ThenStep",
     "append_record",
     "format_value",
     "is_finished",
     "load_spec",
     "plan",
-    "plan_steps",
     "read_manifest",
     "run_name",
     "run_sweep",

@@ -40,9 +40,8 @@ OnlyFilter = Mapping[str, Sequence[Any]] | Sequence[str] | None
 @dataclass(frozen=True)
 class Job:
     """One papermill execution: a grid point (``kind`` ``"run"``) or a ``then`` step on one run
-    (``"then-run"``) or on the sweep (``"then-sweep"``). ``key`` is its manifest key (run name,
-    ``<run>/<step>`` or ``<step>``), ``parameters`` everything injected, ``folder`` the run
-    (or sweep) folder, ``overrides`` what the spec's ``overrides`` set (in ``parameters``)."""
+    (``"then-run"``) or on the sweep (``"then-sweep"``): its manifest ``key``, what is injected
+    (``parameters``; ``overrides``: what the spec's overrides set), its run (sweep) ``folder``."""
 
     key: str
     kind: str
@@ -89,7 +88,7 @@ def sweep_folder(spec: SweepSpec, out: str | Path | None = None, *, smoke: bool 
     ``<root>/papermill_runs``."""
     base = Path(out) if out is not None else spec.root / RUNS_FOLDER
     name = f"{spec.name}{SMOKE_SUFFIX}" if smoke else spec.name
-    return (base if base.is_absolute() else Path.cwd() / base).resolve() / name
+    return base.resolve() / name
 
 
 def parse_only(spec: SweepSpec, only: OnlyFilter) -> dict[str, list[Any]]:
