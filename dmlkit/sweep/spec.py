@@ -124,6 +124,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     for i, step in enumerate(steps):
         if any((s.per, s.name) == (step.per, step.name) for s in steps[:i]):
             raise err(f"then[{i}].name", f"two per-{step.per} steps are named {step.name!r}")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list):
+        raise err("overrides", f"must be a list of {{where: ..., set: ...}}, got {overrides!r}")
+    overrides = tuple(_override(err, f"overrides[{i}]", o, grid) for i, o in enumerate(overrides))
     timeout = data.get("timeout_s")
     if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):  # no bool
         raise err("timeout_s", f"must be a positive number of seconds, got {timeout!r}")
@@ -135,7 +139,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         fixed=fixed,
         grid=grid,
         then=steps,
-        overrides=_overrides(err, data.get("overrides") or [], grid),
+        overrides=overrides,
         kernel=_string(err, "kernel", data.get("kernel", DEFAULT_KERNEL)),
         timeout_s=None if timeout is None else float(timeout),
         executor=_mapping(err, "executor", data.get("executor") or {}),
@@ -161,13 +165,9 @@ def find_root(spec_path: Path, notebook: str) -> Path:
     return Path.cwd()
 
 
-class _DuplicateKeyError(yaml.YAMLError):
-    """A mapping names the same key twice (plain YAML would keep the last value)."""
-
-
 class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, nested ones too;
-    keys brought in by a merge (``<<: *base``) may be overridden, as YAML intends."""
+    """``yaml.SafeLoader`` that refuses (:class:`SpecError`) a key given twice in one mapping,
+    nested ones too; keys brought in by a merge (``<<: *base``) may be overridden."""
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
@@ -181,7 +181,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: SafeLoader's own error says so
                     continue
                 if first is not key_node:
-                    raise _DuplicateKeyError(_duplicate_message(first, key_node))
+                    raise SpecError(_duplicate_message(first, key_node))
         return super().construct_mapping(node, deep=deep)
 
 
@@ -207,7 +207,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = safe_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read the spec: {exc}") from exc
-    except _DuplicateKeyError as exc:
+    except SpecError as exc:  # a key given twice
         raise SpecError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
@@ -314,30 +314,22 @@ def _step(err: Err, key: str, root: Path, raw: Any, grid: Mapping[str, list]) ->
     return ThenStep(name=name, notebook=notebook, per=per, parameters=parameters, where=where)
 
 
-def _overrides(err: Err, raw: Any, grid: Mapping[str, list]) -> tuple[Override, ...]:
-    if not isinstance(raw, list):
-        raise err("overrides", f"must be a list of {{where: ..., set: ...}}, got {raw!r}")
-    overrides = []
-    for i, item in enumerate(raw):
-        key = f"overrides[{i}]"
-        if not isinstance(item, dict):
-            raise err(key, f"must be a mapping {{where: ..., set: ...}}, got {item!r}")
-        _check_keys(err, key, item, OVERRIDE_KEYS)
-        if not item.get("where"):
-            raise err(f"{key}.where", "missing (required); parameters of every run go in 'fixed'")
-        if not item.get("set"):
-            raise err(f"{key}.set", "missing (required): the parameters to set on these runs")
-        where = _where(err, f"{key}.where", item["where"], grid)
-        values = _mapping(err, f"{key}.set", item["set"])
-        for name in values:
-            if name in grid:
-                raise err(
-                    f"{key}.set.{name}", "a grid key; an override cannot change the grid point"
-                )
-            if name in (RUN_PARAMETER, SMOKE_PARAMETER):
-                raise err(f"{key}.set.{name}", "set by the runner; remove it")
-        overrides.append(Override(where=where, set=values))
-    return tuple(overrides)
+def _override(err: Err, key: str, raw: Any, grid: Mapping[str, list]) -> Override:
+    if not isinstance(raw, dict):
+        raise err(key, f"must be a mapping {{where: ..., set: ...}}, got {raw!r}")
+    _check_keys(err, key, raw, OVERRIDE_KEYS)
+    if not raw.get("where"):
+        raise err(f"{key}.where", "missing (required); parameters of every run go in 'fixed'")
+    if not raw.get("set"):
+        raise err(f"{key}.set", "missing (required): the parameters to set on these runs")
+    where = _where(err, f"{key}.where", raw["where"], grid)
+    values = _mapping(err, f"{key}.set", raw["set"])
+    for name in values:
+        if name in grid:
+            raise err(f"{key}.set.{name}", "a grid key; an override cannot change the grid point")
+        if name in (RUN_PARAMETER, SMOKE_PARAMETER):
+            raise err(f"{key}.set.{name}", "set by the runner; remove it")
+    return Override(where=where, set=values)
 
 
 def _check_parameters(err: Err, spec: SweepSpec) -> SweepSpec:
