@@ -1,5 +1,5 @@
-"""``python -m dmlkit.sweep SPEC.yaml [options]``: run or resume a papermill sweep, or with
-``--figures`` only redraw its ``then`` steps (docs/sweeps.md)."""
+"""Run a notebook once per grid point of a sweep spec (papermill), skipping runs that already
+finished, or with --figures only redraw its `then` steps. See docs/sweeps.md."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .manifest import ManifestLockedError, NoFinishedRunError
 from .plan import plan, plan_steps, sweep_folder
 from .runner import run_sweep
 from .slurm import SlurmUnavailableError, resources_from
-from .spec import SpecError, load_spec
+from .spec import EXECUTOR_KEYS, SpecError, load_spec
 from .worker import gpu_slots, local_jobs, skip_slow_optional_imports, threads_per_job
 
 
@@ -29,11 +29,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dmlkit.sweep",
-        description="Run a notebook once per grid point of a sweep spec (papermill), "
-        "skipping runs that already finished. See docs/sweeps.md.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m dmlkit.sweep", description=__doc__)
     parser.add_argument("spec", help="sweep spec (YAML), e.g. notebooks/sweeps/quickstart.yaml")
     parser.add_argument("--jobs", type=_positive, help="parallel runs (default: GPU slots, or 1)")
     parser.add_argument(
@@ -74,8 +70,7 @@ RUN_OPTIONS = ("jobs", "gpus", "smoke", "only", "out", "executor", "detach")  # 
 def slurm_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Slurm resources given on the command line (``None``: the spec's)."""
     sbatch = dict(option.partition("=")[::2] for option in args.sbatch) or None
-    names = ("partition", "gpus_per_run", "cpus_per_run", "mem_gb", "time_min")
-    return {**{name: getattr(args, name) for name in names}, "sbatch": sbatch}
+    return {**{name: getattr(args, name) for name in EXECUTOR_KEYS}, "sbatch": sbatch}
 
 
 def dry_run(args: argparse.Namespace) -> int:
