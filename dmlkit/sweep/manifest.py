@@ -98,8 +98,7 @@ def lock_manifest(path: str | Path) -> Iterator[None]:
 
 
 def is_finished(job: Job, latest: dict[str, dict[str, Any]]) -> bool:
-    """Whether a job can be skipped: its latest record is ``ok`` and its outputs exist (for a
-    run, ``metrics.json`` too)."""
+    """Whether a job can be skipped: its latest record is ``ok`` and its outputs exist."""
     outputs = [job.output, *([job.folder / METRICS_FILE] if job.kind == "run" else [])]
     record = latest.get(job.key) or {}
     return record.get("status") == "ok" and all(path.is_file() for path in outputs)

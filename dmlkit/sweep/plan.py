@@ -61,8 +61,7 @@ def format_value(value: Any) -> str:
 
 
 def run_name(point: Mapping[str, Any]) -> str:
-    """``k=v`` pairs joined by commas in grid order, e.g. ``loss=triplet,density=true``, cut
-    (and ended by a hash) past 200 bytes."""
+    """``k=v`` pairs joined by commas in grid order (docs/sweeps.md, "Run names")."""
     return _cut(",".join(f"{key}={format_value(value)}" for key, value in point.items()))
 
 

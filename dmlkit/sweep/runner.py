@@ -1,5 +1,4 @@
-"""Run a sweep's jobs through an executor: parallel, resumable, interruptible (docs/sweeps.md,
-"Resume, failures, interruption").
+"""Run a sweep's jobs through an executor: parallel, resumable, interruptible (docs/sweeps.md).
 
 An executor (``worker.LocalExecutor``, ``slurm.SlurmExecutor``) has ``jobs`` (executions at
 once), ``remote`` (they run elsewhere: no kernel pid files, a manifest line at submission),
@@ -113,10 +112,9 @@ def run_sweep(
     slurm: dict[str, Any] | None = None,
     detach: bool = False,
 ) -> SweepResult:
-    """Run (or resume) a sweep, as ``python -m dmlkit.sweep`` does (docs/sweeps.md, "Python
-    API"). Raises, before anything runs: ``SpecError``, ``ManifestLockedError`` (a sweep
-    already runs there), ``NoFinishedRunError`` (``figures_only`` and no selected run has
-    finished), ``ValueError`` (``jobs``, ``gpus``) or ``SlurmUnavailableError``."""
+    """Run (or resume) a sweep, as ``python -m dmlkit.sweep`` does (docs/sweeps.md, "Python API").
+    Raises, before anything runs: ``SpecError``, ``ManifestLockedError``, ``NoFinishedRunError``
+    (``figures_only``), ``ValueError`` (``jobs``, ``gpus``) or ``SlurmUnavailableError``."""
     spec = spec_path if isinstance(spec_path, SweepSpec) else load_spec(spec_path)
     grid_jobs = plan(spec, only=only, smoke=smoke, out=out)
     folder = sweep_folder(spec, out, smoke=smoke)
