@@ -32,20 +32,16 @@ from dmlkit.sweep import (
     Outcome,
     SpecError,
     SweepResult,
-    append_record,
-    format_value,
-    is_finished,
     load_spec,
     plan,
     read_manifest,
-    run_name,
     run_sweep,
-    threads_per_job,
     worker,
 )
 from dmlkit.sweep.__main__ import main as sweep_main
-from dmlkit.sweep.manifest import lock_manifest
-from dmlkit.sweep.plan import plan_steps, sweep_folder
+from dmlkit.sweep.manifest import append_record, is_finished, lock_manifest
+from dmlkit.sweep.plan import format_value, plan_steps, run_name, sweep_folder
+from dmlkit.sweep.worker import threads_per_job
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 BASE = {"name": "toy", "notebook": "notebooks/toy_run.ipynb", "grid": {"x": [1, 2]}}

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from dmlkit.sweep import append_record, read_manifest, run_sweep
+from dmlkit.sweep import read_manifest, run_sweep
 from dmlkit.sweep.__main__ import main as sweep_main
+from dmlkit.sweep.manifest import append_record
 from dmlkit.sweep.slurm import SlurmResources, SlurmUnavailableError, resources_from
 from tests.slurm_cluster import PARTITION, SlurmCluster, missing_programs
 from tests.test_sweep import BASE, NOTEBOOKS, hold, pretend_ran, write_spec

@@ -3,17 +3,10 @@ this machine or on Slurm; ``python -m dmlkit.sweep SPEC.yaml`` (docs/sweeps.md).
 :func:`load_spec`, :func:`plan`, :func:`run_sweep` and :func:`read_manifest`.
 """
 
-from .manifest import (
-    ManifestLockedError,
-    NoFinishedRunError,
-    append_record,
-    is_finished,
-    read_manifest,
-)
-from .plan import Job, format_value, plan, run_name
+from .manifest import ManifestLockedError, NoFinishedRunError, read_manifest
+from .plan import Job, plan
 from .runner import Outcome, SweepResult, run_sweep
 from .spec import SpecError, SweepSpec, load_spec
-from .worker import threads_per_job
 
 __all__ = [
     "Job",
@@ -23,13 +16,8 @@ __all__ = [
     "SpecError",
     "SweepResult",
     "SweepSpec",
-    "append_record",
-    "format_value",
-    "is_finished",
     "load_spec",
     "plan",
     "read_manifest",
-    "run_name",
     "run_sweep",
-    "threads_per_job",
 ]
