@@ -73,28 +73,27 @@ def resources_from(
 
 def check_slurm(resources: SlurmResources) -> None:
     """Raise :class:`SlurmUnavailableError` naming what was tried unless Slurm answers."""
+
+    def unavailable(problem: str) -> SlurmUnavailableError:
+        return SlurmUnavailableError(f"--executor slurm: {problem}")
+
     if shutil.which("sbatch") is None:
-        raise SlurmUnavailableError(
-            "--executor slurm: no `sbatch` on PATH; is this a Slurm login node?"
-        )
+        raise unavailable("no `sbatch` on PATH; is this a Slurm login node?")
     command = ["sinfo", "--noheader", "--format=%P"]
     tried = f"`{' '.join(command)}`"
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SlurmUnavailableError(f"--executor slurm: {tried} failed: {exc}") from exc
+        raise unavailable(f"{tried} failed: {exc}") from exc
     if done.returncode != 0:
         said = done.stderr.strip() or done.stdout.strip()
-        raise SlurmUnavailableError(
-            f"--executor slurm: {tried} exited {done.returncode}: {said} "
-            "(is slurmctld up? SLURM_CONF?)"
+        raise unavailable(
+            f"{tried} exited {done.returncode}: {said} (is slurmctld up? SLURM_CONF?)"
         )
     partitions = [name.rstrip("*") for name in done.stdout.split()]
     if resources.partition and resources.partition not in partitions:
         listed = ", ".join(partitions) or "none"
-        raise SlurmUnavailableError(
-            f"--executor slurm: no partition {resources.partition!r}; {tried} lists: {listed}"
-        )
+        raise unavailable(f"no partition {resources.partition!r}; {tried} lists: {listed}")
 
 
 @dataclass
