@@ -103,8 +103,7 @@ def parse_only(spec: SweepSpec, only: OnlyFilter) -> dict[str, list[Any]]:
                 f"{spec.path}: --only {key}: not a grid key; grid keys: {', '.join(spec.grid)}"
             )
         raws = raw if isinstance(only, Mapping) and isinstance(raw, (list, tuple)) else [raw]
-        for value in raws:
-            allowed.setdefault(key, []).append(_grid_value(spec, key, value))
+        allowed.setdefault(key, []).extend(_grid_value(spec, key, value) for value in raws)
     return allowed
 
 
@@ -190,7 +189,4 @@ def plan_steps(spec: SweepSpec, run: Job | None, *, smoke: bool, folder: Path) -
 def shown_path(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` (the notebooks' cwd) when inside it, else absolute: the
     executed notebooks embed no machine-specific paths."""
-    try:
-        return path.relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return os.fspath(path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else os.fspath(path)

@@ -159,10 +159,8 @@ def find_root(spec_path: Path, notebook: str) -> Path:
     """The first of the spec's folder, its ancestors and the current directory that contains
     ``notebook`` (the repository root); else the current directory."""
     spec_dir = spec_path.resolve().parent
-    for folder in (spec_dir, *spec_dir.parents, Path.cwd()):
-        if (folder / notebook).is_file():
-            return folder
-    return Path.cwd()
+    folders = (spec_dir, *spec_dir.parents, Path.cwd())
+    return next((folder for folder in folders if (folder / notebook).is_file()), Path.cwd())
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -35,9 +35,7 @@ _NEVER_STARTED = ("Kernel died before replying to kernel_info", "Kernel didn't r
 
 def available_cores() -> int:
     """CPU cores this process may use (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def threads_per_job(jobs: int) -> int:
