@@ -168,10 +168,10 @@ def plan(
 def plan_steps(spec: SweepSpec, run: Job | None, *, smoke: bool, folder: Path) -> list[Job]:
     """The ``then`` jobs of one finished run, or of the sweep in ``folder`` (``run=None``)."""
     jobs = []
-    target = run.folder if run is not None else folder
+    per, target = ("sweep", folder) if run is None else ("run", run.folder)
     point = dict(run.point) if run is not None else {}
     for step in spec.then:
-        if (step.per == "run") != (run is not None) or not matches(step.where, point):
+        if step.per != per or not matches(step.where, point):
             continue
         parameters = {**step.parameters, STEP_PARAMETERS[step.per]: shown_path(target, spec.root)}
         if smoke:
@@ -180,9 +180,8 @@ def plan_steps(spec: SweepSpec, run: Job | None, *, smoke: bool, folder: Path) -
                 # Smoke figures stay in the smoke sweep's folder, never over the real ones.
                 parameters[FIGURES_PARAMETER] = shown_path(folder / "figures", spec.root)
         key = f"{run.key}/{step.name}" if run is not None else step.name
-        kind = "then-run" if run is not None else "then-sweep"
         output = target / f"{step.name}.ipynb"
-        jobs.append(Job(key, kind, step.notebook, output, parameters, point, target))
+        jobs.append(Job(key, f"then-{per}", step.notebook, output, parameters, point, target))
     return jobs
 
 

@@ -327,9 +327,8 @@ class _Runner:
             error = f"MissingOutput: the notebook finished without writing {metrics}"
         if status != "ok":
             active.proc.kill()
-        cell = result.get("error_cell")
-        fields = {"seconds": seconds, "error": error, "error_cell": cell, **active.proc.record}
-        self._record(job, status, active.started, **fields)
+        fields = {"seconds": seconds, "error": error, "error_cell": result.get("error_cell")}
+        self._record(job, status, active.started, **fields, **active.proc.record)
         if status == "ok" and job.kind == "run":
             steps = self._steps_of(job)
             queue.extend(steps)
