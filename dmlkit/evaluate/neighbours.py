@@ -8,9 +8,10 @@ Per block of queries (docs/methods.md#exact-knn):
 1. one fp32 matmul of [q_i, 1] with [−2k_j, fl(||k_j||²)] scores every key,
    r̃_ij = fl(||k_j||² − 2⟨q_i, k_j⟩) (smaller = closer);
 2. the c = k + margin smallest r̃ per query are the candidates, re-ranked in float64.
-   They are found in two steps (``_smallest``): the keys fall into G groups (key j in
-   group j mod G); the c groups with the smallest minima hold c keys no larger than any
-   key of another group, so the c smallest of their keys are the c smallest of all;
+   They are found stepwise (``_smallest``): the keys fall into G groups (key j in group
+   j mod G); the c groups with the smallest minima hold c keys no larger than any key of
+   another group, so the c smallest of their keys are the c smallest of all; the same
+   argument finds those c groups among the group minima;
 3. certificate: a key left out has r̃ ≥ cut (the largest kept r̃) and, by the error bound
    below, a float64 d² ≥ lower_i = ||q_i||² + cut − slack_i. If lower_i is strictly
    above the k-th re-ranked distance, no left-out key can enter the top k or tie the
@@ -40,8 +41,8 @@ from torch import Tensor
 
 _SCORES = 2**22  # fp32 scores per block of queries (16 MB)...
 _MIN_ROWS = 256  # ...but at least this many queries: the matmul reads all keys per block
-_MARGIN = 16  # spare candidates per query beyond k (and k/8): certifies nearly all at once
-_GROUP = 8  # keys per group in the two-step selection (docs/methods.md#exact-knn)
+_MARGIN = 8  # spare candidates per query beyond k (and k/32): certifies nearly all at once
+_GROUP = 8  # keys per group in the stepwise selection (docs/methods.md#exact-knn)
 
 
 def knn(
@@ -58,7 +59,8 @@ def knn(
         queries: (Q, D) floating tensor (CPU or CUDA; half inputs are searched in fp32).
         keys: (M, D) on the same device, or None to search ``queries`` among themselves.
         k: neighbours per query; at most the number of keys available.
-        block_size: queries per block (default: ~4M scores, at least 256 queries).
+        block_size: queries per block (default: ~4M scores, at least 256 queries;
+            256 when the candidates are over 1/16 of the keys).
         exclude_self: when ``keys`` is None, a query is not its own neighbour (its
             duplicates at other indices still are). Ignored when ``keys`` is given.
     Returns:
@@ -104,13 +106,16 @@ def search(
     keys64 = keys.double()
     key_sq = _sq_norms(keys64)  # (M,) float64
     key_max = key_sq.max().sqrt()
-    # M' = count rounded up to a multiple of _GROUP; the padding keys' scores are set to +inf.
-    key_op = score_matrix(keys, key_sq, -(-count // _GROUP) * _GROUP)
+    # M' = count rounded up to a multiple of _GROUP² (two steps of groups); the padding
+    # keys' scores are set to +inf.
+    key_op = score_matrix(keys, key_sq, -(-count // _GROUP**2) * _GROUP**2)
     width = key_op.shape[1]
     slack_unit = (4 * keys.shape[1] + 32) * 2.0**-24 + 6 * _operand_unit(keys.device)
     rho = (2 * keys.shape[1] + 16) * 2.0**-53  # float64 evaluation of d² and of the bound
-    margin = max(_MARGIN, k // 8)
+    margin = max(_MARGIN, k // 32)
     rows = block_size or max(_MIN_ROWS, _SCORES // max(1, count))
+    if block_size is None and 2 * _GROUP * (k + margin) > count:
+        rows = _MIN_ROWS  # the re-rank dominates; it reads each query row c times
     buffer = key_op.new_empty(min(rows, len(queries)), width)  # reused: no page faults
     for start in range(0, len(queries), rows):
         q = queries[start : start + rows]
@@ -120,7 +125,7 @@ def search(
         scores[:, count:] = math.inf
         if skip_self:
             scores[torch.arange(len(q), device=q.device), block] = math.inf
-        q64 = q.double()
+        q64 = keys64[start : start + len(q)] if queries is keys else q.double()
         q_sq = key_sq[block] if skip_self else _sq_norms(q64)  # (m,)
         bound = (q_sq.sqrt() + key_max) ** 2  # (m,) B_i
         kept = min(available, k + margin)
@@ -128,21 +133,21 @@ def search(
         idx = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
         todo = torch.arange(len(q), device=q.device)  # rows still uncertified
         while len(todo):
+            part = slice(None) if len(todo) == len(q) else todo  # no copies at first
             if kept >= available:  # every key: nothing left out to certify
                 cand = torch.arange(available, device=q.device).expand(len(todo), -1)
                 if skip_self:
                     cand = cand + (cand >= block[todo, None])
             else:
-                rows_left = scores if len(todo) == len(q) else scores[todo]  # no copy at first
-                values, cand = _smallest(rows_left, kept)
+                values, cand = _smallest(scores[part], kept)
                 cand.clamp_max_(count - 1)  # a padding key only where the cut is inf or NaN
                 cut = values.max(1).values.double()  # every left-out key has r̃ ≥ cut
-            d2, cand = _sorted_sq_distances(q64[todo], q_sq[todo], keys64, key_sq, cand)
+            d2, cand = _sorted_sq_distances(q64[part], q_sq[part], keys64, key_sq, cand)
             ok = torch.ones(len(todo), dtype=torch.bool, device=q.device)
             if kept < available:
-                slack = slack_unit * bound[todo]
-                margin_ = rho * (bound[todo] + q_sq[todo] + cut.abs() + slack)
-                lower = q_sq[todo] + cut - slack - margin_  # ≤ every left-out key's d²
+                slack = slack_unit * bound[part]
+                margin_ = rho * (bound[part] + q_sq[part] + cut.abs() + slack)
+                lower = q_sq[part] + cut - slack - margin_  # ≤ every left-out key's d²
                 ok = torch.isfinite(lower) & (lower > d2[:, k - 1])
             if len(todo) == len(q) and ok.all():  # the usual case: all done at once
                 sq, idx = d2, cand
@@ -161,11 +166,13 @@ def score_matrix(points: Tensor, sq_norms: Tensor, width: int, pad: float = 0.0)
     """(D + 1, width) fp32 [−2pᵀ; fl(||p||²)]: one matmul of [x, 1] with it scores every
     point, ||p||² − 2⟨x, p⟩. Columns past ``len(points)`` are zero, with ``pad`` in the last
     row, so they score ``pad``."""
-    out = points.new_zeros(points.shape[1] + 1, width, dtype=torch.float32)
-    out[:-1, : len(points)] = -2 * points.T
-    out[-1] = pad
-    out[-1, : len(points)] = sq_norms
-    return out
+    rows = points.new_zeros(width, points.shape[1] + 1, dtype=torch.float32)
+    torch.mul(points, -2, out=rows[: len(points), :-1])
+    rows[:, -1] = pad
+    rows[: len(points), -1] = sq_norms
+    # Built row by row, transposed by one copy (a blocked kernel: 4x faster than writing
+    # the transpose element by element).
+    return rows.new_empty(rows.shape[::-1]).copy_(rows.T)
 
 
 def _smallest(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -173,18 +180,24 @@ def _smallest(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
 
     With G = M' / _GROUP groups (column j in group j mod G), the ``count`` groups of
     smallest minimum hold ``count`` values no larger than the rest of the row, so the
-    ``count`` smallest of their values are the row's. Two small ``topk`` calls instead of
-    one over the row: about 2-3x cheaper on the CPU (docs/benchmarks.md, "Exact kNN").
+    ``count`` smallest of their values are the row's. Applied to the group minima again
+    while there are at least 2·_GROUP·count of them: a few small ``topk`` calls instead of
+    one over the row, 2-3x cheaper on the CPU (docs/benchmarks.md, "Exact kNN").
     """
-    groups = scores.shape[1] // _GROUP
-    if 2 * _GROUP * count > scores.shape[1]:  # too few groups to pay: one selection
-        return scores.topk(count, dim=1, largest=False, sorted=False)
-    minima = scores.view(len(scores), _GROUP, groups).amin(1)  # (m, G)
-    chosen = minima.topk(count, dim=1, largest=False, sorted=False).indices
-    offsets = torch.arange(0, scores.shape[1], groups, device=scores.device)
-    columns = (chosen[:, :, None] + offsets).flatten(1)  # (m, count · _GROUP)
-    values, picked = scores.gather(1, columns).topk(count, dim=1, largest=False, sorted=False)
-    return values, columns.gather(1, picked)
+    levels = [scores]
+    while levels[-1].shape[1] >= 2 * _GROUP * count and levels[-1].shape[1] % _GROUP == 0:
+        level = levels[-1]
+        levels.append(level.view(len(level), _GROUP, -1).amin(1))  # (m, G) group minima
+    values, chosen = levels.pop().topk(count, dim=1, largest=False, sorted=False)
+    while levels:  # from the chosen groups' minima to their members
+        level = levels.pop()
+        groups = level.shape[1] // _GROUP
+        members = level.view(len(level), _GROUP, groups).gather(
+            2, chosen[:, None, :].expand(-1, _GROUP, -1)
+        )  # (m, _GROUP, count): member r of chosen group i is column i + r·G
+        values, picked = members.flatten(1).topk(count, dim=1, largest=False, sorted=False)
+        chosen = chosen.gather(1, picked % count) + picked // count * groups
+    return values, chosen
 
 
 def _sorted_sq_distances(
@@ -250,10 +263,12 @@ def check_inputs(queries, keys, k, exclude_self) -> tuple[Tensor, Tensor, bool]:
     for name, x in zip(("queries", "keys"), tensors, strict=False):
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
             raise ValueError(f"{name} must be a 2-D floating tensor")
-        # A float64 sum of fp32 values cannot overflow: it is finite iff they all are.
-        finite = x.sum(1, dtype=torch.float64) if x.dtype != torch.float64 else x
-        if not torch.isfinite(finite).all():
-            raise ValueError(f"{name} contain NaN or infinite values")
+        # The sum (cheap) is finite if every value is, unless it overflows; a float64 sum of
+        # fp32 values cannot overflow, so it is finite iff they all are.
+        if not x.sum().isfinite():
+            finite = x.sum(1, dtype=torch.float64) if x.dtype != torch.float64 else x
+            if not finite.isfinite().all():
+                raise ValueError(f"{name} contain NaN or infinite values")
     queries = queries if queries.dtype in (torch.float32, torch.float64) else queries.float()
     keys = queries if self_search else keys
     keys = keys if keys.dtype in (torch.float32, torch.float64) else keys.float()
