@@ -108,6 +108,20 @@ def test_knn_matches_float64_brute_force(name, block_size):
     np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name", ["unit", "lattice"])
+def test_knn_with_three_selection_steps_matches_float64_brute_force(name, k):
+    # 1,500 or 1,600 keys, padded to a multiple of 64: at least 16c groups (c = k + 8), so
+    # the c groups are found among the minima of their minima: three steps. The lattice
+    # ties, and its queries searched again take two.
+    g = torch.Generator().manual_seed(k)
+    x = torch.cat([DATA[name], DATA[name][torch.randint(500, (1000,), generator=g)] + 0.5])
+    distances, indices = knn(x, k=k)
+    ref_d, ref_i = _reference_knn(x, None, k, True)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-6, atol=1e-6)
+
+
 def test_knn_queries_against_separate_keys():
     queries, keys = DATA["unit"][:40, :12] * 3, DATA["norms"]
     distances, indices = knn(queries, keys, k=7)

@@ -206,7 +206,7 @@ def _sorted_sq_distances(
     """float64 d² = ||q||² + ||k||² − 2⟨q, k⟩ of each query's candidates (m, c), rows
     sorted by (d², index). The dot products are sampled from the (m, M) product (sparse
     CSR pattern): each is one float64 dot, computed in place of gathering (m, c, D) rows."""
-    d2 = q_sq[:, None] + key_sq[cand] - 2 * _dots(q64, keys64, cand)
+    d2 = key_sq.take(cand).add_(q_sq[:, None]).sub_(_dots(q64, keys64, cand), alpha=2)
     d2, order = d2.sort(dim=1)
     cand = cand.gather(1, order)
     tied = (d2[:, 1:] == d2[:, :-1]).any(1)  # (m,) rows whose ties need index order
